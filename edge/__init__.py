@@ -1,0 +1,1 @@
+"""linegate edge runtime. Imports neither torch nor training/export."""

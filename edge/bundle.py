@@ -1,0 +1,160 @@
+"""The model bundle: the contract between training/export and the runtime.
+
+A bundle is a directory with `model.onnx` (later also `model.engine`, `model.int8.onnx`) and
+`manifest.json`. Loading validates the manifest's keys and types and each model file's
+sha256, and refuses a mismatch with a message that names the key or file and says what to do.
+The threshold lives here, outside the graph, so it can be changed without re-export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# dotted key -> accepted types; every one must be present in a valid manifest
+REQUIRED: dict[str, tuple[type, ...]] = {
+    "format_version": (int,),
+    "model_id": (str,),
+    "detector": (str,),
+    "input.name": (str,),
+    "input.shape": (list,),
+    "input.layout": (str,),
+    "input.colour": (str,),
+    "input.resize": (str,),
+    "input.normalisation": (dict,),
+    "outputs.score.name": (str,),
+    "outputs.score.aggregate": (str,),
+    "outputs.map.name": (str,),
+    "outputs.map.shape": (list,),
+    "decision.aggregate": (str,),
+    "decision.threshold": (int, float),
+    "decision.method": (str,),
+    "decision.normalisation.min": (int, float),
+    "decision.normalisation.max": (int, float),
+    "display_range": (list,),
+    "classes.normal": (str,),
+    "classes.anomalous": (list,),
+    "files": (dict,),
+}
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message says which file/key and what to do."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _get(manifest: dict, dotted: str) -> Any:
+    node: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: expected a JSON object at the top level")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise BundleError(f"{where}: format_version {version} is newer than this linegate "
+                          f"understands ({FORMAT_VERSION}); upgrade linegate on this box")
+    for key, types in REQUIRED.items():
+        try:
+            value = _get(manifest, key)
+        except KeyError:
+            raise BundleError(f"{where}: key '{key}' is missing; re-export the bundle with "
+                              "`linegate export onnx RUN`") from None
+        if not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in types)
+            raise BundleError(f"{where}: key '{key}' should be {names}, got {type(value).__name__}")
+    lo, hi = manifest["decision"]["normalisation"]["min"], manifest["decision"]["normalisation"]["max"]
+    if not hi > lo:
+        raise BundleError(f"{where}: 'decision.normalisation' needs max > min (got {lo}, {hi})")
+    shape = manifest["input"]["shape"]
+    if len(shape) != 4 or manifest["input"]["layout"] != "NCHW" or shape[1] != 3:
+        raise BundleError(f"{where}: 'input.shape' {shape} / layout {manifest['input']['layout']!r} "
+                          "not supported: expected NCHW with 3 channels")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def input_name(self) -> str:
+        return self.manifest["input"]["name"]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        _, _, h, w = self.manifest["input"]["shape"]
+        return int(h), int(w)
+
+    @property
+    def decision(self) -> dict:
+        return self.manifest["decision"]
+
+    @property
+    def display_range(self) -> tuple[float, float]:
+        lo, hi = self.manifest["display_range"]
+        return float(lo), float(hi)
+
+    def file(self, name: str) -> Path:
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.path}: the bundle has no {name}; it holds "
+                              f"{sorted(self.manifest['files'])}")
+        return self.path / name
+
+
+def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path}: not a model bundle (no {MANIFEST}); create one with "
+                          "`linegate export onnx RUN`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc}); re-export the bundle") from exc
+    validate_manifest(manifest, str(manifest_path))
+    for name, facts in manifest["files"].items():
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"{file_path}: listed in the manifest but missing; copy the whole "
+                              "bundle directory or re-export it")
+        expected = facts.get("sha256") if isinstance(facts, dict) else None
+        if not isinstance(expected, str):
+            raise BundleError(f"{manifest_path}: key 'files.{name}.sha256' is missing")
+        if verify_checksums and sha256_file(file_path) != expected:
+            raise BundleError(f"{file_path}: sha256 does not match the manifest (file corrupt or "
+                              "replaced); copy the bundle again or re-export it")
+    return Bundle(path, manifest)
+
+
+def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
+    """Fill in each listed file's sha256, validate, and write manifest.json."""
+    bundle_dir = Path(bundle_dir)
+    for name, facts in manifest["files"].items():
+        facts["sha256"] = sha256_file(bundle_dir / name)
+    validate_manifest(manifest)
+    out = bundle_dir / MANIFEST
+    out.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return out

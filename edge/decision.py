@@ -1,0 +1,70 @@
+"""Score aggregate -> normalise -> threshold -> accept / reject.
+
+The graph already returns the mean of the map (the calibrated default); other aggregates
+are computed here from the feature-resolution map, which is small (e.g. 56 x 56).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import Bundle
+
+ACCEPT, REJECT, ERROR = "accept", "reject", "error"
+
+
+@dataclass(slots=True)
+class Decision:
+    score: float
+    score_norm: float  # score scaled by the calibration set's min/max: 0..1 on calibration data
+    threshold: float
+    decision: str
+
+
+def aggregate_maps(maps: np.ndarray, aggregate: str) -> np.ndarray:
+    """Image scores from (B, h, w) maps: "mean", "max" or "topk:P" (mean of the top P percent)."""
+    flat = maps.reshape(len(maps), -1)
+    if aggregate == "mean":
+        return flat.mean(axis=1)
+    if aggregate == "max":
+        return flat.max(axis=1)
+    if aggregate.startswith("topk:"):
+        percent = float(aggregate[5:])
+        if not 0 < percent <= 100:
+            raise ValueError(f"aggregate {aggregate!r}: P must be in (0, 100]")
+        k = max(1, int(round(flat.shape[1] * percent / 100)))
+        return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
+    raise ValueError(f"aggregate {aggregate!r}: use mean, max or topk:P")
+
+
+class DecisionRule:
+    def __init__(self, threshold: float, aggregate: str = "mean", norm_min: float = 0.0,
+                 norm_max: float = 1.0, graph_aggregate: str = "mean"):
+        aggregate_maps(np.zeros((1, 1, 1), np.float32), aggregate)  # validate the name early
+        self.threshold = float(threshold)
+        self.aggregate = aggregate
+        self.norm_min, self.norm_span = float(norm_min), float(norm_max) - float(norm_min)
+        self.graph_aggregate = graph_aggregate
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, threshold: float | None = None,
+                    aggregate: str | None = None) -> "DecisionRule":
+        d = bundle.decision
+        if aggregate and aggregate != d["aggregate"] and threshold is None:
+            raise ValueError(f"aggregate {aggregate!r} differs from the calibrated {d['aggregate']!r}: "
+                             "the bundle's threshold does not apply to it; give a threshold too")
+        return cls(d["threshold"] if threshold is None else threshold, aggregate or d["aggregate"],
+                   d["normalisation"]["min"], d["normalisation"]["max"],
+                   bundle.manifest["outputs"]["score"]["aggregate"])
+
+    def scores(self, graph_scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
+        if self.aggregate == self.graph_aggregate:
+            return graph_scores
+        return aggregate_maps(maps, self.aggregate)
+
+    def decide(self, graph_scores: np.ndarray, maps: np.ndarray) -> list[Decision]:
+        scores = self.scores(graph_scores, maps)
+        norm = (scores - self.norm_min) / self.norm_span
+        return [Decision(float(s), float(n), self.threshold, REJECT if s >= self.threshold else ACCEPT)
+                for s, n in zip(scores, norm)]

@@ -1,0 +1,18 @@
+"""The small dataclass that flows from sources through the batcher to the publisher."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class Frame:
+    camera_id: str
+    frame_id: int
+    capture_ts: float  # wall clock (time.time()) when the source got the frame
+    image: np.ndarray  # H x W x 3 uint8, RGB, as captured (overlays are drawn on it)
+    source_name: str | None = None  # file name for folder sources: which part was judged
+    label: str | None = None  # ground truth when the source knows it (synthetic parts)
+    tensor: np.ndarray | None = None  # preprocessed model input (C x H x W float32)
+    enqueue_mono: float = field(default=0.0)  # time.monotonic() when it entered the batch queue

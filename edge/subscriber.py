@@ -1,0 +1,224 @@
+"""A small client for linegate's ZeroMQ messages, and the body of ``linegate watch``.
+
+See edge.publisher for the wire format. A Subscriber checks the schema version and counts
+messages it missed (seq gaps), so a client can tell "nothing happened" from "I lost data".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+import msgpack
+import zmq
+
+from edge.publisher import SCHEMA_VERSION
+
+# Once --count decisions are printed, how long watch waits for their overlays
+# (the pipeline may publish a frame's overlay after its decision, or after the batch).
+OVERLAY_GRACE_S = 0.5
+
+
+@dataclass
+class Message:
+    topic: str
+    header: dict[str, Any]
+    payload: bytes | None
+
+
+class Subscriber:
+    """A SUB socket connected to a linegate publisher. Use from one thread only."""
+
+    def __init__(self, endpoint: str, topics: Iterable[str] = ("decision",), rcvhwm: int = 10000,
+                 context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.topics = tuple(topics)
+        sock = (context or zmq.Context.instance()).socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)  # before connect: it applies to new connections
+        sock.setsockopt(zmq.LINGER, 0)  # a SUB has nothing worth waiting for on close
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise ValueError(f"cannot connect to {endpoint!r}: {exc.strerror}; "
+                             "use the publisher's endpoint, e.g. tcp://edge-box:5556") from exc
+        for topic in self.topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        self._sock: zmq.Socket | None = sock
+        self.gaps: dict[str, int] = dict.fromkeys(self.topics, 0)
+        self._last_seq: dict[str, int] = {}
+
+    def recv(self, timeout_ms: int | None = None) -> Message | None:
+        """The next message, or None after ``timeout_ms`` (None: wait for ever).
+
+        Raises ValueError for a message that is not linegate's or needs a newer linegate.
+        """
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError("subscriber is closed")
+        if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        frames = sock.recv_multipart()
+        if len(frames) not in (2, 3):
+            raise ValueError(f"{self.endpoint}: message with {len(frames)} frames is not from linegate")
+        topic = frames[0].decode("ascii", errors="replace")
+        try:
+            header = msgpack.unpackb(frames[1], raw=False)
+        except Exception as exc:  # msgpack raises several types for corrupt data
+            raise ValueError(f"{self.endpoint}: undecodable {topic} header ({exc})") from exc
+        if not isinstance(header, dict) or not isinstance(header.get("v"), int):
+            raise ValueError(f"{self.endpoint}: {topic} message without a schema version; not linegate")
+        if header["v"] > SCHEMA_VERSION:
+            raise ValueError(f"{self.endpoint} sends schema v{header['v']} but this linegate reads "
+                             f"v{SCHEMA_VERSION}; upgrade linegate on this machine")
+        self._count_gap(topic, header.get("seq"))
+        return Message(topic, header, frames[2] if len(frames) == 3 else None)
+
+    def _count_gap(self, topic: str, seq: Any) -> None:
+        if not isinstance(seq, int):
+            return
+        last = self._last_seq.get(topic)
+        # The first message of a topic is the baseline (we may have joined late). A seq that
+        # does not increase means the publisher restarted: a new baseline, not a loss.
+        if last is not None and seq > last + 1:
+            self.gaps[topic] = self.gaps.get(topic, 0) + seq - last - 1
+        self._last_seq[topic] = seq
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _clock(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "--:--:--.---"
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def format_decision(header: dict[str, Any]) -> str:
+    """One human line: ``12:00:01.234 cam0 #17 chip0003.jpg REJECT score=1.2345 thr=1.1000``.
+
+    The time is the capture time (local clock); the source only appears when known.
+    """
+    parts = [_clock(header.get("capture_ts", header.get("publish_ts"))),
+             str(header.get("camera_id", "?")), f"#{header.get('frame_id', '?')}"]
+    if header.get("source"):
+        parts.append(str(header["source"]))
+    parts += [str(header.get("decision", "?")).upper(),
+              f"score={_number(header.get('score'))}", f"thr={_number(header.get('threshold'))}"]
+    return " ".join(parts)
+
+
+def _overlay_name(header: dict[str, Any]) -> str:
+    name = f"{header.get('camera_id', 'cam')}_{header.get('frame_id', 'x')}_{header.get('decision', 'x')}.jpg"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)  # camera ids may hold "/" or ":"
+
+
+def _report_gaps(sub: Subscriber, reported: dict[str, int], msg: Message) -> None:
+    for topic, missed in sub.gaps.items():
+        if missed > reported.get(topic, 0):
+            print(f"linegate watch: missed {missed - reported.get(topic, 0)} {topic} message(s) "
+                  f"before seq {msg.header.get('seq')}", file=sys.stderr, flush=True)
+            reported[topic] = missed
+
+
+def watch(endpoint: str, json_lines: bool = False, count: int | None = None,
+          save_overlays: str | None = None, timeout_s: float | None = None,
+          out: TextIO = sys.stdout) -> int:
+    """Print decisions from a publisher until ``count`` were seen, ``timeout_s`` passed or Ctrl-C.
+
+    Returns the exit code: 1 if the timeout ended the watch before ``count`` decisions, else 0.
+    Raises ValueError for a bad endpoint or a publisher that needs a newer linegate.
+    """
+    overlay_dir = Path(save_overlays) if save_overlays else None
+    if overlay_dir is not None:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    topics = ("decision", "overlay") if overlay_dir is not None else ("decision",)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    seen = 0
+    reported_gaps: dict[str, int] = {}
+    last_frame_id: dict[Any, Any] = {}  # camera_id -> frame_id of its last printed decision
+    last_decided = last_saved = None  # (camera_id, frame_id)
+    with Subscriber(endpoint, topics) as sub:
+        try:
+            while True:
+                done = count is not None and seen >= count
+                if done and (overlay_dir is None or last_saved == last_decided):
+                    return 0
+                # Wake up at least every 0.2 s so Ctrl-C is handled promptly everywhere.
+                wait_ms = 200 if deadline is None else min(200, max(0, int((deadline - time.monotonic()) * 1000)))
+                msg = sub.recv(wait_ms)
+                if msg is None:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return 0 if done or count is None else 1
+                    continue
+                _report_gaps(sub, reported_gaps, msg)
+                camera, frame_id = msg.header.get("camera_id"), msg.header.get("frame_id")
+                if msg.topic == "decision" and not done:
+                    seen += 1
+                    last_decided, last_frame_id[camera] = (camera, frame_id), frame_id
+                    print(json.dumps(msg.header, default=str) if json_lines else format_decision(msg.header),
+                          file=out, flush=True)
+                    if overlay_dir is not None and count is not None and seen >= count:
+                        # Overlays of the frames just printed may still be on their way
+                        # (the pipeline can publish them after the decisions): wait a little.
+                        grace = time.monotonic() + OVERLAY_GRACE_S
+                        deadline = grace if deadline is None else min(deadline, grace)
+                elif msg.topic == "overlay" and overlay_dir is not None and msg.payload is not None:
+                    if done and not _not_after(frame_id, last_frame_id.get(camera)):
+                        continue  # a frame after the last printed decision
+                    (overlay_dir / _overlay_name(msg.header)).write_bytes(msg.payload)
+                    last_saved = (camera, frame_id)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _not_after(frame_id: Any, last: Any) -> bool:
+    """frame_id <= last for integer ids (frame ids grow per camera), else equality."""
+    if isinstance(frame_id, int) and isinstance(last, int):
+        return frame_id <= last
+    return frame_id == last
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``linegate watch``; their dests are watch()'s parameter names."""
+    parser.add_argument("endpoint", metavar="ENDPOINT",
+                        help="publisher endpoint, e.g. tcp://edge-box:5556")
+    parser.add_argument("--json", dest="json_lines", action="store_true",
+                        help="print each decision header as one JSON object per line")
+    parser.add_argument("--count", type=_positive_int, metavar="N",
+                        help="stop after N decisions")
+    parser.add_argument("--save-overlays", dest="save_overlays", metavar="DIR",
+                        help="also save overlay JPEGs as DIR/<camera>_<frame>_<decision>.jpg")
+    parser.add_argument("--timeout", dest="timeout_s", type=_positive_float, metavar="S",
+                        help="stop after S seconds (exit code 1 if --count was not reached)")

@@ -1,0 +1,1 @@
+"""linegate export: torch -> ONNX (+ parity), bundles."""

@@ -1,0 +1,110 @@
+"""`linegate export onnx RUN`: the run's detector -> RUN/bundle (model.onnx + manifest.json).
+
+The graph takes float32 NCHW RGB pixels in 0..255 with a dynamic batch axis and does the
+backbone's normalisation itself, so the runtime only resizes and transposes. It returns
+`score` (B,) (the mean of the map) and `anomaly_map` (B, h, w) at feature resolution.
+Before the bundle is written, ONNX Runtime's scores are compared with torch's on the run's
+own calibration images: a mismatch stops the export instead of shipping a wrong model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.bundle import FORMAT_VERSION, write_manifest
+from edge.engine import OnnxRuntimeEngine
+from training.backbone import INPUT_MEAN, INPUT_STD
+from training.data import Split, load_images
+from training.train import load_run, predict
+
+log = logging.getLogger(__name__)
+INPUT_NAME, SCORE_NAME, MAP_NAME = "pixels", "score", "anomaly_map"
+PARITY_RTOL = 1e-3
+
+
+def export_graph(model: torch.nn.Module, path: Path, image_size: tuple[int, int], max_batch: int = 256) -> None:
+    """torch -> ONNX with the dynamo exporter, dynamic batch axis, no external data."""
+    example = torch.rand(2, 3, *image_size) * 255
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), str(path), input_names=[INPUT_NAME],
+                          output_names=[SCORE_NAME, MAP_NAME], dynamic_shapes=({0: batch},),
+                          dynamo=True, opset_version=18, external_data=False, verbose=False)
+
+
+def parity_check(model: torch.nn.Module, onnx_path: Path, tensors: np.ndarray,
+                 threshold: float) -> dict:
+    """Compare torch and ONNX Runtime on real images: relative score error and decisions."""
+    torch_scores, _ = predict(model, tensors, desc="parity: torch")
+    engine = OnnxRuntimeEngine(onnx_path, INPUT_NAME, SCORE_NAME, MAP_NAME)
+    ort_scores = np.concatenate([engine.infer(tensors[i:i + 8])[0] for i in range(0, len(tensors), 8)])
+    rel = np.abs(ort_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1e-12)
+    flips = int(np.sum((ort_scores >= threshold) != (torch_scores >= threshold)))
+    return {"images": int(len(tensors)), "max_rel_score_error": float(rel.max()),
+            "decision_mismatches": flips}
+
+
+def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    bundle_dir = Path(out) if out else run_dir / "bundle"
+    model, meta = load_run(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path}: the run is not calibrated; run `linegate evaluate {run_dir}`")
+    metrics = json.loads(metrics_path.read_text())
+    cal = metrics["calibration"]
+    size = tuple(meta["image_size"])
+
+    tmp_dir = bundle_dir.with_name(bundle_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    onnx_path = tmp_dir / "model.onnx"
+    log.info("exporting %s to ONNX", meta["detector"])
+    export_graph(model, onnx_path, size)
+
+    split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
+    calib = load_images(split.calibration, size)
+    parity = parity_check(model, onnx_path, calib.tensors, cal["threshold"])
+    if parity["max_rel_score_error"] > PARITY_RTOL or parity["decision_mismatches"]:
+        raise RuntimeError(f"ONNX parity check failed on {parity['images']} calibration images: {parity}; "
+                           f"the exported graph is in {onnx_path} for inspection")
+    log.info("parity: max relative score error %.2e over %d images, 0 decision changes",
+             parity["max_rel_score_error"], parity["images"])
+
+    h, w = meta["map_size"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model_id": "",
+        "detector": meta["detector"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": {"name": "efficientnet-lite0", "weights": meta["weights"]},
+        "input": {"name": INPUT_NAME, "shape": [-1, 3, *size], "layout": "NCHW", "dtype": "float32",
+                  "colour": "RGB", "resize": "stretch", "range": [0, 255],
+                  "normalisation": {"where": "in_graph", "mean": INPUT_MEAN, "std": INPUT_STD}},
+        "outputs": {"score": {"name": SCORE_NAME, "shape": [-1], "aggregate": "mean"},
+                    "map": {"name": MAP_NAME, "shape": [-1, h, w], "resolution": "feature"}},
+        "decision": {"aggregate": cal["aggregate"], "threshold": cal["threshold"], "method": cal["method"],
+                     "reject_if": "score >= threshold", "normalisation": cal["normalisation"]},
+        "display_range": cal["display_range"],
+        "classes": {"normal": meta["normal_class"], "anomalous": meta["anomalous_classes"]},
+        "calibration_metrics": {k: cal[k] for k in ("auroc", "accuracy", "precision", "recall",
+                                                    "specificity", "f1", "fpr", "fnr", "confusion")},
+        "test_metrics": {k: metrics["test"][k] for k in ("auroc", "accuracy", "f1")},
+        "parity": parity,
+        "files": {"model.onnx": {"kind": "onnx", "precision": "fp32"}},
+    }
+    write_manifest(tmp_dir, manifest)
+    # model id: detector + the first hex digits of the graph's hash, stable per exported model
+    manifest["model_id"] = f"{meta['detector']}-{manifest['files']['model.onnx']['sha256'][:12]}"
+    write_manifest(tmp_dir, manifest)
+    shutil.rmtree(bundle_dir, ignore_errors=True)
+    tmp_dir.rename(bundle_dir)  # a half-written bundle never sits at the final path
+    return bundle_dir

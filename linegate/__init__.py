@@ -1,0 +1,1 @@
+"""linegate command line (dispatches to edge, training and export)."""

@@ -1,0 +1,292 @@
+"""Sources on real files, a real closed port and real threads: folders, video, cameras, synthetic."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.batcher import Batcher, FrameQueue
+from edge.frames import Frame
+from edge.images import preprocess
+from edge.sources import (CameraSource, FolderSource, SourceThread, SyntheticSource, VideoSource,
+                          parse_source)
+
+N_VIDEO = 12
+LEVEL = 20  # blue level step per video frame: frame i is a solid blue of i * LEVEL
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    red_bgr = np.zeros((40, 50, 3), np.uint8)
+    red_bgr[:, :, 2] = 255
+    cv2.imwrite(str(folder / "a_red.png"), red_bgr)
+    cv2.imwrite(str(folder / "b_photo.jpg"), np.full((30, 30, 3), 128, np.uint8))
+    cv2.imwrite(str(folder / "c_gray.png"), np.full((20, 24), 77, np.uint8))
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 255  # blue in BGRA, opaque
+    cv2.imwrite(str(folder / "d_rgba.png"), rgba)
+    (folder / "e_corrupt.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
+    cv2.imwrite(str(folder / "f_odd.png"), np.full((37, 53, 3), 9, np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture
+def video_file(tmp_path: Path) -> Path:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    assert writer.isOpened()
+    for i in range(N_VIDEO):
+        writer.write(np.full((48, 64, 3), (i * LEVEL, 0, 0), np.uint8))  # BGR: blue
+    writer.release()
+    return path
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/stream.mjpg"
+
+
+def collect(source, n: int | None = None, stop: threading.Event | None = None) -> list[Frame]:
+    stop = stop or threading.Event()
+    out = []
+    for f in source.frames(stop):
+        out.append(f)
+        if n is not None and len(out) >= n:
+            stop.set()
+    return out
+
+
+# -- folder ------------------------------------------------------------------------------------
+
+def test_folder_source_yields_good_images_in_order_and_skips_corrupt(image_folder: Path, caplog) -> None:
+    src = FolderSource(image_folder, camera_id="line1")
+    with caplog.at_level(logging.WARNING, logger="edge.sources"):
+        frames = collect(src)
+    assert [f.source_name for f in frames] == ["a_red.png", "b_photo.jpg", "c_gray.png", "d_rgba.png",
+                                               "f_odd.png"]
+    assert [f.frame_id for f in frames] == list(range(5))
+    for f in frames:
+        assert f.camera_id == "line1" and f.image.dtype == np.uint8
+        assert f.image.ndim == 3 and f.image.shape[2] == 3
+    assert tuple(frames[0].image[0, 0]) == (255, 0, 0)  # red in RGB order
+    assert tuple(frames[3].image[0, 0]) == (0, 0, 255)  # RGBA blue -> RGB blue
+    assert frames[4].image.shape == (37, 53, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "e_corrupt.jpg" in warnings[0] and "remove" in warnings[0]
+    assert src.counters["errors"] == 1 and src.counters["frames"] == 5
+    assert src.finite and src.default_policy == "queue"
+
+
+def test_folder_source_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nowhere"):
+        FolderSource(tmp_path / "nowhere")
+
+
+# -- video -------------------------------------------------------------------------------------
+
+def test_video_source_reads_every_frame_in_order(video_file: Path) -> None:
+    src = VideoSource(video_file)
+    frames = collect(src)
+    assert len(frames) == N_VIDEO
+    assert [f.frame_id for f in frames] == list(range(N_VIDEO))
+    for i, f in enumerate(frames):
+        r, g, b = f.image.reshape(-1, 3).mean(axis=0)
+        assert abs(b - i * LEVEL) < 8 and r < 8, (i, r, g, b)  # order kept, BGR -> RGB
+    assert src.finite and src.default_policy == "queue"
+
+
+def test_video_source_that_cannot_be_opened(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="missing.avi"):
+        VideoSource(tmp_path / "missing.avi")
+    bad = tmp_path / "garbage.avi"
+    bad.write_bytes(np.random.default_rng(1).bytes(5000))
+    with pytest.raises(ValueError, match="garbage.avi"):
+        VideoSource(bad)
+
+
+# -- camera ------------------------------------------------------------------------------------
+
+def test_camera_source_keeps_retrying_an_unreachable_stream(caplog) -> None:
+    src = CameraSource(closed_port_url(), backoff_s=0.01, backoff_max_s=0.04)
+    stop = threading.Event()
+    frames: list[Frame] = []
+    with caplog.at_level(logging.INFO, logger="edge.sources"):
+        t = threading.Thread(target=lambda: frames.extend(src.frames(stop)), daemon=True)
+        t.start()
+        time.sleep(0.5)
+        stop.set()
+        t.join(timeout=1.0)
+    assert not t.is_alive()
+    assert frames == []
+    assert src.counters["reconnects"] >= 3 and src.counters["errors"] >= 4
+    # One line for the state change, not one per attempt.
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1 and "retrying in" in lines[0] and "127.0.0.1" in lines[0]
+    assert not src.finite and src.default_policy == "latest"
+
+
+def test_camera_source_stops_promptly_during_a_long_backoff(tmp_path: Path) -> None:
+    src = CameraSource(str(tmp_path / "no-such-device"), backoff_s=30.0)
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: list(src.frames(stop)), daemon=True)
+    t.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    stop.set()
+    t.join(timeout=2.0)
+    assert not t.is_alive() and time.monotonic() - start < 1.0
+    assert src.counters["errors"] == 1 and src.counters["reconnects"] == 0
+
+
+def test_camera_source_reconnects_when_the_feed_ends(video_file: Path, caplog) -> None:
+    # A video file as the "camera": it delivers frames, ends (lost), and opens again (reconnect).
+    src = CameraSource(str(video_file), camera_id="cam3", backoff_s=0.01)
+    with caplog.at_level(logging.INFO, logger="edge.sources"):
+        frames = collect(src, n=2 * N_VIDEO + 3)
+    assert [f.frame_id for f in frames] == list(range(2 * N_VIDEO + 3))
+    assert all(f.camera_id == "cam3" for f in frames)
+    assert src.counters["reconnects"] == 2 and src.counters["lost"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("connected to" in m for m in messages) == 3
+    assert sum("lost" in m and f"after {N_VIDEO} frames" in m for m in messages) == 2
+
+
+# -- synthetic ---------------------------------------------------------------------------------
+
+def test_synthetic_source_finite_and_paced() -> None:
+    pytest.importorskip("edge.synthetic")
+    src = parse_source("synthetic:count=4,fps=20,seed=1,size=64,defect_rate=0.5", "syn")
+    assert isinstance(src, SyntheticSource) and src.finite and src.default_policy == "queue"
+    start = time.monotonic()
+    frames = collect(src)
+    assert time.monotonic() - start >= 3 / 20  # 4 frames at 20 fps span 3 intervals
+    assert [f.frame_id for f in frames] == [0, 1, 2, 3]
+    assert all(f.image.shape == (64, 64, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert all(isinstance(f.label, str) and f.label for f in frames)
+
+
+def test_synthetic_source_without_count_is_live() -> None:
+    pytest.importorskip("edge.synthetic")
+    src = parse_source("synthetic:size=32")
+    assert not src.finite and src.default_policy == "latest"
+    assert len(collect(src, n=5)) == 5  # stops on the stop event, not on a count
+
+
+# -- parse_source --------------------------------------------------------------------------------
+
+def test_parse_source_forms(image_folder: Path, video_file: Path) -> None:
+    folder = parse_source(f"folder:{image_folder}", "cam7")
+    assert isinstance(folder, FolderSource) and folder.path == image_folder and folder.camera_id == "cam7"
+    video = parse_source(f"video:{video_file}")
+    assert isinstance(video, VideoSource) and video.path == video_file and video.camera_id == "cam0"
+    for spec, target in [("camera:0", 0), ("camera:12", 12), ("camera:/dev/video2", "/dev/video2"),
+                         ("rtsp://10.0.0.5:554/line", "rtsp://10.0.0.5:554/line"),
+                         ("http://127.0.0.1:8080/mjpg", "http://127.0.0.1:8080/mjpg")]:
+        src = parse_source(spec, "cam1")
+        assert isinstance(src, CameraSource) and src.target == target and src.camera_id == "cam1"
+
+
+@pytest.mark.parametrize("spec", ["ftp://host/x", "webcam", "folder:", "video:", "camera:", "Folder:/x"])
+def test_parse_source_rejects_unknown_forms(spec: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_source(spec)
+    for form in ("folder:PATH", "video:PATH", "camera:INDEX", "rtsp://", "synthetic"):
+        assert form in str(info.value)
+
+
+def test_parse_source_rejects_bad_synthetic_options() -> None:
+    with pytest.raises(ValueError, match="count, fps, defect_rate, seed, size"):
+        parse_source("synthetic:speed=3")
+    with pytest.raises(ValueError, match="fps"):
+        parse_source("synthetic:fps=fast")
+
+
+# -- SourceThread --------------------------------------------------------------------------------
+
+def test_source_thread_preprocesses_and_ends_the_stream(image_folder: Path) -> None:
+    q = FrameQueue(capacity=2)  # smaller than the folder: the thread must wait, not drop
+    thread = SourceThread(FolderSource(image_folder), q, lambda rgb: preprocess(rgb, (32, 32)))
+    batcher = Batcher(q, max_batch=4, max_wait_ms=1)
+    thread.start()
+    frames = []
+    deadline = time.monotonic() + 10
+    while (batch := batcher.next_batch(poll_s=0.05)) is not None and time.monotonic() < deadline:
+        frames.extend(batch)
+    thread.join(timeout=2)
+    assert batch is None and not thread.is_alive() and thread.error is None
+    assert [f.frame_id for f in frames] == list(range(5)) and q.dropped == {}
+    for f in frames:
+        assert f.tensor is not None and f.tensor.shape == (3, 32, 32) and f.tensor.dtype == np.float32
+
+
+def test_stream_waits_for_a_source_thread_not_started_yet(image_folder: Path) -> None:
+    q = FrameQueue()
+    first = SourceThread(FolderSource(image_folder, "cam0"), q, None)
+    second = SourceThread(FolderSource(image_folder, "cam1"), q, None)  # created, not started yet
+    first.start()
+    first.join(timeout=5)
+    batcher = Batcher(q, max_batch=8, max_wait_ms=1)
+    assert len(batcher.next_batch()) == 5
+    assert batcher.next_batch(poll_s=0.05) == []  # not None: the second source is still to come
+    second.start()
+    assert [f.camera_id for f in drain_all(batcher)] == ["cam1"] * 5
+
+
+def drain_all(batcher: Batcher) -> list[Frame]:
+    out: list[Frame] = []
+    while (batch := batcher.next_batch(poll_s=0.05)) is not None:
+        out.extend(batch)
+    return out
+
+
+def test_source_thread_logs_an_error_and_still_ends_the_stream(image_folder: Path, caplog) -> None:
+    def broken(rgb: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model input mismatch")
+
+    q = FrameQueue()
+    thread = SourceThread(FolderSource(image_folder, "cam9"), q, broken)
+    with caplog.at_level(logging.ERROR, logger="edge.sources"):
+        thread.start()
+        thread.join(timeout=5)
+    assert not thread.is_alive() and isinstance(thread.error, RuntimeError)
+    assert any("cam9" in r.getMessage() and "model input mismatch" in r.getMessage() for r in caplog.records)
+    assert Batcher(q).next_batch(poll_s=1) is None
+
+
+def test_source_thread_stops_a_live_source_on_stop(caplog) -> None:
+    q = FrameQueue()
+    stop = threading.Event()
+    thread = SourceThread(CameraSource(closed_port_url(), backoff_s=0.01), q, None, stop=stop)
+    assert thread.policy == "latest"
+    thread.start()
+    time.sleep(0.1)
+    assert Batcher(q).next_batch(poll_s=0.05) == []  # live, no frames, but not ended
+    stop.set()
+    thread.join(timeout=2)
+    assert not thread.is_alive()
+    assert Batcher(q).next_batch(poll_s=1) is None
+
+
+def test_source_thread_ends_a_live_source_when_the_queue_closes(video_file: Path) -> None:
+    q = FrameQueue()
+    # An endless live feed: the clip reconnects each time it ends.
+    thread = SourceThread(CameraSource(str(video_file), backoff_s=0.01), q, None)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while len(q) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(q) == 1  # "latest": one waiting frame for the camera, however many arrived
+    q.close()
+    thread.join(timeout=2)
+    assert not thread.is_alive() and thread.error is None

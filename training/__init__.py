@@ -1,0 +1,1 @@
+"""linegate training: datasets, splits, backbones, detectors, calibration, evaluation."""

