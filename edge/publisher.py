@@ -108,7 +108,11 @@ class Publisher:
             sock.poll(remaining_ms, zmq.POLLIN)
 
     def publish(self, topic: str, header: dict[str, Any], payload: bytes | None = None) -> bool:
-        """Send one message; True if ZeroMQ took it, False if it was dropped. Never blocks."""
+        """Send one message; True if ZeroMQ took it, False if it was dropped. Never blocks.
+
+        Raises ValueError for an unknown topic and TypeError for a header value msgpack
+        cannot carry (numpy scalars are fine); neither uses up a seq number.
+        """
         if topic not in self._seq:
             raise ValueError(f"unknown topic {topic!r}; expected one of {TOPICS}")
         sock = self._socket()

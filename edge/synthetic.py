@@ -25,10 +25,15 @@ NORMAL_CLASS = "normal"
 _SHIFT = 4  # fixed-point bits for sub-pixel OpenCV drawing: jitter moves parts by fractions of a pixel
 _ONE = 1 << _SHIFT
 
-# Scratch and spot return a Paint: (alpha map, per-channel values, multiply?). Under alpha the
-# surface becomes surface * values when multiply is true (a darkening), else the colour values.
-Paint = tuple[np.ndarray, np.ndarray, bool]
+# Scratch and spot return a Paint: an alpha map (0..1, float32) and the RGB colour that
+# replaces the surface under it.
+Paint = tuple[np.ndarray, np.ndarray]
 ToImage = Callable[[np.ndarray, np.ndarray], np.ndarray]  # part coordinates -> image pixels (N x 2)
+
+
+def _upsample(noise: np.ndarray, size: int) -> np.ndarray:
+    """Smooth random blobs: a small grid of noise resized (cubic) to size x size."""
+    return cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
 def _fixed(points: np.ndarray) -> np.ndarray:
@@ -47,7 +52,7 @@ class PartGenerator:
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
         self._xs, self._ys = xs, ys
         # Banks of per-pixel randomness, drawn once; each image takes a random window (see _window).
-        self._noise = self._rng.standard_normal((2 * size, 2 * size, 3), dtype=np.float32)
+        self._noise = self._rng.standard_normal((3, 2 * size, 2 * size), dtype=np.float32)  # per channel
         self._dots = (self._rng.random((2 * size, 2 * size)) < 0.003).astype(np.float32)
 
     # -- public API -------------------------------------------------------------------------
@@ -71,9 +76,9 @@ class PartGenerator:
     # -- rendering --------------------------------------------------------------------------
 
     def _render(self, rng: np.random.Generator, drng: np.random.Generator, label: str) -> np.ndarray:
-        # Everything stays float32: numpy scalars would silently promote whole images to float64.
-        s = self.size
-        xs, ys = self._xs, self._ys
+        # Everything stays float32 and single-channel until the end: numpy scalars would promote
+        # images to float64, and broadcasting over a trailing axis of 3 is slow in numpy.
+        s, q = self.size, self.size // 4
 
         def uni(lo: float, hi: float) -> float:
             return float(rng.uniform(lo, hi))
@@ -84,13 +89,13 @@ class PartGenerator:
         a = s * 0.34 * uni(0.98, 1.02)  # semi-axes: parts vary slightly in size
         b = a * 0.72
         cos_t, sin_t = float(np.cos(theta)), float(np.sin(theta))
-        dx, dy = xs - cx, ys - cy
-        u = dx * cos_t + dy * sin_t  # part coordinates (along / across the tablet)
-        v = dy * cos_t - dx * sin_t
-        rn = np.sqrt((u / a) ** 2 + (v / b) ** 2)  # 0 at the centre, 1 on the rim
+        dx, dy = self._xs - cx, self._ys - cy
+        un = dx * (cos_t / a) + dy * (sin_t / a)  # part coordinates, scaled so the rim is at 1
+        vn = dy * (cos_t / b) - dx * (sin_t / b)
+        rn = np.sqrt(un * un + vn * vn)  # 0 at the centre, 1 on the rim
 
         def to_image(pu: np.ndarray, pv: np.ndarray) -> np.ndarray:
-            """Part coordinates -> image pixel coordinates (N x 2)."""
+            """Part coordinates (pixels) -> image pixel coordinates (N x 2)."""
             return np.stack([cx + pu * cos_t - pv * sin_t, cy + pu * sin_t + pv * cos_t], axis=-1)
 
         # Part mask with a one-pixel anti-aliased rim, computed analytically from rn.
@@ -98,61 +103,62 @@ class PartGenerator:
         if label == "chip":
             mask = self._chip(drng, mask, a, b, to_image)
 
-        # Tray: plain slate background with faint low-frequency mottling and a soft drop shadow
-        # (blurred at quarter resolution, which is as good for a shadow and ten times cheaper).
-        q = max(8, s // 4)
-        shadow = cv2.resize(cv2.GaussianBlur(cv2.resize(mask, (q, q), interpolation=cv2.INTER_AREA),
-                                             (0, 0), q * 0.02), (s, s), interpolation=cv2.INTER_LINEAR)
-        shadow = np.roll(shadow, (round(s * 0.015), round(s * 0.01)), axis=(0, 1))
-        bg_lum = (1.0 + 0.04 * self._smooth_noise(rng, 8)) * (1.0 - 0.45 * shadow)
+        # Tray: plain slate with faint low-frequency mottling and a soft drop shadow, both made
+        # at quarter resolution (smooth anyway, and an order of magnitude cheaper).
+        shadow = cv2.GaussianBlur(cv2.resize(mask, (q, q), interpolation=cv2.INTER_AREA), (0, 0), q * 0.02)
+        shadow = np.roll(shadow, (max(1, q // 64), max(1, q // 100)), axis=(0, 1))  # light from top left
+        mottle = _upsample(rng.standard_normal((8, 8), dtype=np.float32), q)
+        bg_lum = (1.0 + 0.02 * mottle) * (1.0 - 0.45 * shadow)
+        bg_lum = cv2.resize(bg_lum, (s, s), interpolation=cv2.INTER_LINEAR)
         bg_colour = np.array([62, 72, 84]) * uni(0.9, 1.1)
 
-        # Tablet surface: domed shading, blotchy texture, sparse darker speckles, embossed score
-        # line. Mid-tone, so that bright scratches keep their contrast under the brightest light.
+        # Tablet surface: domed shading, blotchy two-scale texture, sparse darker speckles and an
+        # embossed score line. Mid-tone, so bright scratches keep contrast in the brightest light.
         base = np.array([192, 180, 152]) * uni(0.94, 1.06) * rng.uniform(0.98, 1.02, size=3)
+        texture = _upsample(rng.standard_normal((24, 24), dtype=np.float32), 64)
+        texture += 0.6 * rng.standard_normal((64, 64), dtype=np.float32)
+        texture = _upsample(texture, s)
         rc = np.minimum(rn, 1.0)
-        lum = 1.08 - 0.30 * rc * rc * rc
-        lum *= 1.0 + 0.05 * self._smooth_noise(rng, 24) + 0.03 * self._smooth_noise(rng, 64)
+        lum = (1.08 - 0.30 * rc * rc * rc) * (1.0 + 0.025 * texture)
         lum *= 1.0 - 0.35 * cv2.GaussianBlur(self._window(rng, self._dots), (0, 0), 0.6)
         groove = np.zeros((s, s), np.uint8)
         line = to_image(np.array([-0.8 * a, 0.8 * a]), np.zeros(2))
         cv2.polylines(groove, [_fixed(line)], False, 255, max(1, round(s / 150)), cv2.LINE_AA, _SHIFT)
-        groove_f = cv2.GaussianBlur(groove, (3, 3), 0).astype(np.float32) / 255.0
+        groove_f = cv2.GaussianBlur(groove, (3, 3), 0).astype(np.float32) * (1 / 255)
         # Highlight just below the groove, where light from above hits its far wall.
         lum *= 1.0 - 0.22 * groove_f + 0.10 * np.roll(groove_f, 1 + s // 112, axis=0)
 
-        paint = None
-        if label == "scratch":
-            paint = self._scratch(drng, a, b, to_image)
-        elif label == "spot":
-            paint = self._spot(drng, a, b, to_image)
-
         # Lighting: global gain, a soft linear gradient in a random direction, slight colour cast.
         gain, phi, slope = uni(0.8, 1.12), uni(0.0, 2 * np.pi), uni(0.0, 0.35)
-        light = gain * (1.0 + slope * (dx * float(np.cos(phi)) + dy * float(np.sin(phi))) / s)
+        tilt = gain * slope / s
+        light = gain + dx * (tilt * float(np.cos(phi))) + dy * (tilt * float(np.sin(phi)))
         cast = 1.0 + np.clip(rng.normal(0.0, 0.03, size=3), -0.05, 0.05)
+        sigma = uni(1.5, 4.0)  # sensor noise, drawn last and the same for a normal/defect twin
+        noise = [self._window(rng, bank) for bank in self._noise]
 
-        # Compose per channel: broadcasting over a trailing axis of 3 is slow in numpy.
-        noise = self._window(rng, self._noise) * uni(1.5, 4.0)  # sensor noise, last: same for twins
+        # Channel c = cast_c * light * (mask * (surface_c or paint_c) + (1 - mask) * tray_c) + noise:
+        # single-channel terms weighted per channel, ending in OpenCV's saturating cast to uint8.
+        lit_part = mask * light
+        terms = [lum * lit_part, bg_lum * (light - lit_part)]
+        colours = [base, bg_colour]
+        if label in ("scratch", "spot"):
+            draw = self._scratch if label == "scratch" else self._spot
+            alpha, paint = draw(drng, a, b, to_image)
+            terms[0] *= 1.0 - alpha
+            terms.append(alpha * lit_part)
+            colours.append(paint)
         channels = []
         for c in range(3):
-            part_c = lum * float(base[c])
-            if paint is not None:  # a defect repaints part of the surface
-                alpha, values, multiply = paint
-                target = part_c * float(values[c]) if multiply else float(values[c])
-                part_c += (target - part_c) * alpha
-            bg_c = bg_lum * float(bg_colour[c])
-            channels.append((bg_c + (part_c - bg_c) * mask) * (light * float(cast[c])) + noise[:, :, c])
-        return cv2.merge(channels).clip(0, 255).astype(np.uint8)
-
-    def _smooth_noise(self, rng: np.random.Generator, cells: int) -> np.ndarray:
-        """Zero-mean, roughly unit-range noise with about `cells` blobs across the image."""
-        coarse = rng.standard_normal((cells, cells), dtype=np.float32)
-        return cv2.resize(coarse, (self.size, self.size), interpolation=cv2.INTER_CUBIC) * 0.5
+            w = [float(cast[c] * colour[c]) for colour in colours]
+            acc = cv2.addWeighted(terms[0], w[0], terms[1], w[1], 0.0)
+            if len(terms) == 3:
+                acc = cv2.scaleAdd(terms[2], w[2], acc)
+            channels.append(cv2.addWeighted(acc, 1.0, noise[c], sigma, 0.0, dtype=cv2.CV_8U))
+        return cv2.merge(channels)
 
     def _window(self, rng: np.random.Generator, bank: np.ndarray) -> np.ndarray:
         """A random size x size window of a pre-drawn bank: fresh-looking per-pixel randomness
-        for a few microseconds instead of drawing 150k normals (about 2 ms) per image."""
+        for microseconds instead of drawing 150k normals (about 2 ms) per image."""
         oy, ox = rng.integers(0, self.size, size=2)
         return bank[oy:oy + self.size, ox:ox + self.size]
 
@@ -176,8 +182,8 @@ class PartGenerator:
         cv2.polylines(ink, [pts], False, 255, thickness, cv2.LINE_AA, _SHIFT)
         alpha = cv2.GaussianBlur(ink, (3, 3), 0).astype(np.float32) * float(rng.uniform(0.85, 1.0) / 255)
         if rng.random() < 0.65:
-            return alpha, np.full(3, rng.uniform(0.25, 0.45)), True  # a dark groove
-        return alpha, np.full(3, rng.uniform(245, 255)), False  # bright: the coating scraped off
+            return alpha, np.array([64, 58, 50]) * rng.uniform(0.6, 1.3)  # a dark groove
+        return alpha, np.full(3, rng.uniform(245, 255))  # bright: the coating scraped off
 
     def _spot(self, rng: np.random.Generator, a: float, b: float, to_image: ToImage) -> Paint:
         """One to three dark, dirt-coloured, soft-edged blobs on the tablet."""
@@ -187,11 +193,13 @@ class PartGenerator:
         rad, ang = rng.uniform(0.0, 0.7, size=n), rng.uniform(0, 2 * np.pi, size=n)
         for x, y in to_image(rad * a * np.cos(ang), rad * b * np.sin(ang)):
             axes = s * rng.uniform(0.025, 0.05, size=2) * (1.3 if rng.random() < 0.5 else 1.0)
-            cv2.ellipse(ink, (round(x * _ONE), round(y * _ONE)), (round(axes[0] * _ONE), round(axes[1] * _ONE)),
-                        float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA, _SHIFT)
+            centre = (round(x * _ONE), round(y * _ONE))
+            half_axes = (round(axes[0] * _ONE), round(axes[1] * _ONE))
+            angle = float(rng.uniform(0, 180))
+            cv2.ellipse(ink, centre, half_axes, angle, 0, 360, 255, -1, cv2.LINE_AA, _SHIFT)
         alpha = cv2.GaussianBlur(ink, (0, 0), max(0.5, s * 0.006)).astype(np.float32)
         alpha *= float(rng.uniform(0.8, 0.95) / 255)
-        return alpha, np.array([78, 60, 42]) * rng.uniform(0.6, 1.2), False
+        return alpha, np.array([78, 60, 42]) * rng.uniform(0.6, 1.2)
 
     def _chip(self, rng: np.random.Generator, mask: np.ndarray, a: float, b: float,
               to_image: ToImage) -> np.ndarray:
@@ -199,9 +207,10 @@ class PartGenerator:
         s = self.size
         ang = rng.uniform(0, 2 * np.pi)
         centre = np.array([a * np.cos(ang), b * np.sin(ang)])  # on the rim
+        # A jagged star-shaped polygon: evenly spread spokes (so it always has area) of random length.
         k = 9
         radius = s * rng.uniform(0.08, 0.12) * rng.uniform(0.65, 1.0, size=k)
-        spokes = np.sort(rng.uniform(0, 2 * np.pi, size=k))
+        spokes = np.arange(k) * (2 * np.pi / k) + rng.uniform(-0.25, 0.25, size=k)
         poly = to_image(centre[0] + radius * np.cos(spokes), centre[1] + radius * np.sin(spokes))
         bite = np.zeros((s, s), np.uint8)
         cv2.fillPoly(bite, [_fixed(poly)], 255, cv2.LINE_AA, _SHIFT)
@@ -210,7 +219,8 @@ class PartGenerator:
 
 def write_dataset(root: str | Path, n_normal: int, n_per_defect: int, size: int = 224, seed: int = 0,
                   progress: bool = False) -> dict[str, int]:
-    """Write root/normal/*.png and root/<defect>/*.png (folder per class, names like normal_0000.png); return counts per class."""
+    """Write root/normal/*.png and root/<defect>/*.png (folder per class, names like
+    normal_0000.png); return counts per class."""
     if n_normal < 0 or n_per_defect < 0:
         raise ValueError(f"counts must be non-negative, got n_normal={n_normal}, n_per_defect={n_per_defect}")
     root = Path(root)

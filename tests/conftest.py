@@ -1,0 +1,112 @@
+"""Shared fixtures: the real pillQC data (skipped when ../shared is absent), a trained pillQC
+run (trained once per session), and a tiny hand-built ONNX bundle for fast runtime tests."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PILLQC = Path(os.environ.get("LINEGATE_PILLQC", REPO.parent / "shared" / "datasets" / "pillqc"))
+
+
+@pytest.fixture(scope="session")
+def pillqc() -> Path:
+    if not (PILLQC / "normal").is_dir():
+        pytest.skip(f"pillQC not found at {PILLQC} (it lives in ../shared/datasets/pillqc beside the "
+                    "repository; set LINEGATE_PILLQC to point elsewhere)")
+    return PILLQC
+
+
+@pytest.fixture(scope="session")
+def pillqc_run(pillqc, tmp_path_factory) -> Path:
+    """PaDiM trained on pillQC with the seed protocol, --seed 0, exported to RUN/bundle."""
+    from export.onnx_export import export_onnx
+    from training.train import train
+
+    run = tmp_path_factory.mktemp("pillqc") / "run"
+    train(pillqc, run, "normal", "padim", seed=0)
+    export_onnx(run)
+    return run
+
+
+def linegate_cmd(*args: str) -> list[str]:
+    """The installed console script's entry point, run with this interpreter."""
+    return [sys.executable, "-m", "linegate.cli", *args]
+
+
+def free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def make_tiny_bundle(path: Path, size: int = 32, threshold: float = 0.5) -> Path:
+    """A real ONNX bundle without torch: anomaly_map = mean over channels of pixels / 255
+    at half resolution, score = mean of the map. Bright parts score high (rejects)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge.bundle import FORMAT_VERSION, write_manifest
+
+    half = size // 2
+    nodes = [
+        helper.make_node("Div", ["pixels", "k255"], ["scaled"]),
+        helper.make_node("AveragePool", ["scaled"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("ReduceMean", ["pooled", "axis1"], ["anomaly_map"], keepdims=0),
+        helper.make_node("ReduceMean", ["anomaly_map", "axes12"], ["score"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", half, half])],
+        [helper.make_tensor("k255", TensorProto.FLOAT, [], [255.0]),
+         helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path / "model.onnx")
+    manifest = {
+        "format_version": FORMAT_VERSION, "model_id": "tiny-test", "detector": "tiny",
+        "input": {"name": "pixels", "shape": [-1, 3, size, size], "layout": "NCHW", "dtype": "float32",
+                  "colour": "RGB", "resize": "stretch", "range": [0, 255],
+                  "normalisation": {"where": "in_graph", "mean": 0.0, "std": 255.0}},
+        "outputs": {"score": {"name": "score", "shape": [-1], "aggregate": "mean"},
+                    "map": {"name": "anomaly_map", "shape": [-1, half, half]}},
+        "decision": {"aggregate": "mean", "threshold": threshold, "method": "youden",
+                     "normalisation": {"min": 0.0, "max": 1.0}},
+        "display_range": [0.0, 1.0],
+        "classes": {"normal": "normal", "anomalous": ["bright"]},
+        "files": {"model.onnx": {"kind": "onnx", "precision": "fp32"}},
+    }
+    write_manifest(path, manifest)
+    return path
+
+
+@pytest.fixture()
+def tiny_bundle(tmp_path) -> Path:
+    return make_tiny_bundle(tmp_path / "bundle")
+
+
+def write_grey_images(folder: Path, levels: list[int], size: int = 40) -> list[str]:
+    """PNG files of uniform grey levels, named in order; returns the names."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, level in enumerate(levels):
+        name = f"part{i:03d}.png"
+        cv2.imwrite(str(folder / name), np.full((size, size + 6, 3), level, np.uint8))
+        names.append(name)
+    return names
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

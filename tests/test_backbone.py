@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from training.backbone import (TAP_CHANNELS, EfficientNetLite0, default_weights_path, load_backbone,
+                               same_padding)
+
+
+def test_weights_file_keys_match_the_model_exactly():
+    state = torch.load(default_weights_path(), map_location="cpu", weights_only=True)
+    model_keys = set(EfficientNetLite0().state_dict())
+    assert set(state) - model_keys == set(), "unexpected keys in the weights file"
+    assert model_keys - set(state) == set(), "model keys the weights file does not fill"
+    model = load_backbone("imagenet")
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_taps_are_at_stride_4_8_16():
+    model = load_backbone("imagenet")
+    taps = model.features(torch.rand(2, 3, 224, 224) * 255)
+    assert [tuple(t.shape) for t in taps] == [(2, TAP_CHANNELS["stride4"], 56, 56),
+                                              (2, TAP_CHANNELS["stride8"], 28, 28),
+                                              (2, TAP_CHANNELS["stride16"], 14, 14)]
+
+
+@pytest.mark.parametrize("size,kernel,stride,expected", [
+    (224, 3, 2, (0, 1, 112)),  # TF puts the odd pixel after
+    (112, 5, 2, (1, 2, 56)),
+    (56, 3, 1, (1, 1, 56)),
+    (225, 3, 2, (1, 1, 113)),
+])
+def test_same_padding_matches_tensorflow(size, kernel, stride, expected):
+    assert same_padding(size, kernel, stride) == expected
+
+
+def test_user_weights_file_and_a_wrong_one(tmp_path):
+    own = EfficientNetLite0()
+    with torch.no_grad():
+        own._fc.bias.fill_(0.5)
+    torch.save(own.state_dict(), tmp_path / "own.pth")
+    loaded = load_backbone(tmp_path / "own.pth")
+    assert torch.all(loaded._fc.bias == 0.5)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth do not fit EfficientNet-Lite0"):
+        load_backbone(tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_backbone(tmp_path / "missing.pth")
+
+
+def test_pretrained_weights_change_the_features():
+    x = torch.rand(1, 3, 224, 224) * 255
+    pre = load_backbone("imagenet").features(x)[2]
+    rnd = load_backbone(None).features(x)[2]
+    assert not torch.allclose(pre, rnd)

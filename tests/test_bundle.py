@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from edge.bundle import BundleError, load_bundle
+
+
+def _edit(bundle, change):
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_valid_bundle_loads(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    assert b.input_size == (32, 32) and b.model_id == "tiny-test"
+    assert b.decision["threshold"] == 0.5
+
+
+def test_missing_key_is_named(tiny_bundle):
+    _edit(tiny_bundle, lambda m: m["decision"].pop("threshold"))
+    with pytest.raises(BundleError, match="'decision.threshold' is missing"):
+        load_bundle(tiny_bundle)
+
+
+def test_wrong_type_is_named(tiny_bundle):
+    _edit(tiny_bundle, lambda m: m["decision"].update(threshold="high"))
+    with pytest.raises(BundleError, match="'decision.threshold' should be int or float"):
+        load_bundle(tiny_bundle)
+
+
+def test_checksum_mismatch_names_the_file(tiny_bundle):
+    with open(tiny_bundle / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match=r"model.onnx: sha256 does not match"):
+        load_bundle(tiny_bundle)
+
+
+def test_not_json_missing_file_and_newer_format(tiny_bundle, tmp_path):
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(tmp_path)
+    (tiny_bundle / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="model.onnx: listed in the manifest but missing"):
+        load_bundle(tiny_bundle)
+    _edit(tiny_bundle, lambda m: m.update(format_version=99))
+    with pytest.raises(BundleError, match="upgrade linegate"):
+        load_bundle(tiny_bundle)
+    (tiny_bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(tiny_bundle)

@@ -1,0 +1,70 @@
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+from training.data import SplitCounts, load_images, make_split
+
+
+def _write(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), image)
+
+
+def _folders(root, counts):
+    for cls, n in counts.items():
+        for i in range(n):
+            _write(root / cls / f"{cls}{i:03d}.png", np.full((20, 20, 3), i, np.uint8))
+
+
+def test_folder_split_follows_the_protocol_counts(tmp_path):
+    _folders(tmp_path, {"normal": 30, "chip": 12, "dirt": 20})
+    counts = SplitCounts(train_normal=14, calib_normal=6, calib_per_anomaly=5, train_per_anomaly=2)
+    split = make_split(tmp_path, "normal", seed=3, counts=counts)
+    by = lambda items, cls: sum(c == cls for _, c in items)  # noqa: E731
+    assert len(split.train) == 14 and by(split.train, "normal") == 14
+    assert by(split.train_anomalous, "chip") == 2 and by(split.train_anomalous, "dirt") == 2
+    assert (by(split.calibration, "normal"), by(split.calibration, "chip"), by(split.calibration, "dirt")) == (6, 5, 5)
+    assert (by(split.test, "normal"), by(split.test, "chip"), by(split.test, "dirt")) == (10, 5, 13)
+    every = [p for s in (split.train, split.train_anomalous, split.calibration, split.test) for p, _ in s]
+    assert len(every) == len(set(every)) == 62  # no image in two sets, none lost
+    again = make_split(tmp_path, "normal", seed=3, counts=counts)
+    other = make_split(tmp_path, "normal", seed=4, counts=counts)
+    assert again.to_json() == split.to_json()
+    assert other.train != split.train
+
+
+def test_mvtec_layout_stratified_halves(tmp_path):
+    for i in range(10):
+        _write(tmp_path / "train" / "good" / f"{i:03d}.png", np.zeros((16, 16), np.uint8))
+    for cls, n in {"good": 8, "crack": 6, "hole": 5}.items():
+        for i in range(n):
+            _write(tmp_path / "test" / cls / f"{i:03d}.png", np.zeros((16, 16), np.uint8))
+    split = make_split(tmp_path, "normal", seed=0)
+    assert split.layout == "mvtec" and len(split.train) == 10
+    cal = {c: sum(x == c for _, x in split.calibration) for c in ("normal", "crack", "hole")}
+    test = {c: sum(x == c for _, x in split.test) for c in ("normal", "crack", "hole")}
+    assert cal == {"normal": 4, "crack": 3, "hole": 2} and test == {"normal": 4, "crack": 3, "hole": 3}
+
+
+def test_missing_normal_class_is_a_clear_error(tmp_path):
+    _folders(tmp_path, {"good": 5, "chip": 5})
+    with pytest.raises(ValueError, match="no folder 'normal'.*--normal-class"):
+        make_split(tmp_path, "normal")
+
+
+def test_odd_inputs_load_and_a_corrupt_file_is_skipped(tmp_path, caplog):
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.full((31, 45), 200, np.uint8))
+    rgba = tmp_path / "rgba.png"
+    cv2.imwrite(str(rgba), np.dstack([np.full((50, 37, 3), (10, 20, 30), np.uint8), np.full((50, 37), 128, np.uint8)]))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_images([(str(grey), "normal"), (str(bad), "normal"), (str(rgba), "chip")], (24, 24))
+    assert loaded.tensors.shape == (2, 3, 24, 24)
+    assert loaded.paths == [str(grey), str(rgba)] and loaded.skipped == [str(bad)]
+    assert np.allclose(loaded.tensors[0], 200)
+    assert np.allclose(loaded.tensors[1][:, 5, 5], [30, 20, 10])  # BGR on disk -> RGB
+    assert str(bad) in caplog.text
