@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edge.bundle import FORMAT_VERSION, write_manifest
+from edge.decision import DecisionRule
 from edge.engine import OnnxRuntimeEngine
 from training.backbone import INPUT_MEAN, INPUT_STD
 from training.data import Split, load_images
@@ -41,11 +42,14 @@ def export_graph(model: torch.nn.Module, path: Path, image_size: tuple[int, int]
 
 
 def parity_check(model: torch.nn.Module, onnx_path: Path, tensors: np.ndarray,
-                 threshold: float) -> dict:
-    """Compare torch and ONNX Runtime on real images: relative score error and decisions."""
-    torch_scores, _ = predict(model, tensors, desc="parity: torch")
+                 threshold: float, aggregate: str = "mean") -> dict:
+    """Compare torch and ONNX Runtime on real images: relative score error and decisions,
+    for the image score the runtime will threshold (the calibrated aggregate)."""
+    rule = DecisionRule(threshold, aggregate)
+    torch_scores = rule.scores(*predict(model, tensors, desc="parity: torch"))
     engine = OnnxRuntimeEngine(onnx_path, INPUT_NAME, SCORE_NAME, MAP_NAME)
-    ort_scores = np.concatenate([engine.infer(tensors[i:i + 8])[0] for i in range(0, len(tensors), 8)])
+    ort_scores = np.concatenate([rule.scores(*engine.infer(tensors[i:i + 8]))
+                                 for i in range(0, len(tensors), 8)])
     rel = np.abs(ort_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1e-12)
     flips = int(np.sum((ort_scores >= threshold) != (torch_scores >= threshold)))
     return {"images": int(len(tensors)), "max_rel_score_error": float(rel.max()),
@@ -72,7 +76,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
     calib = load_images(split.calibration, size)
-    parity = parity_check(model, onnx_path, calib.tensors, cal["threshold"])
+    parity = parity_check(model, onnx_path, calib.tensors, cal["threshold"], cal["aggregate"])
     if parity["max_rel_score_error"] > PARITY_RTOL or parity["decision_mismatches"]:
         raise RuntimeError(f"ONNX parity check failed on {parity['images']} calibration images: {parity}; "
                            f"the exported graph is in {onnx_path} for inspection")

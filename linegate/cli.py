@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     weights = None if args.weights == "random" else args.weights
     metrics = train(args.data, args.out, args.normal_class, args.model, args.seed, weights,
-                    args.image_size, args.split)
+                    args.image_size, args.split, aggregate=args.aggregate)
     test, cal = metrics["test"], metrics["calibration"]
     print(f"calibration: threshold {cal['threshold']:.4g} ({cal['method']}), AUROC {cal['auroc']:.4f}")
     print(f"test: AUROC {test['auroc']:.4f}  accuracy {test['accuracy']:.4f}  precision "
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--split", type=_split_counts, default=None,
                    help="TRAIN_NORMAL,CALIB_NORMAL,CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (default 70,30,15,2)")
+    p.add_argument("--aggregate", default="mean",
+                   help="image score from the anomaly map: mean (seed default), max or topk:P")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/bundle")
     p.set_defaults(func=cmd_train)
 

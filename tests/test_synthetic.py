@@ -1,9 +1,6 @@
 """The synthetic part generator: deterministic, varied, with visible localized defects."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -146,19 +143,3 @@ def test_write_dataset(tmp_path):
     assert write_dataset(tmp_path, n_normal=1, n_per_defect=0, size=64)[NORMAL_CLASS] == 1
     assert sorted(p.name for p in (tmp_path / NORMAL_CLASS).iterdir()) == ["normal_0000.png", "notes.txt"]
     assert list((tmp_path / "chip").iterdir()) == []
-
-
-def test_fast_enough_for_a_live_source():
-    gen = PartGenerator(seed=0)
-    gen.make()
-    start = time.perf_counter()
-    for i in range(20):
-        gen.make((NORMAL_CLASS, *DEFECT_CLASSES)[i % 4])
-    # Budget is under 5 ms an image; allow ten times that so a busy CI box does not flake,
-    # which still catches per-pixel Python loops (seconds per image).
-    assert (time.perf_counter() - start) / 20 < 0.05
-
-
-def test_does_not_import_torch():
-    code = "import sys, edge.synthetic; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.images import preprocess, read_image
+from edge.decision import aggregate_maps
 
 from . import calibrate
 from .backbone import load_backbone
@@ -67,20 +67,25 @@ def _stack(outputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 
 def _evaluate(model: PaDiMModel, split: Split, size: tuple[int, int], normal: str,
-              batch_size: int) -> tuple[dict, list[dict], dict]:
-    """Calibrate on the calibration set, evaluate on the test set."""
+              batch_size: int, aggregate: str = "mean") -> tuple[dict, list[dict], dict]:
+    """Calibrate on the calibration set, evaluate on the test set.
+
+    The image score is `aggregate` of the map: the graph's own mean, or the same function
+    the runtime applies to the map (edge.decision.aggregate_maps) for max / topk:P.
+    """
     sets: dict[str, LoadedImages] = {}
     scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, items in (("calibration", split.calibration), ("test", split.test)):
         sets[name] = load_images(items, size)
-        scored[name] = predict(model, sets[name].tensors, batch_size, desc=f"scoring {name}")
+        scores, maps = predict(model, sets[name].tensors, batch_size, desc=f"scoring {name}")
+        scored[name] = (scores if aggregate == "mean" else aggregate_maps(maps, aggregate), maps)
     cal_scores, cal_maps = scored["calibration"]
     cal_anom = np.array([c != normal for c in sets["calibration"].classes])
     threshold = calibrate.youden_threshold(cal_scores, cal_anom)
     norm_min, norm_max = calibrate.normalisation_range(cal_scores)
     display = calibrate.display_range(cal_maps[~cal_anom], cal_maps[cal_anom])
     calibration = {
-        "method": "youden", "aggregate": "mean", "threshold": threshold,
+        "method": "youden", "aggregate": aggregate, "threshold": threshold,
         "normalisation": {"min": norm_min, "max": norm_max}, "display_range": list(display),
         **calibrate.binary_metrics(cal_scores, cal_anom, threshold),
         "per_class": calibrate.per_class_accuracy(cal_scores, sets["calibration"].classes, normal, threshold),
@@ -109,8 +114,9 @@ def _write_results(run_dir: Path, metrics: dict, rows: list[dict]) -> None:
 
 def train(data: str | Path, out: str | Path, normal_class: str = "normal", model: str = "padim",
           seed: int = 0, weights: str | None = "imagenet", image_size: int = 224,
-          counts: SplitCounts | None = None, batch_size: int = 16) -> dict:
+          counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean") -> dict:
     """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json)."""
+    aggregate_maps(np.zeros((1, 1, 1), np.float32), aggregate)  # a bad name fails before any work
     if model not in DETECTORS:
         raise ValueError(f"--model {model!r}: this version trains {', '.join(DETECTORS)}")
     started = time.time()
@@ -127,12 +133,12 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     detector = fit_padim(backbone, torch.from_numpy(train_set.tensors), seed=seed, batch_size=batch_size)
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
             "map_size": list(detector.map_size), "dims": int(detector.channels.numel()),
-            "normal_class": normal_class,
+            "normal_class": normal_class, "aggregate": aggregate,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
     torch.save(detector.state_dict(), run_dir / "model.pt")
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    metrics, rows, _ = _evaluate(detector, split, size, normal_class, batch_size)
+    metrics, rows, _ = _evaluate(detector, split, size, normal_class, batch_size, aggregate)
     metrics["skipped"] = train_set.skipped + metrics["skipped"]
     metrics["split"] = split.to_json()
     metrics["train_seconds"] = round(time.time() - started, 1)
@@ -145,13 +151,8 @@ def evaluate(run_dir: str | Path, batch_size: int = 16) -> dict:
     run_dir = Path(run_dir)
     model, meta = load_run(run_dir)
     split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
-    metrics, rows, _ = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"], batch_size)
+    metrics, rows, _ = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"], batch_size,
+                                 meta.get("aggregate", "mean"))
     metrics["split"] = split.to_json()
     _write_results(run_dir, metrics, rows)
     return metrics
-
-
-def score_files(model: PaDiMModel, paths: list[str], size: tuple[int, int]) -> np.ndarray:
-    """Scores of image files, preprocessed exactly as the runtime does."""
-    tensors = np.stack([preprocess(read_image(p), size) for p in paths])
-    return predict(model, tensors)[0]

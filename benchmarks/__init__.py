@@ -1,0 +1,1 @@
+"""linegate benchmarks: throughput and latency measured side by side in one run."""
