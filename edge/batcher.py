@@ -84,11 +84,22 @@ class FrameQueue:
 
     # -- shutdown and state ---------------------------------------------------------------
 
-    def close(self) -> None:
-        """Stop: wake every waiting thread; later puts are ignored. Waiting frames can still be taken."""
+    def close(self) -> int:
+        """Stop: wake every waiting thread; later puts are ignored. Waiting frames can still
+        be taken. Returns how many were waiting."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            return len(self._items)
+
+    def discard(self) -> list[Frame]:
+        """Take every waiting frame out at once (a shutdown that ran out of time): the caller
+        reports them; they never reach a batch."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return items
 
     @property
     def closed(self) -> bool:

@@ -1,14 +1,20 @@
 """The model bundle: the contract between training/export and the runtime.
 
-A bundle is a directory with `model.onnx` (later also `model.engine`, `model.int8.onnx`) and
-`manifest.json`. Loading validates the manifest's keys and types and each model file's
-sha256, and refuses a mismatch with a message that names the key or file and says what to do.
-The threshold lives here, outside the graph, so it can be changed without re-export.
+A bundle is a directory with `model.onnx` (the FP32 graph), optionally reduced-precision
+variants (`model.fp16.onnx`, `model.int8.onnx`) and TensorRT engines (`model.fp16.engine`,
+...), and `manifest.json`. The manifest's `files` lists what the bundle holds: per file its
+kind (onnx | tensorrt), precision (fp32 | fp16 | int8) and sha256; a variant adds its measured
+deviation from FP32, an engine the facts it was built for (TensorRT version, GPU name and
+compute capability, batch profile). Loading validates the manifest's keys and types and each
+model file's sha256, and refuses a mismatch with a message that names the key or file and
+says what to do. The threshold lives here, outside the graph, so it can be changed without
+re-export. Bundles written before variants existed (only `model.onnx`) load unchanged.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,19 @@ REQUIRED: dict[str, tuple[type, ...]] = {
     "classes.normal": (str,),
     "classes.anomalous": (list,),
     "files": (dict,),
+}
+
+
+KINDS = ("onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+# keys every TensorRT engine entry carries: what it was built for, checked at load time
+ENGINE_FACTS: dict[str, tuple[type, ...]] = {
+    "tensorrt.version": (str,),
+    "tensorrt.gpu": (str,),
+    "tensorrt.compute_capability": (str,),
+    "tensorrt.batch_profile.min": (int,),
+    "tensorrt.batch_profile.opt": (int,),
+    "tensorrt.batch_profile.max": (int,),
 }
 
 
@@ -87,6 +106,54 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
     if len(shape) != 4 or manifest["input"]["layout"] != "NCHW" or shape[1] != 3:
         raise BundleError(f"{where}: 'input.shape' {shape} / layout {manifest['input']['layout']!r} "
                           "not supported: expected NCHW with 3 channels")
+    for name, facts in manifest["files"].items():
+        _validate_file_entry(name, facts, where)
+
+
+def file_kind(name: str, facts: dict) -> str:
+    """The entry's kind; bundles from before kinds were written have only ONNX files."""
+    return facts.get("kind") or ("tensorrt" if name.endswith((".engine", ".plan")) else "onnx")
+
+
+def _validate_file_entry(name: str, facts: Any, where: str) -> None:
+    key = f"files.{name}"
+    if not isinstance(facts, dict):
+        raise BundleError(f"{where}: key '{key}' should be an object with the file's sha256 and facts")
+    kind = file_kind(name, facts)
+    if kind not in KINDS:
+        raise BundleError(f"{where}: key '{key}.kind' is {kind!r}; expected one of {', '.join(KINDS)}")
+    precision = facts.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise BundleError(f"{where}: key '{key}.precision' is {precision!r}; expected one of "
+                          f"{', '.join(PRECISIONS)}")
+    if "deviation" in facts and not isinstance(facts["deviation"], dict):
+        raise BundleError(f"{where}: key '{key}.deviation' should be an object (the measured "
+                          "deviation from FP32)")
+    if kind != "tensorrt":
+        return
+    for dotted, types in ENGINE_FACTS.items():
+        try:
+            value = _get(facts, dotted)
+        except KeyError:
+            raise BundleError(f"{where}: key '{key}.{dotted}' is missing; rebuild the engine with "
+                              f"`linegate export tensorrt BUNDLE --precision {precision}`") from None
+        if not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in types)
+            raise BundleError(f"{where}: key '{key}.{dotted}' should be {names}, got {type(value).__name__}")
+    profile = facts["tensorrt"]["batch_profile"]
+    if not 1 <= profile["min"] <= profile["opt"] <= profile["max"]:
+        raise BundleError(f"{where}: key '{key}.tensorrt.batch_profile' needs 1 <= min <= opt <= max "
+                          f"(got {profile})")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One model file of a bundle, as the manifest lists it."""
+
+    name: str
+    kind: str  # onnx | tensorrt
+    precision: str  # fp32 | fp16 | int8
+    facts: dict
 
 
 @dataclass
@@ -116,6 +183,19 @@ class Bundle:
     def display_range(self) -> tuple[float, float]:
         lo, hi = self.manifest["display_range"]
         return float(lo), float(hi)
+
+    def models(self, kind: str | None = None) -> list[ModelFile]:
+        """What the bundle holds: every model file (of one kind), in manifest order."""
+        out = [ModelFile(name, file_kind(name, facts), facts.get("precision", "fp32"), facts)
+               for name, facts in self.manifest["files"].items()]
+        return [m for m in out if kind is None or m.kind == kind]
+
+    def model(self, kind: str, precision: str) -> ModelFile | None:
+        return next((m for m in self.models(kind) if m.precision == precision), None)
+
+    def describe(self) -> str:
+        """e.g. 'onnx fp32, onnx fp16, tensorrt fp16' for messages and logs."""
+        return ", ".join(f"{m.kind} {m.precision}" for m in self.models()) or "nothing"
 
     def file(self, name: str) -> Path:
         if name not in self.manifest["files"]:
@@ -156,5 +236,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:
         facts["sha256"] = sha256_file(bundle_dir / name)
     validate_manifest(manifest)
     out = bundle_dir / MANIFEST
-    out.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp = out.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, out)  # a reader never sees a half-written manifest
     return out

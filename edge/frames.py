@@ -16,3 +16,6 @@ class Frame:
     label: str | None = None  # ground truth when the source knows it (synthetic parts)
     tensor: np.ndarray | None = None  # preprocessed model input (C x H x W float32)
     enqueue_mono: float = field(default=0.0)  # time.monotonic() when it entered the batch queue
+    # Why this frame cannot be inspected (wrong size or channel count, ROI outside it...):
+    # it still travels through the queue, in order, and gets an `error` decision.
+    error: str | None = None

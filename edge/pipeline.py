@@ -1,20 +1,33 @@
 """The runtime loop: sources -> batcher -> engine -> decision -> overlay -> publisher.
 
 Three kinds of thread overlap the work:
-- one thread per source reads and preprocesses frames (OpenCV releases the GIL);
-- the inference thread batches frames into a preallocated buffer and runs the engine;
-- the calling thread owns the ZeroMQ socket: it decides, draws overlays for the frames
-  that get one, and publishes.
-Stopping (a finite source ending, or stop() from a signal handler) drains what is queued:
-every frame that was read gets its decision published before the sockets close.
+- one thread per source reads, checks, crops (ROI) and preprocesses frames (OpenCV releases
+  the GIL);
+- the inference thread batches frames from every source into a preallocated buffer and runs
+  the engine;
+- the calling thread owns the ZeroMQ socket: it decides, publishes the batch's decisions,
+  then draws and publishes the overlays of the frames that get one, and once a second the
+  `stats` message; it also feeds the service monitor (sd_notify) when there is one.
+
+Nothing read is lost silently: a frame that cannot be inspected, or whose batch the engine
+fails on, gets an `error` decision. Too many failed batches in a row end the run with
+``RunSummary.fatal`` set (the service exits non-zero, systemd restarts it).
+
+Stopping (a finite source ending, or stop() from a signal handler): the sources stop at
+once, every frame already queued is batched and published, the batch in flight finishes,
+then the socket closes with a bounded linger. ``stop_timeout_s`` bounds it all: past most of
+it, frames still waiting for a batch are discarded (counted, logged), and past nearly all of
+it the run gives up on an engine call that does not return (``RunSummary.timed_out``).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +40,7 @@ from .images import preprocess
 from .overlay import OverlayPolicy, encode_jpeg, render_overlay
 from .publisher import Publisher
 from .sources import Source, SourceThread
+from .stats import StageLatencies
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -37,29 +51,39 @@ class RunOptions:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     overlay_accepts_every: int = 0  # overlays for every reject; for accepts every Nth (0 = never)
+    jpeg_quality: int = 85
     wait_subscribers: int = 0  # hold the sources until this many subscriptions arrived
     wait_timeout_s: float = 10.0
     linger_ms: int = 1000  # at the end, how long queued messages may take to leave
     queue_capacity: int = 64
     stats_interval_s: float = 1.0
+    stop_timeout_s: float = 10.0  # from stop() to run() returning, linger included
+    max_engine_failures: int = 5  # failed batches in a row that end the run (0 = never)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {self.max_batch})")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0 (got {self.max_wait_ms})")
+        if not self.stop_timeout_s > 0:
+            raise ValueError(f"stop_timeout_s must be > 0 (got {self.stop_timeout_s})")
 
 
 @dataclass
 class RunSummary:
-    frames: int = 0
+    frames: int = 0  # decisions published (error decisions included)
     rejects: int = 0
     errors: int = 0
     labelled: int = 0  # frames whose source knew the truth (synthetic parts)
     correct: int = 0
     seconds: float = 0.0
-    dropped: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # "latest" policy, per camera
     source_errors: dict[str, int] = field(default_factory=dict)
+    bad_frames: dict[str, int] = field(default_factory=dict)
+    discarded: int = 0  # frames still waiting for a batch when the stop timeout ran out
+    fatal: str | None = None  # why the run ended on its own (repeated engine failure)
+    timed_out: bool = False  # the stop timeout ran out before the batch in flight finished
 
     @property
     def fps(self) -> float:
@@ -70,9 +94,32 @@ class RunSummary:
         return self.correct / self.labelled if self.labelled else None
 
 
+class Monitor(Protocol):
+    """What a service wrapper (edge.service) hooks into; called from the publishing thread."""
+
+    def tick(self, pipeline: "Pipeline", now: float) -> None:
+        """Called at least every 0.2 s while running."""
+
+    def stats(self, message: dict[str, Any]) -> None:
+        """Called with each stats message after it was published."""
+
+    def stopping(self) -> None:
+        """Called once when the pipeline starts to stop."""
+
+
+@dataclass
+class _Result:
+    frames: list[Frame]
+    scores: np.ndarray | None
+    maps: np.ndarray | None
+    errors: list[str | None] | None  # per frame: why it gets an `error` decision (None: judged)
+    batch_id: int
+
+
 class Pipeline:
     def __init__(self, bundle: Bundle, engine: Engine, rule: DecisionRule, sources: list[Source],
-                 publisher: Publisher, options: RunOptions | None = None):
+                 publisher: Publisher, options: RunOptions | None = None,
+                 monitor: Monitor | None = None):
         if not sources:
             raise ValueError("no sources: give at least one --source")
         ids = [s.camera_id for s in sources]
@@ -81,15 +128,40 @@ class Pipeline:
         self.bundle, self.engine, self.rule = bundle, engine, rule
         self.sources, self.publisher = sources, publisher
         self.options = options or RunOptions()
+        self.monitor = monitor
         self.overlays = OverlayPolicy(self.options.overlay_accepts_every)
         self.normal_class = bundle.manifest["classes"]["normal"]
+        self.latency = StageLatencies()
+        self.fatal: str | None = None
+        self.stop_reason: str | None = None
+        self.last_decision_mono: float | None = None  # a decision was handed to ZeroMQ then
+        self.last_fps = 0.0  # over the last stats interval
         self._stop = threading.Event()
         self._queue = FrameQueue(self.options.queue_capacity)
         self._results: queue.Queue = queue.Queue(maxsize=4)  # bounded: backpressure on inference
+        self._engine_failures = 0  # batches in a row
+        self._batch_ids = itertools.count()
+        ids = [s.camera_id for s in sources]
+        self._decisions = dict.fromkeys(ids, 0)  # per camera, whole run
+        self._interval = dict.fromkeys(ids, 0)  # per camera, since the last stats message
 
-    def stop(self) -> None:
-        """Ask for a clean stop (safe from a signal handler): sources stop, queued frames finish."""
+    # -- control ------------------------------------------------------------------------------
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask for a clean stop (safe from a signal handler: it only sets an event)."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def first_frame_seen(self) -> bool:
+        """True once any source delivered a frame (a source is open)."""
+        return any(s.counters["frames"] for s in self.sources)
+
+    # -- inference thread -----------------------------------------------------------------------
 
     def _infer_loop(self) -> None:
         batcher = Batcher(self._queue, self.options.max_batch, self.options.max_wait_ms)
@@ -102,71 +174,173 @@ class Pipeline:
                     break
                 if not batch:
                     continue
-                n = len(batch)
-                for i, frame in enumerate(batch):
-                    buffer[i] = frame.tensor
-                    frame.tensor = None  # the buffer holds it now; free the frame's copy
-                try:
-                    scores, maps = self.engine.infer(buffer[:n])
-                    self._results.put((batch, scores, maps, None))
-                except Exception as exc:  # noqa: BLE001 - the frames get an error decision
-                    ids = [f"{f.camera_id}#{f.frame_id}" for f in batch]
-                    log.error("engine failed on frames %s: %s", ", ".join(ids), exc)
-                    self._results.put((batch, None, None, exc))
+                now = time.time()
+                self.latency.add("capture_to_batch",
+                                 now - np.fromiter((f.capture_ts for f in batch), np.float64, len(batch)))
+                batch_id = next(self._batch_ids)
+                # Frames that cannot be inspected stay in the batch, in order, but skip the engine.
+                good = batch if all(f.error is None for f in batch) else [f for f in batch if f.error is None]
+                scores = maps = failure = None
+                if good:
+                    scores, maps, failure = self._run_engine(good, buffer, batch_id)
+                errors = None
+                if failure is not None or len(good) != len(batch):
+                    errors = [f.error or failure for f in batch]
+                self._results.put(_Result(batch, scores, maps, errors, batch_id))
         finally:
             self._results.put(_END)
 
-    def _publish(self, frame: Frame, decision: Decision, anomaly_map: np.ndarray | None) -> None:
-        header = {
-            "camera_id": frame.camera_id, "frame_id": frame.frame_id, "capture_ts": frame.capture_ts,
-            "score": decision.score, "score_norm": decision.score_norm, "threshold": decision.threshold,
-            "decision": decision.decision, "aggregate": self.rule.aggregate,
-            "source": frame.source_name, "label": frame.label,
+    def _run_engine(self, batch: list[Frame], buffer: np.ndarray,
+                    batch_id: int) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+        """(scores, maps, None), or (None, None, reason) when the engine failed on the batch."""
+        n = len(batch)
+        for i, frame in enumerate(batch):
+            buffer[i] = frame.tensor
+            frame.tensor = None  # the buffer holds it now; free the frame's copy
+        started = time.perf_counter()
+        try:
+            scores, maps = self.engine.infer(buffer[:n])
+            if len(scores) != n or len(maps) != n:
+                raise RuntimeError(f"engine returned {len(scores)} scores and {len(maps)} maps "
+                                   f"for {n} frames")
+        except Exception as exc:  # noqa: BLE001 - the frames get an error decision
+            self.latency.add("inference", time.perf_counter() - started)
+            self._engine_failures += 1
+            ids = ", ".join(f"{f.camera_id}#{f.frame_id}" for f in batch)
+            log.error("engine failed on batch %d (frames %s): %s; they get an error decision",
+                      batch_id, ids, exc)
+            limit = self.options.max_engine_failures
+            if limit and self._engine_failures >= limit and self.fatal is None:
+                self.fatal = f"engine failed on {self._engine_failures} batches in a row (last: {exc})"
+                log.critical("%s; stopping so that the service manager restarts linegate", self.fatal)
+                self.stop(self.fatal)
+            return None, None, f"engine failed: {exc}"
+        self.latency.add("inference", time.perf_counter() - started)
+        if self._engine_failures:
+            log.info("engine works again after %d failed batch(es)", self._engine_failures)
+            self._engine_failures = 0
+        return scores, maps, None
+
+    # -- publishing thread ------------------------------------------------------------------------
+
+    def _handle(self, result: _Result, summary: RunSummary) -> None:
+        frames, n = result.frames, len(result.frames)
+        started = time.perf_counter()
+        decisions = self.rule.decide(result.scores, result.maps) if result.scores is not None else []
+        maps: Any = result.maps
+        errors: Any = itertools.repeat(None)
+        if result.errors is not None:  # rare: merge the engine's decisions with error decisions
+            nan = float("nan")
+            judged, judged_maps = iter(decisions), iter(maps if maps is not None else ())
+            decisions, maps, errors = [], [], result.errors
+            for error in errors:
+                if error is None:
+                    decisions.append(next(judged))
+                    maps.append(next(judged_maps))
+                else:
+                    decisions.append(Decision(nan, nan, self.rule.threshold, ERROR))
+                    maps.append(None)
+        decided = time.perf_counter()
+        publish = self.publisher.publish
+        headers, e2e, sent = [], np.empty(n, np.float64), False
+        # Decisions first, for the whole batch: they are what the line waits for.
+        for i, (frame, decision, error) in enumerate(zip(frames, decisions, errors)):
+            header = {
+                "camera_id": frame.camera_id, "frame_id": frame.frame_id, "capture_ts": frame.capture_ts,
+                "score": decision.score, "score_norm": decision.score_norm, "threshold": decision.threshold,
+                "decision": decision.decision, "aggregate": self.rule.aggregate,
+                "source": frame.source_name, "label": frame.label, "batch": result.batch_id,
+            }
+            if error is not None:
+                header["error"] = error
+            sent |= publish("decision", header)
+            e2e[i] = time.time() - frame.capture_ts
+            headers.append(header)
+            self._count(frame, decision, summary)
+        published = time.perf_counter()
+        post, pub = decided - started, published - decided
+        for frame, decision, amap, header in zip(frames, decisions, maps, headers):
+            if amap is not None and self.overlays.wants(decision):
+                t0 = time.perf_counter()
+                image = render_overlay(frame.image, amap, self.bundle.display_range, decision)
+                jpeg = encode_jpeg(image, self.options.jpeg_quality)
+                t1 = time.perf_counter()
+                publish("overlay", {**header, "encoding": "jpeg", "width": image.shape[1],
+                                    "height": image.shape[0]}, jpeg)
+                post, pub = post + t1 - t0, pub + time.perf_counter() - t1
+        self.latency.add("postprocess", post)
+        self.latency.add("publish", pub)
+        self.latency.add("end_to_end", e2e)
+        summary.batches += 1
+        if sent:
+            self.last_decision_mono = time.monotonic()
+
+    def _count(self, frame: Frame, decision: Decision, summary: RunSummary) -> None:
+        self._decisions[frame.camera_id] += 1
+        self._interval[frame.camera_id] += 1
+        summary.frames += 1
+        summary.rejects += decision.decision == "reject"
+        summary.errors += decision.decision == ERROR
+        if frame.label is not None and decision.decision != ERROR:
+            summary.labelled += 1
+            summary.correct += (frame.label == self.normal_class) == (decision.decision == ACCEPT)
+
+    def _stats_message(self, summary: RunSummary, now: float, interval_s: float) -> dict[str, Any]:
+        interval_s = max(interval_s, 1e-9)
+        cameras = {}
+        for s in self.sources:
+            cid = s.camera_id
+            cameras[cid] = {**s.status(), "fps": round(self._interval[cid] / interval_s, 2),
+                            "decisions": self._decisions[cid], "dropped": self._queue.dropped.get(cid, 0)}
+        interval_frames = sum(self._interval.values())
+        self._interval = dict.fromkeys(self._interval, 0)
+        self.last_fps = interval_frames / interval_s
+        return {
+            "state": "stopping" if self.stopping else "running",
+            "uptime_s": round(now - self._started, 3), "interval_s": round(interval_s, 3),
+            "fps": round(self.last_fps, 2), "frames": summary.frames, "rejects": summary.rejects,
+            "errors": summary.errors, "batches": summary.batches,
+            "cameras": cameras,
+            "queue_depth": {"frames": len(self._queue), "results": self._results.qsize()},
+            "latency_ms": self.latency.take(),
+            "engine_failures_in_a_row": self._engine_failures,
+            "publisher": {"sent": dict(self.publisher.sent), "dropped": dict(self.publisher.dropped),
+                          "subscriptions": self.publisher.subscriptions},
         }
-        self.publisher.publish("decision", header)
-        if anomaly_map is not None and self.overlays.wants(decision):
-            image = render_overlay(frame.image, anomaly_map, self.bundle.display_range, decision)
-            self.publisher.publish("overlay", {**header, "encoding": "jpeg", "width": image.shape[1],
-                                               "height": image.shape[0]}, encode_jpeg(image))
 
-    def _handle(self, item: tuple, summary: RunSummary) -> None:
-        batch, scores, maps, error = item
-        if error is not None:
-            decisions = [Decision(float("nan"), float("nan"), self.rule.threshold, ERROR)] * len(batch)
-            maps = [None] * len(batch)
-        else:
-            decisions = self.rule.decide(scores, maps)
-        for frame, decision, amap in zip(batch, decisions, maps):
-            self._publish(frame, decision, amap)
-            summary.frames += 1
-            summary.rejects += decision.decision == "reject"
-            summary.errors += decision.decision == ERROR
-            if frame.label is not None and decision.decision != ERROR:
-                summary.labelled += 1
-                summary.correct += (frame.label == self.normal_class) == (decision.decision == ACCEPT)
+    def _publish_stats(self, summary: RunSummary, now: float, interval_s: float) -> None:
+        message = self._stats_message(summary, now, interval_s)
+        self.publisher.publish("stats", message)
+        if self.monitor is not None:
+            self.monitor.stats(message)
 
-    def _publish_stats(self, summary: RunSummary, started: float) -> None:
-        self.publisher.publish("stats", {
-            "frames": summary.frames, "fps": summary.frames / max(time.monotonic() - started, 1e-9),
-            "rejects": summary.rejects, "errors": summary.errors,
-            "dropped": dict(self._queue.dropped), "queue_depth": len(self._queue),
-            "publisher_dropped": dict(self.publisher.dropped),
-        })
+    def _begin_stop(self) -> None:
+        waiting = self._queue.close()  # later frames are ignored; the waiting ones still get batched
+        log.info("stopping (%s): sources closed, %d queued frame(s) still get their decisions",
+                 self.stop_reason or "sources ended", waiting)
+        if self.monitor is not None:
+            self.monitor.stopping()
 
     def run(self) -> RunSummary:
         opts = self.options
+        summary = RunSummary()
+        self._started = time.monotonic()
         if opts.wait_subscribers:
-            seen = self.publisher.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s)
-            if seen < opts.wait_subscribers:
+            seen = self.publisher.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s, self._stop)
+            if seen < opts.wait_subscribers and not self.stopping:
                 log.warning("only %d of %d subscriptions after %.0f s; starting anyway",
                             seen, opts.wait_subscribers, opts.wait_timeout_s)
         size = self.bundle.input_size
         threads = [SourceThread(s, self._queue, lambda img: preprocess(img, size), stop=self._stop)
                    for s in self.sources]
         inference = threading.Thread(target=self._infer_loop, name="inference", daemon=True)
-        summary = RunSummary()
-        started = time.monotonic()
-        next_stats = started + opts.stats_interval_s
+        started = last_stats = time.monotonic()
+        # The stop budget: linger at the end, a little for the process to exit, the rest drains.
+        linger_s = min(opts.linger_ms / 1000.0, opts.stop_timeout_s / 4)
+        give_up_s = max(0.1, opts.stop_timeout_s - linger_s - 0.5)
+        discard_s = 0.7 * give_up_s
+        stop_at: float | None = None
+        discarded = False
         for t in threads:
             t.start()
         inference.start()
@@ -180,15 +354,40 @@ class Pipeline:
                 break
             if item is not None:
                 self._handle(item, summary)
-            if time.monotonic() >= next_stats:
-                self._publish_stats(summary, started)
-                next_stats += opts.stats_interval_s
-        summary.seconds = time.monotonic() - started
-        inference.join()
-        for t in threads:
-            t.join(timeout=5)
+            now = time.monotonic()
+            if stop_at is None and (self._stop.is_set() or self._queue.ended()):
+                stop_at = now
+                self._begin_stop()
+            if stop_at is not None and self._stop.is_set():
+                if not discarded and now >= stop_at + discard_s:
+                    discarded = True
+                    left = self._queue.discard()
+                    summary.discarded = len(left)
+                    if left:
+                        log.warning("stop timeout: %d frame(s) still waiting for a batch are discarded "
+                                    "(%s)", len(left), ", ".join(f"{f.camera_id}#{f.frame_id}" for f in left))
+                if now >= stop_at + give_up_s:
+                    summary.timed_out = True
+                    log.error("stop timeout: the engine did not finish the batch in flight within "
+                              "%.1f s; exiting without its decisions", give_up_s)
+                    break
+            if now - last_stats >= opts.stats_interval_s:
+                self._publish_stats(summary, now, now - last_stats)
+                last_stats = now
+            if self.monitor is not None:
+                self.monitor.tick(self, now)
+        if stop_at is None:  # the stream ended before the loop saw the stop request
+            self._begin_stop()
+        end = time.monotonic()
+        summary.seconds = end - started
+        inference.join(timeout=0 if summary.timed_out else 5)
+        joined_by = time.monotonic() + 1.0
+        for t in threads:  # a source blocked in a camera read is a daemon thread: don't wait long
+            t.join(timeout=max(0.0, joined_by - time.monotonic()))
         summary.dropped = dict(self._queue.dropped)
         summary.source_errors = {s.camera_id: s.counters.get("errors", 0) for s in self.sources}
-        self._publish_stats(summary, started)
-        self.publisher.close(linger_ms=opts.linger_ms)
+        summary.bad_frames = {s.camera_id: s.counters.get("bad_frames", 0) for s in self.sources}
+        summary.fatal = self.fatal
+        self._publish_stats(summary, end, end - last_stats)
+        self.publisher.close(linger_ms=int(linger_s * 1000))
         return summary

@@ -10,14 +10,20 @@ Wire format, one multipart message per event: ``[topic, header, payload?]``
 
 ``seq`` is assigned before the send attempt, so every message the publisher gives up on
 leaves a gap that subscribers can count (see edge.subscriber.Subscriber.gaps).
+
+With ``curve`` (edge.auth.CurveServer) the socket is a CURVE server on a context of its
+own, with pyzmq's ZAP authenticator admitting only the allow-listed subscriber keys.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import msgpack
 import zmq
+
+from .auth import CurveServer
 
 SCHEMA_VERSION = 1
 TOPICS = ("decision", "overlay", "stats")
@@ -44,8 +50,9 @@ class Publisher:
     thread that owns it from then on).
 
     Slow subscribers: by default ZeroMQ drops messages per subscriber whose queue is full
-    (the SNDHWM is per connection), silently for the publisher; that subscriber alone
-    loses them and sees the loss as seq gaps, the others are unaffected. With
+    (the SNDHWM is per connection), silently for the publisher (libzmq reports no per-peer
+    drop count); that subscriber alone loses them and counts the loss as seq gaps
+    (Subscriber.gaps, reported by ``linegate watch``), the others are unaffected. With
     ``nodrop=True`` (XPUB_NODROP) a full queue makes ZeroMQ refuse the message instead:
     publish() returns False and counts it in ``dropped``, but then the message is lost
     for *every* subscriber of that topic, so one stalled client costs the healthy ones
@@ -54,20 +61,31 @@ class Publisher:
 
     def __init__(self, endpoint: str, model_id: str = "", sndhwm: int = 1000,
                  linger_ms: int = 1000, context: zmq.Context | None = None,
-                 nodrop: bool = False) -> None:
+                 nodrop: bool = False, curve: CurveServer | None = None) -> None:
         self.model_id = model_id
-        self._context = context or zmq.Context.instance()
+        # CURVE gets a context of its own: one ZAP authenticator per context, and it must not
+        # judge the connections of other sockets in this process.
+        self._own_context = curve is not None and context is None
+        self._context = zmq.Context() if self._own_context else (context or zmq.Context.instance())
+        self._auth = None
         sock = self._context.socket(zmq.XPUB)
         # Options that shape the connections must be set before bind().
-        sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscribe, not only new topics
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # report every (un)subscribe, not only the first/last
         sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
         if nodrop:
             sock.setsockopt(zmq.XPUB_NODROP, 1)
         try:
+            if curve is not None:
+                self._auth = curve.start(self._context, sock)
             sock.bind(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ValueError) as exc:
             sock.close(linger=0)
+            self._stop_auth()
+            if self._own_context:
+                self._context.term()
+            if not isinstance(exc, zmq.ZMQError):
+                raise
             if exc.errno == zmq.EADDRINUSE:
                 hint = "another process (perhaps another linegate) uses it; stop it or pick another port"
             else:
@@ -79,6 +97,8 @@ class Publisher:
         self.sent: dict[str, int] = dict.fromkeys(TOPICS, 0)
         self.dropped: dict[str, int] = dict.fromkeys(TOPICS, 0)
         self.subscribe_events = 0  # subscribe messages seen so far (one per SUB and topic)
+        self.subscriptions = 0  # subscriptions open now (subscribes minus unsubscribes)
+        self.curve = curve is not None
         self._seq: dict[str, int] = dict.fromkeys(TOPICS, 0)
 
     def _read_subscriptions(self) -> None:
@@ -91,9 +111,13 @@ class Publisher:
             event = sock.recv(zmq.NOBLOCK)
             if event[:1] == b"\x01":  # first byte 1 = subscribe, 0 = unsubscribe
                 self.subscribe_events += 1
+                self.subscriptions += 1
+            elif event[:1] == b"\x00":  # also sent for a subscriber that went away
+                self.subscriptions = max(0, self.subscriptions - 1)
 
-    def wait_for_subscribers(self, n: int, timeout_s: float) -> int:
-        """Wait until ``n`` subscribe events were seen in total, or ``timeout_s`` passed.
+    def wait_for_subscribers(self, n: int, timeout_s: float, stop: threading.Event | None = None) -> int:
+        """Wait until ``n`` subscribe events were seen in total, ``timeout_s`` passed or
+        ``stop`` was set.
 
         A SUB sends one subscribe per topic, so a subscriber to "decision" and "overlay"
         counts twice. Events drained by publish() count too. Returns the total seen.
@@ -103,9 +127,9 @@ class Publisher:
         while True:
             self._read_subscriptions()
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if self.subscribe_events >= n or remaining_ms <= 0:
+            if self.subscribe_events >= n or remaining_ms <= 0 or (stop is not None and stop.is_set()):
                 return self.subscribe_events
-            sock.poll(remaining_ms, zmq.POLLIN)
+            sock.poll(min(remaining_ms, 200), zmq.POLLIN)  # wake up to notice stop
 
     def publish(self, topic: str, header: dict[str, Any], payload: bytes | None = None) -> bool:
         """Send one message; True if ZeroMQ took it, False if it was dropped. Never blocks.
@@ -140,11 +164,21 @@ class Publisher:
             raise RuntimeError("publisher is closed")
         return self._sock
 
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
     def close(self, linger_ms: int | None = None) -> None:
         """Close the socket; queued messages get ``linger_ms`` (default: the constructor's) to go out."""
         if self._sock is not None:
             self._sock.close(linger=linger_ms)
             self._sock = None
+            # The authenticator only answers handshakes; connected subscribers keep receiving
+            # the lingering messages without it. term() waits for the linger to run out.
+            self._stop_auth()
+            if self._own_context:
+                self._context.term()
 
     def __enter__(self) -> Publisher:
         return self

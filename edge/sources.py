@@ -1,7 +1,10 @@
 """Frame sources (folders, video files, cameras and streams, synthetic parts) and their threads.
 
-A Source iterates frames; a SourceThread drives one source, preprocesses each frame in its
-own thread (so preprocessing overlaps with inference) and puts it into the FrameQueue.
+A Source iterates frames; a SourceThread drives one source, checks and crops each frame (the
+optional region of interest), preprocesses it in its own thread (so preprocessing overlaps
+with inference) and puts it into the FrameQueue. A frame that cannot be inspected (wrong
+size or channel count, ROI outside it) is not dropped: it goes on, in order, marked with
+``Frame.error``, and gets an `error` decision.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-from edge.batcher import FrameQueue
+from edge.batcher import POLICIES, FrameQueue
 from edge.frames import Frame
 from edge.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, to_rgb
 
@@ -24,22 +27,38 @@ log = logging.getLogger(__name__)
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://", "srt://")
 SOURCE_FORMS = ("folder:PATH", "video:PATH", "camera:INDEX", "camera:/dev/videoN",
                 "camera:ANY_STRING_OPENCV_OPENS", "rtsp://... / http://... (or another stream URL)",
+                "gst:GSTREAMER_PIPELINE (ending in appsink; needs OpenCV built with GStreamer)",
                 "synthetic", "synthetic:count=200,fps=30,defect_rate=0.3,seed=1,size=224")
+CAMERA_OPTIONS = ("backoff_s", "backoff_max_s", "io_timeout_s")
 
 
 class Source(ABC):
-    """One camera or feed. frames() yields stamped Frames; a SourceThread drives it."""
+    """One camera or feed. frames() yields stamped Frames; a SourceThread drives it.
+
+    Settings a SourceThread applies (the config sets them; None = none / the default):
+    ``policy`` ("latest" or "queue"), ``roi`` ((x, y, w, h) crop in pixels) and
+    ``expect_size`` ((w, h): frames of another size get an error decision).
+    """
 
     finite: bool = True
 
     def __init__(self, camera_id: str) -> None:
         self.camera_id = camera_id
-        self.counters: dict[str, int] = {"frames": 0, "errors": 0, "reconnects": 0}
+        self.counters: dict[str, int] = {"frames": 0, "errors": 0, "reconnects": 0, "bad_frames": 0}
+        self.policy: str | None = None
+        self.roi: tuple[int, int, int, int] | None = None
+        self.expect_size: tuple[int, int] | None = None
+        # starting -> running -> ended for files; cameras: connected / lost / down (retrying)
+        self.state = "starting"
 
     @property
     def default_policy(self) -> str:
         # Files must not lose frames; live feeds must not fall behind real time.
         return "queue" if self.finite else "latest"
+
+    def status(self) -> dict:
+        """Counters and state for the stats topic (read from another thread: plain values)."""
+        return {"state": self.state, **self.counters}
 
     def _stamp(self, image: np.ndarray, source_name: str | None = None, label: str | None = None) -> Frame:
         """A Frame with the next contiguous frame_id and the capture time."""
@@ -47,6 +66,16 @@ class Source(ABC):
                       source_name=source_name, label=label)
         self.counters["frames"] += 1
         return frame
+
+    def _stamp_raw(self, raw: np.ndarray, what: str, source_name: str | None = None) -> Frame:
+        """A Frame from a decoded capture (BGR, grey, BGRA...); one that cannot be made RGB
+        is still stamped, marked with the reason, so it gets an error decision."""
+        try:
+            return self._stamp(to_rgb(raw, what), source_name=source_name)
+        except ImageReadError as exc:
+            frame = self._stamp(raw, source_name=source_name)
+            frame.error = str(exc)
+            return frame
 
     @abstractmethod
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
@@ -64,6 +93,7 @@ class FolderSource(Source):
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         files = list_images(self.path)
+        self.state = "running"
         if not files:
             log.warning("%s: no image files in %s (looked for %s)", self.camera_id, self.path,
                         ", ".join(IMAGE_SUFFIXES))
@@ -78,15 +108,17 @@ class FolderSource(Source):
                 log.warning("%s: skipped %s: %s", self.camera_id, file.name, exc)
                 continue
             yield self._stamp(image, source_name=file.name)
+        self.state = "ended"
 
 
 def _read_frames(cap: cv2.VideoCapture, stop: threading.Event) -> Iterator[np.ndarray]:
-    """Decoded RGB frames from an open capture until it stops delivering or stop is set."""
+    """Decoded frames (as OpenCV delivers them) from an open capture until it stops
+    delivering or stop is set."""
     while not stop.is_set():
         ok, image = cap.read()
         if not ok or image is None:
             return
-        yield to_rgb(image, "video frame")
+        yield image
 
 
 class VideoSource(Source):
@@ -106,30 +138,58 @@ class VideoSource(Source):
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         cap = self._open()
+        self.state = "running"
         try:
-            for image in _read_frames(cap, stop):
-                yield self._stamp(image, source_name=self.path.name)
+            for raw in _read_frames(cap, stop):
+                yield self._stamp_raw(raw, f"{self.path.name} frame {self.counters['frames']}",
+                                      source_name=self.path.name)
         finally:
             cap.release()
+            self.state = "ended"
 
 
 class CameraSource(Source):
-    """A live camera or stream. Reconnects with exponential backoff; never raises out of frames()."""
+    """A live camera or stream. Reconnects with capped exponential backoff; never raises out
+    of frames().
+
+    ``target``: a device index, a device path, a stream URL, or (with ``gstreamer=True``) a
+    GStreamer pipeline ending in appsink. ``state`` is "connected" while frames arrive, "lost"
+    just after they stopped, "down" while reopening fails; ``outage_s`` adds up the time
+    spent not connected since the first connection (the start-up is not an outage).
+    """
 
     finite = False
 
     def __init__(self, target: int | str, camera_id: str = "cam0", backoff_s: float = 0.5,
-                 backoff_max_s: float = 10.0, io_timeout_s: float = 5.0) -> None:
+                 backoff_max_s: float | None = None, io_timeout_s: float = 5.0, gstreamer: bool = False) -> None:
         super().__init__(camera_id)
+        if backoff_max_s is None:
+            backoff_max_s = max(10.0, backoff_s)
+        if not backoff_s > 0 or backoff_max_s < backoff_s or not io_timeout_s > 0:
+            raise ValueError(f"{camera_id}: need 0 < backoff_s <= backoff_max_s and io_timeout_s > 0 "
+                             f"(got {backoff_s}, {backoff_max_s}, {io_timeout_s})")
         self.target = target
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.io_timeout_s = io_timeout_s  # bounds a blocked open/read on streams, so stop is honoured
+        self.gstreamer = gstreamer
         self.counters.update(lost=0)
+        self._outage_s = 0.0
+        self._down_since: float | None = None  # monotonic; set when a connected feed is lost
+
+    @property
+    def outage_s(self) -> float:
+        since = self._down_since
+        return self._outage_s + (time.monotonic() - since if since is not None else 0.0)
+
+    def status(self) -> dict:
+        return {**super().status(), "outage_s": round(self.outage_s, 3)}
 
     def _open(self) -> cv2.VideoCapture | None:
         try:
-            if isinstance(self.target, str) and self.target.startswith(URL_SCHEMES):
+            if self.gstreamer:
+                cap = cv2.VideoCapture(str(self.target), cv2.CAP_GSTREAMER)
+            elif isinstance(self.target, str) and self.target.startswith(URL_SCHEMES):
                 ms = int(self.io_timeout_s * 1000)
                 cap = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG,
                                        [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
@@ -143,10 +203,18 @@ class CameraSource(Source):
         cap.release()
         return None
 
+    def _connected(self, attempts: int) -> None:
+        log.info("%s: connected to %s%s", self.camera_id, self.target,
+                 f" after {attempts - 1} retries" if attempts > 1 else "")
+        if self._down_since is not None:
+            self._outage_s += time.monotonic() - self._down_since
+            self._down_since = None
+        self.state = "connected"
+
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         delay = self.backoff_s
-        state = "starting"  # -> connected -> lost -> down (retrying) -> connected ...
         attempts = 0
+        what = f"{self.camera_id} frame"
         while not stop.is_set():
             if attempts:
                 self.counters["reconnects"] += 1
@@ -154,14 +222,13 @@ class CameraSource(Source):
             cap, got = self._open(), 0
             try:
                 if cap is not None:
-                    for image in _read_frames(cap, stop):
+                    for raw in _read_frames(cap, stop):
                         if got == 0:  # connected means frames arrive, not merely that open() worked
-                            log.info("%s: connected to %s%s", self.camera_id, self.target,
-                                     f" after {attempts - 1} retries" if attempts > 1 else "")
-                            state, delay, attempts = "connected", self.backoff_s, 1
+                            self._connected(attempts)
+                            delay, attempts = self.backoff_s, 1
                         got += 1
-                        yield self._stamp(image)
-            except (cv2.error, ImageReadError) as exc:
+                        yield self._stamp_raw(raw, what)
+            except cv2.error as exc:
                 log.debug("%s: reading %s raised %s", self.camera_id, self.target, exc)
             finally:
                 if cap is not None:
@@ -171,19 +238,20 @@ class CameraSource(Source):
             # One log line per state change; repeated failed attempts only at DEBUG.
             if got:
                 self.counters["lost"] += 1
-                state = "lost"
+                self.state = "lost"
+                self._down_since = time.monotonic()
                 log.warning("%s: lost %s after %d frames; reconnecting in %.2g s",
                             self.camera_id, self.target, got, delay)
             else:
                 self.counters["errors"] += 1
-                if state != "down":
+                if self.state != "down":
                     log.warning("%s: cannot open %s or it sends no frames; retrying in %.2g s "
                                 "(backoff doubling up to %.2g s)", self.camera_id, self.target, delay,
                                 self.backoff_max_s)
                 else:
                     log.debug("%s: still no frames from %s; retrying in %.2g s", self.camera_id,
                               self.target, delay)
-                state = "down"
+                self.state = "down"
             stop.wait(delay)  # returns at once when stop is set
             if not got:
                 delay = min(delay * 2, self.backoff_max_s)
@@ -204,6 +272,7 @@ class SyntheticSource(Source):
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         produced = 0
         next_t = time.monotonic()
+        self.state = "running"
         while not stop.is_set() and (self.count is None or produced < self.count):
             if self.fps:
                 # Pace against a schedule, not a fixed sleep, so slow renders don't lower the rate.
@@ -213,6 +282,8 @@ class SyntheticSource(Source):
             image, label = self.generator.sample(self.defect_rate)
             produced += 1
             yield self._stamp(image, label=label)
+        if self.count is not None and produced >= self.count:
+            self.state = "ended"
 
 
 _SYNTHETIC_KEYS = {"count": int, "fps": float, "defect_rate": float, "seed": int, "size": int}
@@ -236,34 +307,90 @@ def _synthetic_options(text: str) -> dict:
     return options
 
 
-def parse_source(spec: str, camera_id: str | None = None) -> Source:
-    """A Source from its command-line form; ValueError listing the accepted forms otherwise."""
+def has_gstreamer() -> bool:
+    """Whether this OpenCV build can open GStreamer pipelines."""
+    try:
+        return bool(cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER))
+    except (AttributeError, cv2.error):
+        return False
+
+
+def parse_source(spec: str, camera_id: str | None = None, **camera_options: float) -> Source:
+    """A Source from its command-line form; ValueError listing the accepted forms otherwise.
+
+    ``camera_options`` (backoff_s, backoff_max_s, io_timeout_s) apply to cameras and streams
+    only; giving them for another kind of source is an error, not silently ignored.
+    """
     camera_id = camera_id or "cam0"
+    unknown = set(camera_options) - set(CAMERA_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown camera option(s) {sorted(unknown)}; known: {', '.join(CAMERA_OPTIONS)}")
     scheme, sep, rest = spec.partition(":")
     if spec.startswith(URL_SCHEMES):
-        return CameraSource(spec, camera_id)
+        return CameraSource(spec, camera_id, **camera_options)
+    if sep and rest and scheme == "camera":
+        return CameraSource(int(rest) if rest.isdigit() else rest, camera_id, **camera_options)
+    if sep and rest and scheme == "gst":
+        if not has_gstreamer():
+            raise ValueError(f"source {spec!r}: this OpenCV has no GStreamer backend (see "
+                             "cv2.getBuildInformation()); install an OpenCV built with GStreamer, "
+                             "or use the stream's rtsp:// or http:// URL (FFmpeg backend)")
+        return CameraSource(rest, camera_id, gstreamer=True, **camera_options)
+    if camera_options and scheme in ("synthetic", "folder", "video"):
+        raise ValueError(f"source {spec!r}: {', '.join(sorted(camera_options))} apply to cameras and "
+                         "streams only")
     if scheme == "synthetic":
         return SyntheticSource(camera_id, **_synthetic_options(rest))
     if sep and rest and scheme == "folder":
         return FolderSource(rest, camera_id)
     if sep and rest and scheme == "video":
         return VideoSource(rest, camera_id)
-    if sep and rest and scheme == "camera":
-        return CameraSource(int(rest) if rest.isdigit() else rest, camera_id)
     raise ValueError(f"unknown source {spec!r}; accepted forms: {'; '.join(SOURCE_FORMS)}")
 
 
+def frame_problem(image: np.ndarray, expect_size: tuple[int, int] | None = None,
+                  roi: tuple[int, int, int, int] | None = None) -> str | None:
+    """Why a frame cannot be inspected, or None. Cheap: it looks at the shape only."""
+    shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", None)
+    if shape is None or len(shape) not in (2, 3):
+        return f"frame is not an image (shape {shape}); expected height x width x 3 RGB"
+    channels = 1 if len(shape) == 2 else shape[2]
+    if channels != 3 or dtype != np.uint8:
+        return (f"frame has {channels} channel(s) of {dtype} (shape {shape}); expected 3 channels "
+                "of uint8 (RGB): check the camera's pixel format")
+    h, w = shape[:2]
+    if not h or not w:
+        return f"frame is empty ({w}x{h})"
+    if expect_size is not None and (w, h) != tuple(expect_size):
+        return (f"frame is {w}x{h} but the source is configured for {expect_size[0]}x{expect_size[1]} "
+                "(size); check the camera mode or the config")
+    if roi is not None:
+        x, y, rw, rh = roi
+        if x + rw > w or y + rh > h:
+            return f"roi {list(roi)} (x, y, width, height) does not fit in the {w}x{h} frame; fix the roi"
+    return None
+
+
 class SourceThread(threading.Thread):
-    """Drives one source: preprocess each frame here, put it in the queue, end the stream when done."""
+    """Drives one source: check, crop and preprocess each frame here, put it in the queue,
+    end the stream when done.
+
+    A frame that fails the check (see frame_problem) or whose preprocessing raises is marked
+    with ``Frame.error`` and queued all the same: it gets an `error` decision in its place in
+    the stream. One warning per run of bad frames, not one per frame.
+    """
 
     def __init__(self, source: Source, queue: FrameQueue,
                  preprocess: Callable[[np.ndarray], np.ndarray] | None,
                  policy: str | None = None, stop: threading.Event | None = None) -> None:
         super().__init__(name=f"source-{source.camera_id}", daemon=True)
         self.source, self.queue, self.preprocess = source, queue, preprocess
-        self.policy = policy or source.default_policy
+        self.policy = policy or source.policy or source.default_policy
+        if self.policy not in POLICIES:
+            raise ValueError(f"{source.camera_id}: policy {self.policy!r}; expected one of {POLICIES}")
         self.stop = stop or threading.Event()
         self.error: BaseException | None = None
+        self._bad_run = 0  # consecutive bad frames (for one log line per run)
         # Registered now, not in run(): a batcher started before this thread runs must not
         # see "all producers done" and end the stream early.
         queue.add_producer()
@@ -272,16 +399,43 @@ class SourceThread(threading.Thread):
         frames = self.source.frames(self.stop)
         try:
             for frame in frames:
-                if self.preprocess is not None:
-                    frame.tensor = self.preprocess(frame.image)
+                self._prepare(frame)
                 if not self._put(frame):
                     return
         except Exception as exc:  # noqa: BLE001 - a dead source must say why, not vanish
             self.error = exc
+            self.source.state = "failed"
             log.exception("%s: source stopped by an error: %s", self.source.camera_id, exc)
         finally:
             frames.close()  # releases captures even when we leave the loop early
             self.queue.producer_done()
+
+    def _prepare(self, frame: Frame) -> None:
+        src = self.source
+        if frame.error is None:
+            frame.error = frame_problem(frame.image, src.expect_size, src.roi)
+        if frame.error is None:
+            if src.roi is not None:
+                x, y, w, h = src.roi
+                frame.image = frame.image[y:y + h, x:x + w]  # a view: no copy
+            if self.preprocess is not None:
+                try:
+                    frame.tensor = self.preprocess(frame.image)
+                except Exception as exc:  # noqa: BLE001 - this frame gets an error decision
+                    frame.error = f"preprocessing failed: {exc}"
+        if frame.error is None:
+            if self._bad_run:
+                log.info("%s: frames good again after %d bad one(s)", src.camera_id, self._bad_run)
+                self._bad_run = 0
+            return
+        src.counters["bad_frames"] += 1
+        self._bad_run += 1
+        if self._bad_run == 1:
+            log.warning("%s frame %d: %s; it gets an error decision (further bad frames are "
+                        "counted in bad_frames, logged at debug level)", src.camera_id, frame.frame_id,
+                        frame.error)
+        else:
+            log.debug("%s frame %d: %s", src.camera_id, frame.frame_id, frame.error)
 
     def _put(self, frame: Frame) -> bool:
         """Put one frame; False when the thread should stop (stop set or queue closed)."""

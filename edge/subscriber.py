@@ -2,6 +2,8 @@
 
 See edge.publisher for the wire format. A Subscriber checks the schema version and counts
 messages it missed (seq gaps), so a client can tell "nothing happened" from "I lost data".
+Against a CURVE publisher, give it an edge.auth.CurveClient (``linegate watch --server-key
+FILE --client-key FILE``); a key the publisher does not allow receives nothing.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Iterable, TextIO
 import msgpack
 import zmq
 
+from edge.auth import CurveClient
 from edge.publisher import SCHEMA_VERSION
 
 # Once --count decisions are printed, how long watch waits for their overlays
@@ -35,12 +38,14 @@ class Subscriber:
     """A SUB socket connected to a linegate publisher. Use from one thread only."""
 
     def __init__(self, endpoint: str, topics: Iterable[str] = ("decision",), rcvhwm: int = 10000,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: CurveClient | None = None) -> None:
         self.endpoint = endpoint
         self.topics = tuple(topics)
         sock = (context or zmq.Context.instance()).socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)  # before connect: it applies to new connections
         sock.setsockopt(zmq.LINGER, 0)  # a SUB has nothing worth waiting for on close
+        if curve is not None:
+            curve.apply(sock)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -122,6 +127,8 @@ def format_decision(header: dict[str, Any]) -> str:
         parts.append(str(header["source"]))
     parts += [str(header.get("decision", "?")).upper(),
               f"score={_number(header.get('score'))}", f"thr={_number(header.get('threshold'))}"]
+    if header.get("error"):  # why an `error` decision could not judge the frame
+        parts.append(f"error: {header['error']}")
     return " ".join(parts)
 
 
@@ -140,53 +147,70 @@ def _report_gaps(sub: Subscriber, reported: dict[str, int], msg: Message) -> Non
 
 def watch(endpoint: str, json_lines: bool = False, count: int | None = None,
           save_overlays: str | None = None, timeout_s: float | None = None,
-          out: TextIO = sys.stdout) -> int:
+          out: TextIO = sys.stdout, server_key: str | None = None, client_key: str | None = None) -> int:
     """Print decisions from a publisher until ``count`` were seen, ``timeout_s`` passed or Ctrl-C.
 
+    ``server_key`` (the publisher's public .key file or Z85 text) and ``client_key`` (this
+    subscriber's .key_secret) switch CURVE on; both or neither. Seq gaps are reported on
+    stderr as they are found, and once more in total at the end.
     Returns the exit code: 1 if the timeout ended the watch before ``count`` decisions, else 0.
-    Raises ValueError for a bad endpoint or a publisher that needs a newer linegate.
+    Raises ValueError for a bad endpoint or key, or a publisher that needs a newer linegate.
     """
+    if (server_key is None) != (client_key is None):
+        raise ValueError("CURVE needs both --server-key (the publisher's public key) and --client-key "
+                         "(this subscriber's .key_secret, allowed by the publisher)")
+    curve = CurveClient.load(server_key, client_key) if server_key is not None else None
     overlay_dir = Path(save_overlays) if save_overlays else None
     if overlay_dir is not None:
         overlay_dir.mkdir(parents=True, exist_ok=True)
     topics = ("decision", "overlay") if overlay_dir is not None else ("decision",)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with Subscriber(endpoint, topics, curve=curve) as sub:
+        try:
+            return _watch_loop(sub, json_lines, count, overlay_dir, deadline, out)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            missed = sum(sub.gaps.values())
+            if missed:
+                print(f"linegate watch: {missed} message(s) missed in total (seq gaps: "
+                      f"{', '.join(f'{t} {n}' for t, n in sub.gaps.items() if n)})", file=sys.stderr, flush=True)
+
+
+def _watch_loop(sub: Subscriber, json_lines: bool, count: int | None, overlay_dir: Path | None,
+                deadline: float | None, out: TextIO) -> int:
     seen = 0
     reported_gaps: dict[str, int] = {}
     last_frame_id: dict[Any, Any] = {}  # camera_id -> frame_id of its last printed decision
     last_decided = last_saved = None  # (camera_id, frame_id)
-    with Subscriber(endpoint, topics) as sub:
-        try:
-            while True:
-                done = count is not None and seen >= count
-                if done and (overlay_dir is None or last_saved == last_decided):
-                    return 0
-                # Wake up at least every 0.2 s so Ctrl-C is handled promptly everywhere.
-                wait_ms = 200 if deadline is None else min(200, max(0, int((deadline - time.monotonic()) * 1000)))
-                msg = sub.recv(wait_ms)
-                if msg is None:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        return 0 if done or count is None else 1
-                    continue
-                _report_gaps(sub, reported_gaps, msg)
-                camera, frame_id = msg.header.get("camera_id"), msg.header.get("frame_id")
-                if msg.topic == "decision" and not done:
-                    seen += 1
-                    last_decided, last_frame_id[camera] = (camera, frame_id), frame_id
-                    print(json.dumps(msg.header, default=str) if json_lines else format_decision(msg.header),
-                          file=out, flush=True)
-                    if overlay_dir is not None and count is not None and seen >= count:
-                        # Overlays of the frames just printed may still be on their way
-                        # (the pipeline can publish them after the decisions): wait a little.
-                        grace = time.monotonic() + OVERLAY_GRACE_S
-                        deadline = grace if deadline is None else min(deadline, grace)
-                elif msg.topic == "overlay" and overlay_dir is not None and msg.payload is not None:
-                    if done and not _not_after(frame_id, last_frame_id.get(camera)):
-                        continue  # a frame after the last printed decision
-                    (overlay_dir / _overlay_name(msg.header)).write_bytes(msg.payload)
-                    last_saved = (camera, frame_id)
-        except KeyboardInterrupt:
+    while True:
+        done = count is not None and seen >= count
+        if done and (overlay_dir is None or last_saved == last_decided):
             return 0
+        # Wake up at least every 0.2 s so Ctrl-C is handled promptly everywhere.
+        wait_ms = 200 if deadline is None else min(200, max(0, int((deadline - time.monotonic()) * 1000)))
+        msg = sub.recv(wait_ms)
+        if msg is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return 0 if done or count is None else 1
+            continue
+        _report_gaps(sub, reported_gaps, msg)
+        camera, frame_id = msg.header.get("camera_id"), msg.header.get("frame_id")
+        if msg.topic == "decision" and not done:
+            seen += 1
+            last_decided, last_frame_id[camera] = (camera, frame_id), frame_id
+            print(json.dumps(msg.header, default=str) if json_lines else format_decision(msg.header),
+                  file=out, flush=True)
+            if overlay_dir is not None and count is not None and seen >= count:
+                # Overlays of the frames just printed may still be on their way
+                # (the pipeline can publish them after the decisions): wait a little.
+                grace = time.monotonic() + OVERLAY_GRACE_S
+                deadline = grace if deadline is None else min(deadline, grace)
+        elif msg.topic == "overlay" and overlay_dir is not None and msg.payload is not None:
+            if done and not _not_after(frame_id, last_frame_id.get(camera)):
+                continue  # a frame after the last printed decision
+            (overlay_dir / _overlay_name(msg.header)).write_bytes(msg.payload)
+            last_saved = (camera, frame_id)
 
 
 def _not_after(frame_id: Any, last: Any) -> bool:
@@ -222,3 +246,8 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also save overlay JPEGs as DIR/<camera>_<frame>_<decision>.jpg")
     parser.add_argument("--timeout", dest="timeout_s", type=_positive_float, metavar="S",
                         help="stop after S seconds (exit code 1 if --count was not reached)")
+    parser.add_argument("--server-key", dest="server_key", metavar="FILE|KEY",
+                        help="CURVE: the publisher's public key (its .key file or the 40-character text)")
+    parser.add_argument("--client-key", dest="client_key", metavar="FILE",
+                        help="CURVE: this subscriber's .key_secret (made by `linegate keys`; its .key "
+                             "must be in the publisher's allow-list)")

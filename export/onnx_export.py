@@ -1,4 +1,5 @@
-"""`linegate export onnx RUN`: the run's detector -> RUN/bundle (model.onnx + manifest.json).
+"""`linegate export onnx RUN`: the run's detector (PaDiM, FCDD or PatchCore) -> RUN/bundle
+(model.onnx + manifest.json).
 
 The graph takes float32 NCHW RGB pixels in 0..255 with a dynamic batch axis and does the
 backbone's normalisation itself, so the runtime only resizes and transposes. It returns
@@ -23,6 +24,7 @@ from edge.decision import DecisionRule
 from edge.engine import OnnxRuntimeEngine
 from training.backbone import INPUT_MEAN, INPUT_STD
 from training.data import Split, load_images
+from training.detectors import get_detector
 from training.train import load_run, predict
 
 log = logging.getLogger(__name__)
@@ -94,9 +96,14 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
                   "colour": "RGB", "resize": "stretch", "range": [0, 255],
                   "normalisation": {"where": "in_graph", "mean": INPUT_MEAN, "std": INPUT_STD}},
         "outputs": {"score": {"name": SCORE_NAME, "shape": [-1], "aggregate": "mean"},
-                    "map": {"name": MAP_NAME, "shape": [-1, h, w], "resolution": "feature"}},
+                    "map": {"name": MAP_NAME, "shape": [-1, h, w], "resolution": "feature",
+                            # how overlays bring the map to the image (FCDD: the paper's Gaussian)
+                            "upsample": get_detector(meta["detector"]).upsample}},
         "decision": {"aggregate": cal["aggregate"], "threshold": cal["threshold"], "method": cal["method"],
-                     "reject_if": "score >= threshold", "normalisation": cal["normalisation"]},
+                     "reject_if": "score >= threshold", "normalisation": cal["normalisation"],
+                     # what was asked for (e.g. auto) and the calibration AUROC of each candidate
+                     "aggregate_requested": cal.get("aggregate_requested", cal["aggregate"]),
+                     "aggregate_auroc": cal.get("aggregate_auroc", {})},
         "display_range": cal["display_range"],
         "classes": {"normal": meta["normal_class"], "anomalous": meta["anomalous_classes"]},
         "calibration_metrics": {k: cal[k] for k in ("auroc", "accuracy", "precision", "recall",

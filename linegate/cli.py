@@ -7,9 +7,7 @@ it imports each of them only for the subcommands that need them: `linegate run` 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import signal
 import sys
 
 log = logging.getLogger("linegate")
@@ -41,11 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     weights = None if args.weights == "random" else args.weights
     metrics = train(args.data, args.out, args.normal_class, args.model, args.seed, weights,
-                    args.image_size, args.split, aggregate=args.aggregate)
-    test, cal = metrics["test"], metrics["calibration"]
-    print(f"calibration: threshold {cal['threshold']:.4g} ({cal['method']}), AUROC {cal['auroc']:.4f}")
-    print(f"test: AUROC {test['auroc']:.4f}  accuracy {test['accuracy']:.4f}  precision "
-          f"{test['precision']:.4f}  recall {test['recall']:.4f}  confusion {test['confusion']}")
+                    args.image_size, args.split, aggregate=args.aggregate, threshold=args.threshold,
+                    epochs=args.epochs, coreset_ratio=args.coreset_ratio, dims=args.dims)
+    _print_metrics(metrics)
+    print(f"report: {args.out}/report/report.html")
     if metrics["skipped"]:
         print(f"skipped {len(metrics['skipped'])} unreadable file(s): see the warnings above")
     if not args.no_export:
@@ -53,56 +50,144 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_metrics(metrics: dict) -> None:
+    test, cal = metrics["test"], metrics["calibration"]
+    print(f"calibration: score {cal['aggregate']} (asked: {cal['aggregate_requested']}), threshold "
+          f"{cal['threshold']:.4g} ({cal['method']}), AUROC {cal['auroc']:.4f}")
+    print(f"test: AUROC {test['auroc']:.4f}  accuracy {test['accuracy']:.4f}  precision "
+          f"{test['precision']:.4f}  recall {test['recall']:.4f}  confusion {test['confusion']}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.train import evaluate
 
-    metrics = evaluate(args.run)
-    print(json.dumps({k: metrics["test"][k] for k in ("auroc", "accuracy", "f1", "confusion")}))
+    metrics = evaluate(args.run, aggregate=args.aggregate, threshold=args.threshold)
+    _print_metrics(metrics)
+    print(f"metrics: {args.run}/metrics.json  report: {args.run}/report/report.html")
+    if args.aggregate or args.threshold:
+        print(f"run.json updated; re-export the bundle with `linegate export onnx {args.run}`")
     return 0
 
 
+def _precisions(text: str, target: str) -> list[str]:
+    from export.precision import PRECISIONS
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in PRECISIONS]
+    if bad or not values:
+        raise ValueError(f"--precision {text!r}: a comma list of {', '.join(PRECISIONS)}")
+    if target == "tensorrt" and len(values) != 1:
+        raise ValueError("linegate export tensorrt builds one engine: give one --precision (fp32, fp16 or int8)")
+    return values
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    from export.precision import Tolerance
+
+    tolerance = Tolerance(args.max_flips, args.max_auroc_drop)
+    if args.target == "tensorrt":
+        from export.tensorrt_build import build_engine
+
+        precision = _precisions(args.precision or "fp16", "tensorrt")[0]
+        path = build_engine(args.path, precision, args.max_batch, args.opt_batch, args.workspace_gib,
+                            args.timing_cache, args.run, tolerance, validate=not args.no_validate)
+        print(f"engine: {path}")
+        return 0
+    from export.precision import add_variants
+
+    precisions = _precisions(args.precision or ("fp32" if args.target == "onnx" else "fp16,int8"), args.target)
     if args.target == "onnx":
         from export.onnx_export import export_onnx
 
-        print(f"bundle: {export_onnx(args.path, args.out)}")
-        return 0
-    print("linegate export tensorrt: not in this version; run the bundle's model.onnx with "
-          "`linegate run --engine onnxruntime`", file=sys.stderr)
-    return 2
+        bundle = export_onnx(args.path, args.out)
+        print(f"bundle: {bundle}")
+        run = args.path
+    else:  # quantize: variants of an existing bundle
+        bundle, run = args.path, args.run
+    from export.precision import summary
+
+    for precision, facts in add_variants(bundle, precisions, run, tolerance).items():
+        print(f"{precision}: written (sha256 {facts['sha256'][:12]}): {summary(facts['deviation'])}")
+    return 0
+
+
+# `linegate run` flags -> the config keys they set (flags override the --config file).
+RUN_FLAG_KEYS = {
+    "bundle": "engine.bundle", "engine": "engine.kind", "precision": "engine.precision",
+    "max_batch": "batching.max_batch", "max_wait_ms": "batching.max_wait_ms",
+    "threshold": "decision.threshold", "aggregate": "decision.aggregate",
+    "overlay_accepts": "overlay.accepts_every", "publish": "publisher.endpoint",
+    "wait_subscribers": "publisher.wait_subscribers", "wait_timeout": "publisher.wait_timeout_s",
+    "sndhwm": "publisher.sndhwm", "stop_timeout": "service.stop_timeout_s",
+}
+
+
+def _run_config(args: argparse.Namespace):
+    from edge.config import ConfigError, apply_overrides, read_toml, validate
+
+    overrides = {key: getattr(args, dest) for dest, key in RUN_FLAG_KEYS.items()
+                 if getattr(args, dest, None) is not None}
+    if args.config:
+        raw, where = read_toml(args.config), args.config
+        if overrides or args.source:
+            where += " (with command-line overrides)"
+    elif not (args.bundle and args.source):
+        raise ValueError("give --config FILE.toml, or --bundle DIR and at least one --source")
+    else:
+        raw, where = {}, "command line"
+    try:
+        return validate(apply_overrides(raw, overrides, args.source), where)
+    except ConfigError as exc:
+        if where == "command line":  # name the flag the user typed, not the config key
+            message = str(exc)
+            for dest, key in RUN_FLAG_KEYS.items():
+                message = message.replace(f"key '{key}'", f"--{dest.replace('_', '-')} ({key})")
+            raise ValueError(message) from None
+        raise
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge.bundle import load_bundle
-    from edge.decision import DecisionRule
-    from edge.engine import open_engine
-    from edge.pipeline import Pipeline, RunOptions
-    from edge.publisher import Publisher
-    from edge.sources import parse_source
+    from edge.service import run_service
 
-    bundle = load_bundle(args.bundle)
-    sources = [parse_source(spec, f"cam{i}") for i, spec in enumerate(args.source)]
-    options = RunOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         overlay_accepts_every=args.overlay_accepts, wait_subscribers=args.wait_subscribers,
-                         wait_timeout_s=args.wait_timeout)
-    rule = DecisionRule.from_bundle(bundle, args.threshold, args.aggregate)
-    engine = open_engine(bundle, args.engine)
-    publisher = Publisher(args.publish, model_id=bundle.model_id, sndhwm=args.sndhwm)
-    print(f"publishing on {publisher.endpoint}", file=sys.stderr, flush=True)
-    pipeline = Pipeline(bundle, engine, rule, sources, publisher, options)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: pipeline.stop())
-    summary = pipeline.run()
-    log.info("done: %d frames, %d rejects, %d errors, %.1f frames/s", summary.frames,
-             summary.rejects, summary.errors, summary.fps)
+    config = _run_config(args)
+    if not args.verbose:
+        logging.getLogger().setLevel(config.logging.level.upper())
+    return run_service(config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge.config import check_files, load_config
+
+    config = load_config(args.file)
+    checked = check_files(config)
+    print(f"{args.file}: ok")
+    for line in checked.lines:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from edge.auth import make_keypair
+
+    public, secret = make_keypair(args.dir, args.name)
+    key = public.read_text().split("public-key", 1)[1].split('"')[1]
+    print(f"public key {key}\n  {public}  (share: the publisher's allowed_keys directory, or "
+          f"subscribers' --server-key)\n  {secret}  (keep private, mode 0600)")
     return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from edge.subscriber import watch
 
-    return watch(args.endpoint, json_lines=args.json, count=args.count,
-                 save_overlays=args.save_overlays, timeout_s=args.timeout)
+    return watch(args.endpoint, json_lines=args.json_lines, count=args.count,
+                 save_overlays=args.save_overlays, timeout_s=args.timeout_s,
+                 server_key=args.server_key, client_key=args.client_key)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.bench import run
+
+    return run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -127,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fit, calibrate and evaluate a detector; export the bundle")
     p.add_argument("data", help="one folder per class, or the MVTec AD layout")
     p.add_argument("--normal-class", default="normal")
-    p.add_argument("--model", default="padim", choices=["padim"])
+    p.add_argument("--model", default="padim", choices=["padim", "fcdd", "patchcore"])
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="imagenet",
@@ -136,26 +221,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=_split_counts, default=None,
                    help="TRAIN_NORMAL,CALIB_NORMAL,CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (default 70,30,15,2)")
     p.add_argument("--aggregate", default="mean",
-                   help="image score from the anomaly map: mean (seed default), max or topk:P")
+                   help="image score from the anomaly map: mean (seed default), max, topk:P (mean of the "
+                        "top P%% patches) or auto (best AUROC on the calibration set)")
+    p.add_argument("--threshold", default="youden",
+                   help="youden (seed), f1, or fpr:RATE (largest tolerated false-reject rate of good parts "
+                        "on the calibration set, e.g. fpr:0.02)")
+    p.add_argument("--epochs", type=int, default=None, help="FCDD training epochs (default 200, the seed's)")
+    p.add_argument("--coreset-ratio", type=float, default=None,
+                   help="PatchCore memory bank size as a fraction of the training patches (default 0.1)")
+    p.add_argument("--dims", type=int, default=None,
+                   help="PaDiM random feature dimensions (default: 100, at most half the training images)")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/bundle")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="recompute metrics.json for a run")
+    p = sub.add_parser("evaluate", help="recalibrate and evaluate a run: metrics.json + RUN/report/report.html")
     p.add_argument("run")
+    p.add_argument("--aggregate", default=None, help="recalibrate with another aggregate (stored in run.json)")
+    p.add_argument("--threshold", default=None, help="recalibrate with another threshold method (stored in run.json)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a run to a bundle")
-    p.add_argument("target", choices=["onnx", "tensorrt"])
-    p.add_argument("path", help="RUN for onnx, BUNDLE for tensorrt")
-    p.add_argument("--out", default=None, help="bundle directory (default RUN/bundle)")
+    p = sub.add_parser("export", help="export a run to a bundle; reduced-precision variants; TensorRT engines",
+                       description="onnx RUN: the run -> RUN/bundle (model.onnx) [+ variants with --precision]. "
+                                   "quantize BUNDLE: FP16/INT8 ONNX variants, each validated against FP32 on the "
+                                   "run's calibration images. tensorrt BUNDLE: an engine for this GPU from the "
+                                   "bundle's ONNX model of --precision.")
+    p.add_argument("target", choices=["onnx", "quantize", "tensorrt"])
+    p.add_argument("path", help="RUN for onnx, BUNDLE for quantize and tensorrt")
+    p.add_argument("--out", default=None, help="onnx: bundle directory (default RUN/bundle)")
+    p.add_argument("--precision", default=None,
+                   help="onnx/quantize: comma list of fp32,fp16,int8 (default fp32 / fp16,int8); "
+                        "tensorrt: one of fp32, fp16, int8 (default fp16)")
+    p.add_argument("--run", default=None,
+                   help="quantize/tensorrt: the training run whose calibration images validate the variant "
+                        "(default: the bundle's parent directory)")
+    p.add_argument("--max-flips", type=int, default=1,
+                   help="calibration decisions a variant may change vs FP32 (default 1)")
+    p.add_argument("--max-auroc-drop", type=float, default=0.005,
+                   help="calibration AUROC a variant may lose vs FP32 (default 0.005)")
+    p.add_argument("--max-batch", type=int, default=8, help="tensorrt: largest batch of the profile (default 8)")
+    p.add_argument("--opt-batch", type=int, default=None, help="tensorrt: batch to tune for (default --max-batch)")
+    p.add_argument("--workspace-gib", type=float, default=2.0, help="tensorrt: builder workspace limit (GiB)")
+    p.add_argument("--timing-cache", default=None,
+                   help="tensorrt: timing cache file kept between builds (default ~/.cache/linegate/)")
+    p.add_argument("--no-validate", action="store_true",
+                   help="tensorrt: skip comparing the engine with ONNX Runtime on calibration images")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="stream sources through a bundle and publish decisions")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--source", action="append", required=True,
-                   help="folder:PATH, video:PATH, camera:INDEX|PATH|URL, synthetic[:k=v,...]; repeatable")
+    p = sub.add_parser("run", help="stream sources through a bundle and publish decisions",
+                       description="Run the edge runtime from a TOML config (--config; see "
+                       "systemd/linegate.toml) and/or flags; a flag overrides the file's key.")
+    p.add_argument("--config", metavar="FILE.toml", help="the service config (validated before anything starts)")
+    p.add_argument("--bundle")
+    p.add_argument("--source", action="append",
+                   help="folder:PATH, video:PATH, camera:INDEX|PATH|URL, gst:PIPELINE, synthetic[:k=v,...]; "
+                        "repeatable (ids cam0, cam1, ...); replaces the config's [[source]] tables")
     p.add_argument("--publish", default="tcp://127.0.0.1:5556", help="ZeroMQ endpoint to bind")
-    p.add_argument("--engine", default="auto", choices=["auto", "onnxruntime"])
+    p.add_argument("--engine", default=None, choices=["auto", "onnxruntime", "tensorrt"],
+                   help="auto (default): TensorRT where the bundle has an engine and this box a GPU for it, "
+                        "else ONNX Runtime")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8"],
+                   help="which of the bundle's models to run (default: fp32 on ONNX Runtime, the best "
+                        "engine on TensorRT)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
@@ -166,11 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for N subscriptions before reading the sources")
     p.add_argument("--wait-timeout", type=float, default=10.0)
     p.add_argument("--sndhwm", type=int, default=1000, help="send high-water mark per subscriber")
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--stop-timeout", type=float, metavar="S",
+                   help="seconds from SIGTERM to exit, draining included (default 10)")
+    # Every flag that maps to a config key defaults to None here, whatever its add_argument
+    # says: only flags actually given override the --config file (defaults live in edge.config).
+    p.set_defaults(func=cmd_run, **{dest: None for dest in RUN_FLAG_KEYS})
+
+    p = sub.add_parser("check-config", help="validate a `linegate run` config file and exit")
+    p.add_argument("file", metavar="FILE.toml")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("keys", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
+    p.add_argument("dir", metavar="DIR", help="where to write the pair")
+    p.add_argument("--name", default="linegate", help="file name stem (default: linegate)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("watch", help="print decisions published by `linegate run`")
     add_watch_arguments(p)
     p.set_defaults(func=cmd_watch)
+
+    from benchmarks.bench import add_arguments as add_bench_arguments  # light: no torch, no onnx
+
+    p = sub.add_parser("bench", help="throughput (backbone alone, model, pipeline), latency and memory "
+                       "of a bundle: JSON + Markdown + plots")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -35,6 +35,51 @@ def pillqc_run(pillqc, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def pillqc_small(pillqc, tmp_path_factory) -> Path:
+    """A small pillQC subset (24 normal, 8 chip, 12 dirt), linked (never copied), for tests
+    that train a detector end to end in seconds; use with SMALL_SPLIT and a small image size."""
+    root = tmp_path_factory.mktemp("pillqc_small")
+    for cls, n in (("normal", 24), ("chip", 8), ("dirt", 12)):
+        (root / cls).mkdir()
+        for f in sorted((pillqc / cls).iterdir())[:n]:
+            os.symlink(f, root / cls / f.name)
+    return root
+
+
+def small_split():
+    """For pillqc_small: 12 normal to train, 6 normal + 3 per defect to calibrate, 1 per defect
+    for outlier exposure, the rest (6 normal, 4 chip, 8 dirt) to test."""
+    from training.data import SplitCounts
+
+    return SplitCounts(train_normal=12, calib_normal=6, calib_per_anomaly=3, train_per_anomaly=1)
+
+
+SMALL_IMAGE_SIZE = 64  # small real runs: seconds per detector
+
+
+@pytest.fixture(scope="session")
+def small_runs(pillqc_small, tmp_path_factory):
+    """small_runs(detector) -> a run dir trained on pillqc_small at 64 px (aggregate auto, few
+    FCDD epochs) and exported to RUN/bundle; each detector is trained once per session."""
+    from export.onnx_export import export_onnx
+    from training.train import train
+
+    root, done = tmp_path_factory.mktemp("small_runs"), {}
+
+    def get(detector: str) -> Path:
+        if detector not in done:
+            run = root / detector
+            options = {"fcdd": {"epochs": 30}, "patchcore": {"coreset_ratio": 0.25}}.get(detector, {})
+            train(pillqc_small, run, "normal", detector, seed=0, image_size=SMALL_IMAGE_SIZE,
+                  counts=small_split(), aggregate="auto", **options)
+            export_onnx(run)
+            done[detector] = run
+        return done[detector]
+
+    return get
+
+
 def linegate_cmd(*args: str) -> list[str]:
     """The installed console script's entry point, run with this interpreter."""
     return [sys.executable, "-m", "linegate.cli", *args]

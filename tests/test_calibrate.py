@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from edge.decision import DecisionRule, aggregate_maps
-from training.calibrate import binary_metrics, per_class_accuracy, youden_threshold
+from training.calibrate import (AGGREGATE_CANDIDATES, binary_metrics, choose_aggregate, f1_threshold, fpr_threshold,
+                                parse_threshold_method, per_class_accuracy, pick_threshold, youden_threshold)
 
 
 def test_youden_threshold_hand_computed():
@@ -54,3 +55,105 @@ def test_aggregates_and_decision_rule():
     # an aggregate the graph does not compute is taken from the map
     d = DecisionRule(threshold=5.0, aggregate="max").decide(np.array([0.5, 0.0], np.float32), maps)
     assert [x.decision for x in d] == ["reject", "accept"]
+
+
+# The same calibration set as test_youden_threshold_hand_computed:
+# normal 0.1 0.2 0.3 0.6 ; anomalous 0.5 0.7 0.8 0.9 (reject if score >= threshold)
+HAND_SCORES = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.8, 0.9])
+HAND_ANOMALOUS = np.array([0, 0, 0, 0, 1, 1, 1, 1], bool)
+
+
+def test_f1_threshold_hand_computed():
+    # t = 0.5: tp 4, fp 1, fn 0 -> F1 8/9 ; t = 0.7: tp 3 fp 0 fn 1 -> 6/7 ; t = 0.6: 3/4 ; t = 0.3: 8/10
+    # best is 0.5; the next lower score is 0.3 -> threshold 0.4
+    assert f1_threshold(HAND_SCORES, HAND_ANOMALOUS) == pytest.approx(0.4)
+    m = binary_metrics(HAND_SCORES, HAND_ANOMALOUS, 0.4)
+    assert m["f1"] == pytest.approx(8 / 9) and m["confusion"] == [[3, 1], [0, 4]]
+
+
+@pytest.mark.parametrize("rate, expected, false_rejects", [
+    (0.0, 0.65, 0),    # no good part may be rejected: above 0.6 (the top normal), below 0.7
+    (0.25, 0.4, 1),    # 1 of 4 normal may go: 0.6 is rejected, lowest then is 0.5 -> (0.5 + 0.3) / 2
+    (0.5, 0.25, 2),    # 2 of 4: 0.3 and 0.6 rejected -> (0.3 + 0.2) / 2
+    (0.74, 0.25, 2),   # 2.96 of 4 rounds down to 2
+    (0.75, 0.15, 3),
+])
+def test_fpr_threshold_hand_computed(rate, expected, false_rejects):
+    t = fpr_threshold(HAND_SCORES, HAND_ANOMALOUS, rate)
+    assert t == pytest.approx(expected)
+    m = binary_metrics(HAND_SCORES, HAND_ANOMALOUS, t)
+    assert m["confusion"][0][1] == false_rejects and m["fpr"] <= rate
+
+
+def test_threshold_methods_by_name():
+    assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "youden") == pytest.approx(0.65)
+    assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "f1") == pytest.approx(0.4)
+    assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "fpr:0.5") == pytest.approx(0.25)
+    for bad in ("otsu", "fpr:", "fpr:x", "fpr:1.5", "fpr:-0.1"):
+        with pytest.raises(ValueError, match="youden, f1 or fpr:RATE"):
+            parse_threshold_method(bad)
+
+
+def test_choose_aggregate_by_calibration_auroc():
+    # 8x8 maps (64 patches). Normal: uniform 1.0, 1.1, 1.2, 1.3. Anomalous (3): uniform 1.0 with
+    # one patch at 2.0. Aggregates of an anomalous map: mean 1 + 1/64, top 25% (16 patches)
+    # 17/16, top 10% (6) 7/6, top 5% (3) 4/3, top 1% (1) = max = 2. Against the normal scores
+    # these beat 1, 1, 2, 4, 4, 4 of the 4 normals: AUROC 1/4, 1/4, 2/4, 1, 1, 1.
+    normal = np.stack([np.full((8, 8), v, np.float32) for v in (1.0, 1.1, 1.2, 1.3)])
+    defect = np.ones((3, 8, 8), np.float32)
+    defect[:, 2, 5] = 2.0
+    maps, anomalous = np.concatenate([normal, defect]), np.array([0] * 4 + [1] * 3, bool)
+    chosen, aurocs = choose_aggregate(maps, anomalous)
+    assert aurocs == pytest.approx({"mean": 0.25, "topk:25": 0.25, "topk:10": 0.5, "topk:5": 1.0,
+                                    "topk:1": 1.0, "max": 1.0})
+    assert list(aurocs) == list(AGGREGATE_CANDIDATES)
+    assert chosen == "topk:5"  # the first of the tied best, in the candidates' order
+    maps[anomalous] += 1.0  # now every aggregate separates: the tie goes to mean
+    assert choose_aggregate(maps, anomalous)[0] == "mean"
+
+
+@pytest.mark.pillqc
+def test_auto_aggregate_never_looks_at_the_test_set(small_runs, tmp_path):
+    """Re-evaluate a run with its test set replaced by noise images with shuffled labels: the
+    test metrics change, the calibration (aggregate choice, its AUROCs, threshold, ranges)
+    does not change at all."""
+    import json
+    import shutil
+
+    import cv2
+
+    from training.train import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(small_runs("padim"), run)
+    before = evaluate(run, aggregate="auto", report=False)
+    split = json.loads((run / "split.json").read_text())
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    classes = [c for _, c in split["test"]]
+    rng.shuffle(classes)
+    for i, cls in enumerate(classes):
+        cv2.imwrite(str(noise / f"{i}.png"), rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    split["test"] = [[str(noise / f"{i}.png"), cls] for i, cls in enumerate(classes)]
+    (run / "split.json").write_text(json.dumps(split))
+    after = evaluate(run, aggregate="auto", report=False)
+    assert after["calibration"] == before["calibration"]
+    assert after["calibration"]["aggregate_requested"] == "auto"
+    assert after["test"]["auroc"] != before["test"]["auroc"]
+    assert after["test"]["aggregate_auroc"] != before["test"]["aggregate_auroc"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"aggregate": "median"}, "--aggregate 'median'"),
+    ({"threshold": "fpr:2"}, "youden, f1 or fpr:RATE"),
+    ({"model": "padim", "epochs": 5}, "--epochs applies to fcdd only"),
+    ({"model": "fcdd", "coreset_ratio": 0.2}, "--coreset-ratio applies to patchcore only"),
+    ({"model": "svdd"}, "use one of padim, fcdd, patchcore"),
+])
+def test_bad_training_choices_fail_before_any_work(tmp_path, kwargs, message):
+    from training.train import train
+
+    with pytest.raises(ValueError, match=message):
+        train(tmp_path / "no-such-data", tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()  # nothing was written

@@ -381,6 +381,9 @@ def test_watch_arguments():
     args = parser.parse_args(["tcp://box:5556", "--json", "--count", "4", "--save-overlays", "d",
                               "--timeout", "2.5"])
     assert vars(args) == {"endpoint": "tcp://box:5556", "json_lines": True, "count": 4,
-                          "save_overlays": "d", "timeout_s": 2.5}
+                          "save_overlays": "d", "timeout_s": 2.5, "server_key": None, "client_key": None}
+    # the dests are watch()'s parameter names: the parsed flags go straight in
+    import inspect
+    assert set(vars(args)) <= set(inspect.signature(watch).parameters)
     with pytest.raises(SystemExit):
         parser.parse_args(["tcp://box:5556", "--count", "0"])

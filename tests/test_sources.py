@@ -250,18 +250,42 @@ def drain_all(batcher: Batcher) -> list[Frame]:
     return out
 
 
-def test_source_thread_logs_an_error_and_still_ends_the_stream(image_folder: Path, caplog) -> None:
+def test_source_thread_marks_frames_it_cannot_preprocess_and_goes_on(image_folder: Path, caplog) -> None:
     def broken(rgb: np.ndarray) -> np.ndarray:
         raise RuntimeError("model input mismatch")
 
     q = FrameQueue()
-    thread = SourceThread(FolderSource(image_folder, "cam9"), q, broken)
+    src = FolderSource(image_folder, "cam9")
+    thread = SourceThread(src, q, broken)
+    with caplog.at_level(logging.DEBUG, logger="edge.sources"):
+        thread.start()
+        thread.join(timeout=5)
+    assert not thread.is_alive() and thread.error is None
+    frames = drain_all(Batcher(q, max_wait_ms=1))
+    # every frame is still there, in order, marked: each will get an error decision
+    assert [f.frame_id for f in frames] == list(range(5))
+    assert all(f.error == "preprocessing failed: model input mismatch" and f.tensor is None for f in frames)
+    assert src.counters["bad_frames"] == 5
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "model input mismatch" in r.getMessage()]
+    assert len(warnings) == 1 and "cam9 frame 0" in warnings[0]  # one line per run of bad frames
+
+
+class _Exploding(FolderSource):
+    def frames(self, stop):
+        yield from super().frames(stop)
+        raise OSError("disk gone")
+
+
+def test_source_thread_logs_a_dying_source_and_still_ends_the_stream(image_folder: Path, caplog) -> None:
+    q = FrameQueue()
+    thread = SourceThread(_Exploding(image_folder, "cam8"), q, None)
     with caplog.at_level(logging.ERROR, logger="edge.sources"):
         thread.start()
         thread.join(timeout=5)
-    assert not thread.is_alive() and isinstance(thread.error, RuntimeError)
-    assert any("cam9" in r.getMessage() and "model input mismatch" in r.getMessage() for r in caplog.records)
-    assert Batcher(q).next_batch(poll_s=1) is None
+    assert not thread.is_alive() and isinstance(thread.error, OSError)
+    assert any("cam8" in r.getMessage() and "disk gone" in r.getMessage() for r in caplog.records)
+    assert len(drain_all(Batcher(q, max_wait_ms=1))) == 5  # what it read before dying still counts
 
 
 def test_source_thread_stops_a_live_source_on_stop(caplog) -> None:
@@ -290,3 +314,47 @@ def test_source_thread_ends_a_live_source_when_the_queue_closes(video_file: Path
     q.close()
     thread.join(timeout=2)
     assert not thread.is_alive() and thread.error is None
+
+
+# -- per-source settings: GStreamer, camera options, frame checks ---------------------------------
+
+def test_gstreamer_source_needs_an_opencv_with_gstreamer() -> None:
+    from edge.sources import has_gstreamer
+
+    if has_gstreamer():
+        src = parse_source("gst:videotestsrc ! videoconvert ! appsink", "cam2")
+        assert isinstance(src, CameraSource) and src.gstreamer and src.camera_id == "cam2"
+    else:
+        with pytest.raises(ValueError, match="no GStreamer backend.*rtsp://"):
+            parse_source("gst:videotestsrc ! videoconvert ! appsink")
+
+
+def test_camera_options_apply_to_cameras_only(image_folder: Path) -> None:
+    cam = parse_source("rtsp://10.0.0.5/x", "c", backoff_s=0.2, backoff_max_s=3.0, io_timeout_s=1.0)
+    assert (cam.backoff_s, cam.backoff_max_s, cam.io_timeout_s) == (0.2, 3.0, 1.0)
+    with pytest.raises(ValueError, match="apply to cameras and streams only"):
+        parse_source(f"folder:{image_folder}", backoff_s=1.0)
+    with pytest.raises(ValueError, match="backoff_s <= backoff_max_s"):
+        CameraSource(0, backoff_s=2.0, backoff_max_s=1.0)
+
+
+def test_frame_checks_and_roi_crop(image_folder: Path) -> None:
+    from edge.sources import frame_problem
+
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    assert frame_problem(rgb) is None and frame_problem(rgb, (64, 48), (4, 8, 60, 40)) is None
+    assert "64x48" in frame_problem(rgb, expect_size=(32, 32)) and "32x32" in frame_problem(rgb, (32, 32))
+    assert "does not fit" in frame_problem(rgb, roi=(10, 0, 60, 10))
+    assert "4 channel(s)" in frame_problem(np.zeros((48, 64, 4), np.uint8))
+    assert "1 channel(s)" in frame_problem(np.zeros((48, 64), np.uint8))
+    assert "not an image" in frame_problem(np.zeros(5, np.uint8))
+    # the crop happens in the source thread, before preprocessing: a view of the frame
+    src = FolderSource(image_folder, "roi")
+    src.roi = (1, 2, 8, 6)
+    q = FrameQueue()
+    thread = SourceThread(src, q, lambda rgb: preprocess(rgb, (4, 4)))
+    thread.start()
+    thread.join(timeout=5)
+    frames = drain_all(Batcher(q, max_wait_ms=1))
+    assert [f.image.shape for f in frames if f.error is None] == [(6, 8, 3)] * 5
+    assert tuple(frames[0].image[0, 0]) == (255, 0, 0)

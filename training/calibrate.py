@@ -6,25 +6,107 @@ Convention everywhere (training, bundle, runtime): a part is rejected when its s
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
+
+from edge.decision import aggregate_maps
+
+# What `--aggregate auto` chooses from, in order of preference when calibration AUROCs tie
+# (mean first: the seeds' default).
+AGGREGATE_CANDIDATES = ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max")
+THRESHOLD_METHODS = "youden, f1 or fpr:RATE (RATE: the largest tolerated false-reject rate of good parts, 0..1)"
+
+
+def _checked(scores: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    anomalous = np.asarray(anomalous, dtype=bool)
+    if anomalous.all() or not anomalous.any():
+        raise ValueError("calibration needs both normal and anomalous images to pick a threshold")
+    return scores, anomalous
+
+
+def _below(scores: np.ndarray, chosen: float) -> float:
+    """The threshold for "reject every score >= chosen": halfway between `chosen` (a calibration
+    score) and the next lower calibration score, so a part scoring a hair below a calibration
+    image is not decided by float noise."""
+    if not np.isfinite(chosen):  # reject nothing: sit just above the highest score
+        top = float(scores.max())
+        return float(np.nextafter(top + abs(top) * 1e-6, np.inf))
+    lower = scores[scores < chosen]
+    return float((chosen + lower.max()) / 2) if lower.size else float(chosen)
 
 
 def youden_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:
     """Threshold maximising TPR - FPR on the ROC of the calibration set (seed).
 
-    roc_curve's thresholds are calibration scores themselves; the returned threshold sits
-    halfway between the chosen score and the next lower one, so a part scoring a hair
-    below a calibration image is not decided by float noise.
+    roc_curve keeps the first maximum, i.e. the higher threshold when two tie.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    anomalous = np.asarray(anomalous, dtype=bool)
-    if anomalous.all() or not anomalous.any():
-        raise ValueError("calibration needs both normal and anomalous images to pick a threshold")
+    scores, anomalous = _checked(scores, anomalous)
     fpr, tpr, thresholds = roc_curve(anomalous, scores)
-    best = int(np.argmax(tpr - fpr))
-    chosen = thresholds[best]
-    lower = scores[scores < chosen]
-    return float((chosen + lower.max()) / 2) if lower.size else float(chosen)
+    return _below(scores, thresholds[int(np.argmax(tpr - fpr))])
+
+
+def f1_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:
+    """Threshold maximising F1 of the anomalous class on the calibration set (the higher
+    threshold when two tie: fewer good parts rejected)."""
+    scores, anomalous = _checked(scores, anomalous)
+    precision, recall, thresholds = precision_recall_curve(anomalous, scores)
+    p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    best = np.flatnonzero(f1 == f1.max()).max()  # thresholds ascend: the last is the highest
+    return _below(scores, thresholds[best])
+
+
+def fpr_threshold(scores: np.ndarray, anomalous: np.ndarray, rate: float) -> float:
+    """The lowest threshold (most defects caught) whose false-reject rate of good calibration
+    parts is at most `rate`."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"threshold fpr:{rate}: RATE must be in [0, 1), e.g. fpr:0.01")
+    scores, anomalous = _checked(scores, anomalous)
+    fpr, _, thresholds = roc_curve(anomalous, scores, drop_intermediate=False)
+    return _below(scores, thresholds[np.flatnonzero(fpr <= rate).max()])
+
+
+def parse_threshold_method(method: str) -> tuple[str, float | None]:
+    """"youden" | "f1" | "fpr:RATE" -> (name, rate); a bad string raises naming the choices."""
+    if method in ("youden", "f1"):
+        return method, None
+    if method.startswith("fpr:"):
+        try:
+            rate = float(method[4:])
+        except ValueError:
+            rate = -1.0
+        if 0.0 <= rate < 1.0:
+            return "fpr", rate
+    raise ValueError(f"threshold method {method!r}: use {THRESHOLD_METHODS}")
+
+
+def pick_threshold(scores: np.ndarray, anomalous: np.ndarray, method: str = "youden") -> float:
+    name, rate = parse_threshold_method(method)
+    if name == "youden":
+        return youden_threshold(scores, anomalous)
+    if name == "f1":
+        return f1_threshold(scores, anomalous)
+    return fpr_threshold(scores, anomalous, rate)
+
+
+def aggregate_aurocs(maps: np.ndarray, anomalous: np.ndarray,
+                     candidates: tuple[str, ...] = AGGREGATE_CANDIDATES) -> dict[str, float]:
+    """AUROC of each candidate image score (an aggregate of the anomaly maps)."""
+    y = np.asarray(anomalous, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("calibration needs both normal and anomalous images to choose an aggregate")
+    return {name: float(roc_auc_score(y, aggregate_maps(maps, name))) for name in candidates}
+
+
+def choose_aggregate(cal_maps: np.ndarray, cal_anomalous: np.ndarray,
+                     candidates: tuple[str, ...] = AGGREGATE_CANDIDATES) -> tuple[str, dict[str, float]]:
+    """`--aggregate auto`: the candidate with the best AUROC on the calibration maps.
+
+    It is given the calibration set only, so the test set cannot influence it; ties go to
+    the earlier candidate (mean first)."""
+    aurocs = aggregate_aurocs(cal_maps, cal_anomalous, candidates)
+    best = max(aurocs.values())
+    return next(name for name in candidates if aurocs[name] == best), aurocs
 
 
 def binary_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: float) -> dict:

@@ -3,37 +3,146 @@ ResNet-18 Feature Embeddings", on EfficientNet-Lite0.
 
 Multi-scale features of a frozen backbone are concatenated at the stride-4 resolution, a
 seeded random 100 of the channels are kept, and each spatial patch gets a Gaussian
-(mean, covariance + 0.01 I). The anomaly map is the Mahalanobis distance per patch.
+(mean, covariance + 0.01 I). The anomaly map is the Mahalanobis distance per patch; the
+image score is the mean of the map at feature resolution (the runtime upsamples only for
+overlays).
 
 `PaDiMModel` is a plain nn.Module with no training state, so it exports to ONNX as is.
-The Mahalanobis term is computed as a whitening: with the Cholesky factor C of the patch
-covariance, d^2 = ||C^-1 (x - mu)||^2, i.e. one batched MatMul of (P, B, D) by (P, D, D)
-instead of an einsum against an explicit inverse. The image score is the mean of the map
-at feature resolution (the mean of an upsampled map is, up to borders, the same number);
-the runtime upsamples only for overlays.
+`embed()` is the textbook feature extraction (upsample, concatenate, select) used to fit;
+`forward()` computes the same distances in a form that costs little next to the backbone
+(issue 6; measured with `linegate bench`):
+
+- Whitening instead of an inverse: with the Cholesky factor L of the patch covariance,
+  d = ||L^-1 (x - mu)||, and the mean is folded in as a bias column (x' = [1, x]), so the
+  head is matrix products only.
+- The channels are ordered coarse tap first (stride 16, 8, 4). L^-1 is lower triangular, so
+  whitened outputs of a coarse tap depend on coarse inputs only: the blocks above the
+  diagonal are zero and are neither stored nor multiplied (6,464 instead of 10,100 weights
+  per patch for 100 channels; the head streams its weights once per batch, so bytes are time).
+- No upsampling, concatenation or channel-gather of the full 56x56x176 tensor: each tap's
+  selected channels are gathered once at their own resolution, and the nearest-neighbour
+  upsample becomes sharing: the 4x4 patches that see one stride-16 feature vector are one
+  GEMM with their weights stacked (a taller matrix reads the input once).
+- The batch is the GEMM's inner (N) dimension: each tap is transposed as one 2-D matrix
+  (B, C*h*w) -> (C*h*w, B) and the per-patch weights are the left operand, the layout ONNX
+  Runtime's MatMul runs best (the weights are streamed, never repacked per call).
 """
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .backbone import TAP_CHANNELS, EfficientNetLite0
+from .backbone import TAP_BLOCKS, TAP_CHANNELS, EfficientNetLite0
 
 COV_EPS = 0.01  # the seed's regulariser: covariance + 0.01 I
 DEFAULT_DIMS = 100
+TAPS = tuple(TAP_BLOCKS)  # order of backbone.features(): stride4, stride8, stride16
+# Output groups per tap in the head, coarse tap first. More groups skip more of the zero
+# triangle but add GEMM calls; on ORT CPU (2 cores) splitting the stride-16 tap in two saves
+# 12% of the weight bytes at no measurable cost, finer splits gain nothing more.
+HEAD_GROUPS = (2, 1, 1)
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One tap in the head (coarse first): which channels, and how its patches share input."""
+    tap: int  # index into backbone.features()
+    start: int  # first head-order channel of this tap
+    stop: int
+    share: int  # consecutive patches (head patch order) that read the same feature vector
+    blocks: int  # = patches / share
+
+
+@dataclass(frozen=True)
+class _Term:
+    group: int
+    level: int
+    rows: int  # input rows of that level's matrix (bias row included for level 0)
+    name: str  # buffer with the weights: (blocks, share * group outputs, rows)
+
+
+def _tap_sizes(backbone: EfficientNetLite0) -> list[tuple[int, int]]:
+    return [(backbone._blocks[i].out_size,) * 2 for i in TAP_BLOCKS.values()]
+
+
+def _nearest_source(size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+    """For each patch of the (out) map, row-major, the row-major pixel of a (size) tap that
+    F.interpolate(mode="nearest") copies there: the same rule `embed()` uses."""
+    grid = torch.arange(size[0] * size[1], dtype=torch.float64).reshape(1, 1, *size)
+    return F.interpolate(grid, size=out, mode="nearest").reshape(-1).long()
 
 
 class PaDiMModel(nn.Module):
-    def __init__(self, backbone: EfficientNetLite0, channels: torch.Tensor,
-                 mean: torch.Tensor, whiten: torch.Tensor, map_size: tuple[int, int]):
+    def __init__(self, backbone: EfficientNetLite0, channels: torch.Tensor, groups: tuple[int, ...] = HEAD_GROUPS):
+        """An empty model (zero weights) for `channels` (sorted indices into the concatenated
+        taps); fit_padim fills it, or load_state_dict does."""
         super().__init__()
         self.backbone = backbone
-        self.map_size = tuple(map_size)
+        sizes = _tap_sizes(backbone)
+        self.map_size = sizes[0]
+        h, w = self.map_size
         self.register_buffer("channels", channels.long())  # (D,) indices into the concatenation
-        self.register_buffer("mean", mean.float())  # (P, D)
-        self.register_buffer("whiten", whiten.float())  # (P, D, D): C^-T per patch
+        bounds = torch.tensor([0, *itertools.accumulate(TAP_CHANNELS.values())])
+        tap_of = torch.bucketize(self.channels, bounds[1:], right=True)  # (D,) which tap
+        # Head order: coarse tap first; `order` maps head position -> position in `channels`.
+        taps = list(reversed(range(len(TAPS))))  # stride16, stride8, stride4
+        order = torch.cat([torch.nonzero(tap_of == t).flatten() for t in taps])
+        self.register_buffer("order", order, persistent=False)
+
+        # Patch order of the head: nested blocks, so that every tap's shared patches are a
+        # contiguous run. Falls back to row-major without sharing when sizes don't nest.
+        factors = [(h // s[0], w // s[1]) for s in (sizes[t] for t in taps)]
+        nested = all(h == f[0] * sizes[t][0] and w == f[1] * sizes[t][1] for f, t in zip(factors, taps)) and \
+            all(a[0] % b[0] == 0 and a[1] % b[1] == 0 for a, b in zip(factors, factors[1:]))
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()
+        if nested:
+            key = torch.zeros(h * w, dtype=torch.long)
+            prev = (h, w)
+            for f in factors:  # coarse to fine: block index within the previous block
+                key = key * (prev[0] // f[0]) * (prev[1] // f[1]) + ((rows % prev[0]) // f[0]) * (prev[1] // f[1]) \
+                    + (cols % prev[1]) // f[1]
+                prev = f
+            patch_order = torch.argsort(key)
+        else:
+            patch_order = torch.arange(h * w)
+        self.register_buffer("patch_order", patch_order, persistent=False)  # head patch -> row-major
+        self.register_buffer("unorder", torch.argsort(patch_order), persistent=False)
+
+        levels, start = [], 0
+        for lvl, t in enumerate(taps):
+            n = int((tap_of == t).sum())
+            share = factors[lvl][0] * factors[lvl][1] if nested else 1
+            levels.append(_Level(t, start, start + n, share, h * w // share))
+            src = _nearest_source(sizes[t], (h, w))[patch_order][::share]  # (blocks,) tap pixel
+            within = self.channels[order[start:start + n]] - bounds[t]  # channel within the tap
+            index = within[None, :] * (sizes[t][0] * sizes[t][1]) + src[:, None]
+            self.register_buffer(f"gather{lvl}", index.flatten(), persistent=False)
+            start += n
+        self.levels = levels
+
+        # Output groups (head order) and the weights each needs: group g of level L reads all
+        # of the coarser levels and the prefix of level L up to its own end (triangularity).
+        self.groups, self.terms = [], []
+        for lvl, (level, k) in enumerate(zip(levels, groups)):
+            n = level.stop - level.start
+            cuts = [level.start + round(n * i / k) for i in range(k + 1)]
+            self.groups += [(lvl, a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        for g, (lvl_g, _, stop) in enumerate(self.groups):
+            m = stop - self.groups[g][1]
+            for lvl in range(lvl_g + 1):
+                level = levels[lvl]
+                k = (level.stop if lvl < lvl_g else stop) - level.start + (lvl == 0)
+                if k == 0:  # a tap none of whose channels were selected
+                    continue
+                name = f"weight_g{g}_l{lvl}"
+                self.register_buffer(name, torch.zeros(level.blocks, level.share * m, k))
+                self.terms.append(_Term(g, lvl, k, name))
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels 0..255 -> (B, D, h, w) selected multi-scale features."""
@@ -44,13 +153,60 @@ class PaDiMModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (score (B,), anomaly_map (B, h, w)); score = mean of the map."""
-        emb = self.embed(pixels)
-        b, d, h, w = emb.shape
-        x = emb.reshape(b, d, h * w).permute(2, 0, 1)  # (P, B, D)
-        z = torch.matmul(x - self.mean.unsqueeze(1), self.whiten)  # (P, B, D)
-        dist = torch.sqrt((z * z).sum(dim=-1))  # (P, B)
-        anomaly_map = dist.transpose(0, 1).reshape(b, h, w)
+        taps = self.backbone.features(pixels)
+        b = pixels.shape[0]
+        xs = []
+        for lvl, level in enumerate(self.levels):
+            flat = taps[level.tap].reshape(b, -1).t()  # (C*h*w, B): the batch is the GEMM's N
+            x = torch.index_select(flat, 0, getattr(self, f"gather{lvl}"))
+            x = x.reshape(level.blocks, level.stop - level.start, b)
+            if lvl == 0:  # the bias row: z = L^-1 [-mu | I] [1; x]
+                x = torch.cat([x.new_ones(level.blocks, 1, b), x], dim=1)
+            xs.append(x)
+        patches = self.map_size[0] * self.map_size[1]
+        zs: dict[int, torch.Tensor] = {}
+        for term in self.terms:
+            x = xs[term.level]
+            if term.rows < x.shape[1]:
+                x = x[:, :term.rows]
+            z = torch.matmul(getattr(self, term.name), x).reshape(patches, -1, b)  # (P, m, B)
+            zs[term.group] = z if term.group not in zs else zs[term.group] + z
+        sq = None
+        for z in zs.values():
+            part = (z * z).sum(dim=1)  # (P, B), head patch order
+            sq = part if sq is None else sq + part
+        dist = torch.index_select(torch.sqrt(sq), 0, self.unorder)  # row-major patches
+        anomaly_map = dist.t().reshape(b, *self.map_size)
         return anomaly_map.mean(dim=(1, 2)), anomaly_map
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs saved before the blocked head hold `mean` (P, D) and `whiten` (P, D, D) = C^-T
+        # in `channels` order: the covariance is (whiten whiten^T)^-1, so they still load.
+        mean, whiten = state_dict.pop(prefix + "mean", None), state_dict.pop(prefix + "whiten", None)
+        if mean is not None and whiten is not None:
+            with torch.no_grad():
+                w = whiten.double()
+                self.set_gaussians(mean.double(), torch.linalg.inv(w @ w.transpose(1, 2)))
+            state_dict.update({prefix + t.name: getattr(self, t.name).clone() for t in self.terms})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_gaussians(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Fill the head from per-patch Gaussians in `channels` order: mean (P, D), cov (P, D, D)
+        (row-major patches; float64 recommended)."""
+        o = self.order
+        mean, cov = mean[:, o].double(), cov[:, o][:, :, o].double()
+        chol = torch.linalg.cholesky(cov)  # cov = L L^T, L lower triangular
+        eye = torch.eye(mean.shape[1], dtype=torch.float64).expand_as(cov)
+        aug = torch.linalg.solve_triangular(chol, torch.cat([-mean.unsqueeze(-1), eye], 2), upper=False)
+        aug = aug[self.patch_order]  # (P, D, 1 + D) = L^-1 [-mu | I], head patch order
+        for term in self.terms:
+            _, a, b = self.groups[term.group]
+            level = self.levels[term.level]
+            first = level.start + 1 if term.level else 0  # column 0 is the bias
+            block = aug[:, a:b, first:first + term.rows]  # (P, m, rows)
+            weight = block.reshape(level.blocks, level.share * (b - a), term.rows)
+            getattr(self, term.name).copy_(weight.float())
 
 
 def select_channels(seed: int, dims: int = DEFAULT_DIMS) -> torch.Tensor:
@@ -74,20 +230,12 @@ def fit_padim(backbone: EfficientNetLite0, train_images: torch.Tensor, seed: int
     """Fit the per-patch Gaussians on normal images (N, 3, H, W) pixels 0..255."""
     if len(train_images) < 2:
         raise ValueError("PaDiM needs at least 2 normal training images")
-    channels = select_channels(seed, dims)
-    with torch.no_grad():
-        size = tuple(backbone.features(train_images[:1])[0].shape[-2:])
-    model = PaDiMModel(backbone, channels, torch.zeros(size[0] * size[1], dims),
-                       torch.zeros(size[0] * size[1], dims, dims), size)
+    model = PaDiMModel(backbone, select_channels(seed, dims))
     emb = extract(model.embed, train_images, batch_size, desc="PaDiM features")  # (N, D, h, w)
     n = emb.shape[0]
     x = emb.reshape(n, dims, -1).permute(2, 0, 1).double()  # (P, N, D)
     mean = x.mean(dim=1)
     centred = x - mean.unsqueeze(1)
     cov = centred.transpose(1, 2) @ centred / (n - 1) + COV_EPS * torch.eye(dims, dtype=torch.float64)
-    chol = torch.linalg.cholesky(cov)  # cov = C C^T
-    eye = torch.eye(dims, dtype=torch.float64).expand_as(cov)
-    inv_chol = torch.linalg.solve_triangular(chol, eye, upper=False)  # C^-1
-    model.mean.copy_(mean.float())
-    model.whiten.copy_(inv_chol.transpose(1, 2).float())  # row vectors: z = (x - mu) C^-T
+    model.set_gaussians(mean, cov)
     return model

@@ -1,11 +1,16 @@
 """`linegate train` and `linegate evaluate`: split -> fit -> calibrate -> evaluate -> run dir.
 
 A run directory holds everything export needs and everything a person wants to check:
-  run.json         what was trained (detector, backbone weights, seed, input size, classes)
+  run.json         what was trained (detector and its shape, backbone weights, seed, input size,
+                   classes, the requested aggregate and threshold method, detector options)
   model.pt         the detector's state dict (backbone included: the run is self-contained)
   split.json       which file went to which set
   predictions.csv  every calibration and test image's score and decision
-  metrics.json     calibration and test metrics (the seed's list)
+  metrics.json     calibration and test metrics (the seed's list; the same keys for every detector)
+  report/          report.html with its PNG plots and overlays (training/report.py)
+
+Calibration (aggregate choice, threshold, normalisation, display range) sees the calibration
+images only; the test images are read after it is done.
 """
 from __future__ import annotations
 
@@ -13,33 +18,26 @@ import csv
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from edge.decision import aggregate_maps
 
 from . import calibrate
 from .backbone import load_backbone
 from .data import LoadedImages, Split, SplitCounts, load_images, make_split
-from .padim import PaDiMModel, extract, fit_padim, select_channels
+from .detectors import DETECTORS, FitInput, build_model, get_detector
+from .padim import extract
 
 log = logging.getLogger(__name__)
-DETECTORS = ("padim",)
+__all__ = ["DETECTORS", "build_model", "evaluate", "load_run", "predict", "train"]
 
 
-def build_model(meta: dict) -> PaDiMModel:
-    """An empty detector of the run's shape, ready for load_state_dict (no weights file read)."""
-    size = meta["image_size"]
-    backbone = load_backbone(weights=None, image_size=size[0])
-    h, w = meta["map_size"]
-    dims = meta["dims"]
-    return PaDiMModel(backbone, select_channels(meta["seed"], dims), torch.zeros(h * w, dims),
-                      torch.zeros(h * w, dims, dims), (h, w))
-
-
-def load_run(run_dir: str | Path) -> tuple[PaDiMModel, dict]:
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     run_dir = Path(run_dir)
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
@@ -52,7 +50,7 @@ def load_run(run_dir: str | Path) -> tuple[PaDiMModel, dict]:
 
 
 @torch.no_grad()
-def predict(model: PaDiMModel, tensors: np.ndarray, batch_size: int = 16,
+def predict(model: nn.Module, tensors: np.ndarray, batch_size: int = 16,
             desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
     """(scores (N,), maps (N, h, w)) for preprocessed images."""
     out = extract(lambda x: _stack(model(x)), torch.from_numpy(tensors), batch_size, desc)
@@ -66,42 +64,77 @@ def _stack(outputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.cat([score.unsqueeze(1), amap.flatten(1)], dim=1)
 
 
-def _evaluate(model: PaDiMModel, split: Split, size: tuple[int, int], normal: str,
-              batch_size: int, aggregate: str = "mean") -> tuple[dict, list[dict], dict]:
-    """Calibrate on the calibration set, evaluate on the test set.
+@dataclass
+class Scored:
+    """One evaluated set: its images, the graph's scores and maps, the calibrated image scores."""
 
-    The image score is `aggregate` of the map: the graph's own mean, or the same function
-    the runtime applies to the map (edge.decision.aggregate_maps) for max / topk:P.
-    """
-    sets: dict[str, LoadedImages] = {}
-    scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, items in (("calibration", split.calibration), ("test", split.test)):
-        sets[name] = load_images(items, size)
-        scores, maps = predict(model, sets[name].tensors, batch_size, desc=f"scoring {name}")
-        scored[name] = (scores if aggregate == "mean" else aggregate_maps(maps, aggregate), maps)
-    cal_scores, cal_maps = scored["calibration"]
-    cal_anom = np.array([c != normal for c in sets["calibration"].classes])
-    threshold = calibrate.youden_threshold(cal_scores, cal_anom)
-    norm_min, norm_max = calibrate.normalisation_range(cal_scores)
-    display = calibrate.display_range(cal_maps[~cal_anom], cal_maps[cal_anom])
-    calibration = {
-        "method": "youden", "aggregate": aggregate, "threshold": threshold,
-        "normalisation": {"min": norm_min, "max": norm_max}, "display_range": list(display),
-        **calibrate.binary_metrics(cal_scores, cal_anom, threshold),
-        "per_class": calibrate.per_class_accuracy(cal_scores, sets["calibration"].classes, normal, threshold),
+    images: LoadedImages
+    graph_scores: np.ndarray
+    maps: np.ndarray
+    normal: str
+    scores: np.ndarray | None = None
+
+    @property
+    def anomalous(self) -> np.ndarray:
+        return np.array([c != self.normal for c in self.images.classes], dtype=bool)
+
+
+def image_scores(graph_scores: np.ndarray, maps: np.ndarray, aggregate: str) -> np.ndarray:
+    """The score the runtime thresholds: the graph's own mean, else the aggregate of the map
+    (the same function the runtime applies: edge.decision.aggregate_maps)."""
+    return graph_scores if aggregate == "mean" else aggregate_maps(maps, aggregate)
+
+
+def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, int], normal: str,
+               batch_size: int, name: str) -> Scored:
+    images = load_images(items, size)
+    graph_scores, maps = predict(model, images.tensors, batch_size, desc=f"scoring {name}")
+    return Scored(images, graph_scores, maps, normal)
+
+
+def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "youden") -> dict:
+    """Everything the decision needs, from the calibration set alone."""
+    anomalous = cal.anomalous
+    if aggregate == "auto":
+        chosen, aurocs = calibrate.choose_aggregate(cal.maps, anomalous)
+    else:  # the candidates' AUROCs are recorded all the same, to show what auto would pick
+        candidates = tuple(dict.fromkeys((*calibrate.AGGREGATE_CANDIDATES, aggregate)))
+        chosen, aurocs = aggregate, calibrate.aggregate_aurocs(cal.maps, anomalous, candidates)
+    cal.scores = image_scores(cal.graph_scores, cal.maps, chosen)
+    threshold = calibrate.pick_threshold(cal.scores, anomalous, method)
+    norm_min, norm_max = calibrate.normalisation_range(cal.scores)
+    display = calibrate.display_range(cal.maps[~anomalous], cal.maps[anomalous])
+    return {
+        "method": method, "aggregate": chosen, "aggregate_requested": aggregate, "aggregate_auroc": aurocs,
+        "threshold": threshold, "normalisation": {"min": norm_min, "max": norm_max},
+        "display_range": list(display),
+        **calibrate.binary_metrics(cal.scores, anomalous, threshold),
+        "per_class": calibrate.per_class_accuracy(cal.scores, cal.images.classes, cal.normal, threshold),
     }
-    test_scores, _ = scored["test"]
-    test_anom = np.array([c != normal for c in sets["test"].classes])
-    test = {
-        **calibrate.binary_metrics(test_scores, test_anom, threshold),
-        "per_class": calibrate.per_class_accuracy(test_scores, sets["test"].classes, normal, threshold),
+
+
+def _evaluate(model: nn.Module, split: Split, size: tuple[int, int], normal: str, batch_size: int,
+              aggregate: str = "mean", method: str = "youden") -> tuple[dict, list[dict], dict[str, Scored]]:
+    """Calibrate on the calibration set, then (only then) score and evaluate the test set."""
+    cal = _score_set(model, split.calibration, size, normal, batch_size, "calibration")
+    calibration = calibrate_on(cal, aggregate, method)
+    threshold = calibration["threshold"]
+    test = _score_set(model, split.test, size, normal, batch_size, "test")
+    test.scores = image_scores(test.graph_scores, test.maps, calibration["aggregate"])
+    test_metrics = {
+        **calibrate.binary_metrics(test.scores, test.anomalous, threshold),
+        "per_class": calibrate.per_class_accuracy(test.scores, test.images.classes, normal, threshold),
+        # for the record only (the choice above never sees it): each aggregate's test AUROC
+        "aggregate_auroc": calibrate.aggregate_aurocs(test.maps, test.anomalous, tuple(calibration["aggregate_auroc"]))
+        if 0 < test.anomalous.sum() < len(test.anomalous) else {},
     }
+    scored = {"calibration": cal, "test": test}
     rows = [{"set": name, "path": p, "class": c, "score": float(s),
              "decision": "reject" if s >= threshold else "accept"}
-            for name in ("calibration", "test")
-            for p, c, s in zip(sets[name].paths, sets[name].classes, scored[name][0])]
-    skipped = sets["calibration"].skipped + sets["test"].skipped
-    return {"calibration": calibration, "test": test, "skipped": skipped}, rows, scored
+            for name, sc in scored.items()
+            for p, c, s in zip(sc.images.paths, sc.images.classes, sc.scores)]
+    skipped = cal.images.skipped + test.images.skipped
+    return {"calibration": calibration, "test": test_metrics, "skipped": skipped}, rows, scored
 
 
 def _write_results(run_dir: Path, metrics: dict, rows: list[dict]) -> None:
@@ -112,13 +145,36 @@ def _write_results(run_dir: Path, metrics: dict, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _check_choices(aggregate: str, threshold: str) -> None:
+    """Bad names fail before any work."""
+    if aggregate != "auto":
+        try:
+            aggregate_maps(np.zeros((1, 1, 1), np.float32), aggregate)
+        except ValueError:
+            raise ValueError(f"--aggregate {aggregate!r}: use mean, max, topk:P (P in (0, 100]) "
+                             "or auto (best calibration AUROC)") from None
+    calibrate.parse_threshold_method(threshold)
+
+
+def _detector_options(model: str, given: dict) -> dict:
+    detector = get_detector(model)
+    wrong = [k for k, v in given.items() if v is not None and k not in detector.options]
+    if wrong:
+        users = {k: [d.name for d in DETECTORS.values() if k in d.options] for k in wrong}
+        raise ValueError("; ".join(f"--{k.replace('_', '-')} applies to {', '.join(u)} only, not {model}"
+                                   for k, u in users.items()))
+    return {**detector.options, **{k: v for k, v in given.items() if v is not None}}
+
+
 def train(data: str | Path, out: str | Path, normal_class: str = "normal", model: str = "padim",
           seed: int = 0, weights: str | None = "imagenet", image_size: int = 224,
-          counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean") -> dict:
+          counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean",
+          threshold: str = "youden", epochs: int | None = None, coreset_ratio: float | None = None,
+          dims: int | None = None, report: bool = True) -> dict:
     """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json)."""
-    aggregate_maps(np.zeros((1, 1, 1), np.float32), aggregate)  # a bad name fails before any work
-    if model not in DETECTORS:
-        raise ValueError(f"--model {model!r}: this version trains {', '.join(DETECTORS)}")
+    detector = get_detector(model)
+    _check_choices(aggregate, threshold)
+    options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims})
     started = time.time()
     torch.manual_seed(seed)
     run_dir = Path(out)
@@ -126,33 +182,65 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     split = make_split(data, normal_class, seed, counts)
     (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=2) + "\n")
     size = (image_size, image_size)
-    log.info("split: %d train, %d calibration, %d test images (seed %d)",
-             len(split.train), len(split.calibration), len(split.test), seed)
+    log.info("split: %d train (+%d outlier exposure), %d calibration, %d test images (seed %d)",
+             len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed)
     train_set = load_images(split.train, size)
+    outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size)
     backbone = load_backbone(weights, image_size)
-    detector = fit_padim(backbone, torch.from_numpy(train_set.tensors), seed=seed, batch_size=batch_size)
+    fit_started = time.time()
+    fitted = detector.fit(FitInput(backbone, torch.from_numpy(train_set.tensors),
+                                   torch.from_numpy(outliers.tensors), seed, batch_size, options))
+    fit_seconds = time.time() - fit_started
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
-            "map_size": list(detector.map_size), "dims": int(detector.channels.numel()),
-            "normal_class": normal_class, "aggregate": aggregate,
+            **detector.shape(fitted), "options": options,
+            "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
-    torch.save(detector.state_dict(), run_dir / "model.pt")
+    torch.save(fitted.state_dict(), run_dir / "model.pt")
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    metrics, rows, _ = _evaluate(detector, split, size, normal_class, batch_size, aggregate)
-    metrics["skipped"] = train_set.skipped + metrics["skipped"]
+    metrics, rows, scored = _evaluate(fitted, split, size, normal_class, batch_size, aggregate, threshold)
+    metrics = {"detector": model, **metrics}
+    metrics["skipped"] = train_set.skipped + outliers.skipped + metrics["skipped"]
     metrics["split"] = split.to_json()
+    metrics["fit_seconds"] = round(fit_seconds, 1)
     metrics["train_seconds"] = round(time.time() - started, 1)
     _write_results(run_dir, metrics, rows)
+    if report:
+        _report(run_dir, meta, metrics, scored)
     return metrics
 
 
-def evaluate(run_dir: str | Path, batch_size: int = 16) -> dict:
-    """Recompute calibration and test metrics for a run from its saved model and split."""
+def evaluate(run_dir: str | Path, batch_size: int = 16, aggregate: str | None = None,
+             threshold: str | None = None, report: bool = True) -> dict:
+    """Recalibrate and re-evaluate a run from its saved model and split; rewrites metrics.json,
+    predictions.csv and the report. A new aggregate or threshold method is stored in run.json
+    (the bundle keeps the old one until `linegate export onnx RUN`)."""
     run_dir = Path(run_dir)
     model, meta = load_run(run_dir)
+    aggregate = aggregate or meta.get("aggregate", "mean")
+    threshold = threshold or meta.get("threshold", "youden")
+    _check_choices(aggregate, threshold)
+    if (aggregate, threshold) != (meta.get("aggregate"), meta.get("threshold")):
+        meta.update(aggregate=aggregate, threshold=threshold)
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
-    metrics, rows, _ = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"], batch_size,
-                                 meta.get("aggregate", "mean"))
-    metrics["split"] = split.to_json()
+    metrics, rows, scored = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"],
+                                      batch_size, aggregate, threshold)
+    old_path = run_dir / "metrics.json"
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    metrics = {"detector": meta["detector"], **metrics, "split": split.to_json()}
+    for key in ("fit_seconds", "train_seconds"):  # training facts survive re-evaluation
+        if key in old:
+            metrics[key] = old[key]
     _write_results(run_dir, metrics, rows)
+    if report:
+        _report(run_dir, meta, metrics, scored)
     return metrics
+
+
+def _report(run_dir: Path, meta: dict, metrics: dict, scored: dict[str, Scored]) -> Path:
+    from .report import write_report  # matplotlib is imported only when a report is drawn
+
+    path = write_report(run_dir / "report", meta, metrics, scored)
+    log.info("report: %s", path)
+    return path

@@ -1,0 +1,796 @@
+"""`linegate bench BUNDLE`: throughput, latency and memory of a bundle, measured in one run.
+
+What it measures, for every engine and precision the bundle holds (manifest `files`):
+(a) the backbone alone: the model's own graph cut where the detector head begins (the nodes
+    the exporter placed under the `backbone` module and everything they depend on), in the
+    same runtime and precision: the ceiling for this machine (DESIGN.md, performance model);
+(b) the whole model, through the runtime's engine;
+(c) the whole pipeline: frames preloaded in memory (no decode, no disk: the source never
+    limits) -> edge.pipeline.Pipeline (preprocess, batch, engine, decide, overlays at the
+    default policy, publish) -> ZeroMQ over tcp 127.0.0.1 -> a Subscriber in another process;
+each in img/s at each batch size, the stages taking turns in short rounds so that load from
+other processes hits them alike (the median round counts). Then, for the first engine:
+(d) latency from capture to the subscriber's receipt at a fixed offered frame rate (`--rate`,
+    default half the measured pipeline throughput), p50/p95/p99/max, for each max_wait_ms;
+(e) resident memory of the process during a soak at that rate (`--soak-seconds`).
+
+Writes OUT/bench.json, OUT/bench.md (tables, the ratios to the limit, the issue's targets) and
+OUT/throughput.png, OUT/latency.png, OUT/memory.png. On a shared machine compare ratios from
+one run, not absolute numbers across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import shlex
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PERCENTILES = (50, 95, 99)
+TARGETS = {"model_over_backbone": 0.8, "pipeline_over_model": 0.85, "p99_over_p50": 2.0, "rss_growth_pct": 5.0}
+TARGET_BATCH = 8
+
+
+# -- the backbone-alone graph -----------------------------------------------------------------
+
+def _in_backbone(node) -> bool:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":  # the dynamo exporter's module path
+            return "'backbone" in prop.value
+    return False
+
+
+def _backbone_nodes(model) -> tuple[list, list[str]]:
+    """The backbone's nodes (graph order) and the names of the tensors where the detector head
+    begins. Backbone = the nodes under the `backbone` module scope and everything they depend
+    on (input normalisation, quantize/dequantize nodes); head = the rest. Graphs without the
+    exporter's scopes fall back to the convolutions and their ancestors."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    seeds = [n for n in graph.node if _in_backbone(n)]
+    if not seeds:
+        seeds = [n for n in graph.node if "Conv" in n.op_type]
+    if not seeds:
+        raise ValueError("no backbone in the graph (no node in a `backbone` scope, no convolution)")
+    inside: set[int] = set()
+    todo = list(seeds)
+    while todo:
+        node = todo.pop()
+        if id(node) in inside:
+            continue
+        inside.add(id(node))
+        todo += [producer[name] for name in node.input if name in producer]
+    outputs: list[str] = []
+    graph_outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        if id(node) in inside:
+            outputs += [o for o in node.output if o in graph_outputs and o not in outputs]
+            continue
+        outputs += [name for name in node.input
+                    if name in producer and id(producer[name]) in inside and name not in outputs]
+    return [n for n in graph.node if id(n) in inside], outputs
+
+
+def backbone_outputs(model) -> list[str]:
+    """Names of the tensors where the detector head begins (see _backbone_nodes)."""
+    return _backbone_nodes(model)[1]
+
+
+def write_backbone_graph(model_path: Path, out_path: Path) -> list[str]:
+    """The backbone alone as its own ONNX file: the model's nodes up to the head, unchanged."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path))
+    nodes, outputs = _backbone_nodes(model)
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    known = {vi.name: vi for vi in [*typed.value_info, *typed.output, *typed.input]}
+    used = {name for node in nodes for name in node.input}
+    graph = helper.make_graph(
+        nodes, "backbone", list(model.graph.input),
+        [known.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        [t for t in model.graph.initializer if t.name in used])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    sub.functions.extend(model.functions)
+    onnx.save(sub, str(out_path))
+    return outputs
+
+
+def ort_session(path: Path, threads: int | None, providers: list[str]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()  # as edge.engine.OnnxRuntimeEngine sets them
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+def load_frames(images: str | None, size: tuple[int, int], limit: int, seed: int = 0) -> tuple[list[np.ndarray], str]:
+    """RGB uint8 frames in memory: image files under `images` (searched recursively, spread
+    evenly over the sorted list), else synthetic parts (30% defective)."""
+    if images:
+        from edge.images import IMAGE_SUFFIXES, ImageReadError, read_image
+
+        root = Path(images)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"--images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) under it")
+        picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(limit, len(files)))]
+        frames = []
+        for path in picks:
+            try:
+                frames.append(read_image(path))
+            except ImageReadError as exc:
+                log.warning("skipped %s: %s", path, exc)
+        if not frames:
+            raise ValueError(f"--images {images}: none of the images could be read")
+        return frames, f"{len(frames)} images from {root}"
+    from edge.synthetic import PartGenerator
+
+    gen = PartGenerator(size=size[0], seed=seed)
+    return [gen.sample(0.3)[0] for _ in range(limit)], f"{limit} synthetic parts (30% defective)"
+
+
+def _preloaded_source_class():
+    from edge.sources import Source
+
+    class PreloadedSource(Source):
+        """Frames from memory, each a fresh copy as a capture buffer would be; paced at
+        `fps` against a schedule when given, else as fast as the pipeline takes them."""
+
+        def __init__(self, images: list[np.ndarray], count: int, fps: float | None = None,
+                     camera_id: str = "bench") -> None:
+            super().__init__(camera_id)
+            self.images, self.count, self.fps = images, count, fps
+
+        def frames(self, stop: threading.Event):
+            self.state = "running"
+            next_t = time.monotonic()
+            for i in range(self.count):
+                if self.fps:
+                    if stop.wait(max(0.0, next_t - time.monotonic())):
+                        return
+                    next_t += 1.0 / self.fps
+                elif stop.is_set():
+                    return
+                yield self._stamp(self.images[i % len(self.images)].copy(), source_name=f"frame{i}")
+            self.state = "ended"
+
+    return PreloadedSource
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """One engine/precision of the bundle: the whole model, and its backbone alone."""
+    key: str  # e.g. "onnxruntime/fp32"
+    engine: object
+    backbone: Callable[[np.ndarray], object] | None
+
+
+@dataclass
+class Bench:
+    bundle: object
+    rule: object
+    frames: list[np.ndarray]
+    endpoint: str
+    receiver: object  # multiprocessing Connection to benchmarks.receiver
+    overlay_accepts_every: int = 0
+    runs: itertools.count = field(default_factory=itertools.count)
+
+    def pipeline(self, engine, batch: int, count: int, fps: float | None = None, max_wait_ms: float = 5.0,
+                 during: Callable[[], None] | None = None, every_s: float = 1.0) -> dict:
+        """One pipeline run of `count` frames to the subscriber process; its records.
+        `during` is called every `every_s` seconds while it runs."""
+        from edge.pipeline import Pipeline, RunOptions
+
+        tag = f"{self.bundle.model_id}#bench{next(self.runs)}"
+        publisher = _bind_publisher(self.endpoint, tag)
+        options = RunOptions(max_batch=batch, max_wait_ms=max_wait_ms, wait_subscribers=3, wait_timeout_s=30,
+                             overlay_accepts_every=self.overlay_accepts_every)
+        source = _preloaded_source_class()(self.frames, count, fps)
+        pipeline = Pipeline(self.bundle, engine, self.rule, [source], publisher, options)
+        expected_s = count / fps if fps else count / 5.0  # generous: >= 5 img/s
+        self.receiver.send(("collect", tag, count, expected_s * 2 + 60))
+        stop_sampling = threading.Event()
+        sampler = None
+        if during is not None:
+            sampler = threading.Thread(target=_every, args=(during, every_s, stop_sampling), daemon=True)
+            sampler.start()
+        summary = pipeline.run()
+        stop_sampling.set()
+        if sampler is not None:
+            sampler.join()
+        if not self.receiver.poll(expected_s * 2 + 90):
+            raise RuntimeError("the subscriber process did not report back")
+        rec = self.receiver.recv()
+        rec["summary"] = {"frames": summary.frames, "rejects": summary.rejects, "errors": summary.errors,
+                          "batches": summary.batches, "seconds": round(summary.seconds, 3)}
+        return rec
+
+
+def _every(fn: Callable[[], None], interval_s: float, stop: threading.Event) -> None:
+    while not stop.wait(interval_s):
+        fn()
+
+
+def _bind_publisher(endpoint: str, tag: str):
+    """A publisher on the bench's fixed endpoint; the last run's socket may still be closing."""
+    from edge.publisher import Publisher
+
+    for attempt in range(50):
+        try:
+            return Publisher(endpoint, model_id=tag)
+        except ValueError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def steady_fps(receipt_ts: np.ndarray, skip: int) -> float:
+    """Frames per second at the subscriber, after the first `skip` frames (start-up)."""
+    t = np.sort(receipt_ts)
+    if len(t) <= skip + 1:
+        skip = 0
+    span = t[-1] - t[max(skip - 1, 0)]
+    return float((len(t) - max(skip, 1)) / span) if span > 0 else 0.0
+
+
+def latency_summary(ms: np.ndarray) -> dict:
+    if not len(ms):
+        return {"n": 0}
+    p50, p95, p99 = np.percentile(ms, PERCENTILES)
+    return {"n": int(len(ms)), "p50": round(float(p50), 2), "p95": round(float(p95), 2),
+            "p99": round(float(p99), 2), "max": round(float(ms.max()), 2),
+            "p99_over_p50": round(float(p99 / p50), 3) if p50 > 0 else None}
+
+
+def stage_latency(stats: list[dict]) -> dict:
+    """Median over the run's stats intervals of each pipeline stage's p50 and p99 (ms)."""
+    out = {}
+    for stage in ("capture_to_batch", "inference", "postprocess", "publish", "end_to_end"):
+        windows = [s["latency_ms"][stage] for s in stats if (s.get("latency_ms") or {}).get(stage)]
+        if windows:
+            out[stage] = {"p50": round(float(np.median([w["p50"] for w in windows])), 2),
+                          "p99": round(float(np.median([w["p99"] for w in windows])), 2)}
+    return out
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (VmRSS), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource  # not Linux: peak RSS is the best there is
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
+
+
+def machine() -> dict:
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "numpy", "opencv-python-headless", "opencv-python", "pyzmq",
+                 "msgpack", "onnx", "torch", "tensorrt"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def _free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _start_receiver(endpoint: str):
+    """The subscriber process (benchmarks.receiver) and our end of its control connection.
+    A plain subprocess, not multiprocessing: it must not re-import the caller's __main__."""
+    import subprocess
+    from multiprocessing.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.receiver", endpoint, str(theirs.fileno())],
+                            pass_fds=[theirs.fileno()])
+    theirs.close()
+    conn = Connection(ours.detach())
+    if not conn.poll(120) or conn.recv() != "ready":
+        proc.kill()
+        raise RuntimeError("the subscriber process (benchmarks.receiver) did not start")
+    return proc, conn
+
+
+def _targets(bundle, args, tmp: Path) -> tuple[list[Target], dict]:
+    from edge.engine import OnnxRuntimeEngine, open_engine
+
+    targets, skipped = [], {}
+    wanted = set(args.precision.split(",")) if args.precision else None
+    for m in bundle.models():
+        engine_kind = "onnxruntime" if m.kind == "onnx" else m.kind
+        key = f"{engine_kind}/{m.precision}"
+        if wanted and m.precision not in wanted:
+            continue
+        if m.kind == "onnx":
+            engine = OnnxRuntimeEngine.from_bundle(bundle, m.name, threads=args.threads)
+            engine.precision = m.precision
+            cut = tmp / f"backbone.{m.name}"
+            try:
+                outputs = write_backbone_graph(bundle.path / m.name, cut)
+            except ValueError as exc:
+                skipped[f"backbone {key}"] = f"{m.name}: {exc}"
+                log.warning("%s: backbone alone not measured: %s", key, exc)
+                targets.append(Target(key, engine, None))
+                continue
+            session = ort_session(cut, args.threads, engine.session.get_providers())
+            name = session.get_inputs()[0].name
+            targets.append(Target(key, engine, lambda x, s=session, n=name: s.run(None, {n: x})))
+            log.info("%s: %s, backbone alone = the graph up to %s", key, m.name, ", ".join(outputs))
+        else:
+            try:
+                engine = open_engine(bundle, m.kind, m.precision)
+            except Exception as exc:  # noqa: BLE001 - no GPU here: say so in the results
+                skipped[key] = str(exc)
+                log.warning("%s: skipped: %s", key, exc)
+                continue
+            # the backbone alone would need its own engine build; the model and pipeline are measured
+            targets.append(Target(key, engine, None))
+    return targets, skipped
+
+
+def _rounds(fns: dict[str, Callable[[np.ndarray], object]], batch: np.ndarray, seconds: float,
+            turn_s: float = 1.0) -> dict[str, float]:
+    """One round: each function for `seconds` in all, taking turns of about `turn_s`; img/s each.
+    Each turn starts with one untimed call: the first run after another session ran pays for
+    its caches and thread pool (~10% at 0.5 s turns, measured), which a steady stream doesn't."""
+    images = dict.fromkeys(fns, 0)
+    spent = dict.fromkeys(fns, 0.0)
+    while min(spent.values()) < seconds:
+        for name, fn in fns.items():
+            if spent[name] >= seconds:
+                continue
+            fn(batch)
+            start = time.perf_counter()
+            while True:
+                fn(batch)
+                images[name] += len(batch)
+                elapsed = time.perf_counter() - start
+                if elapsed >= min(turn_s, seconds - spent[name]):
+                    break
+            spent[name] += elapsed
+    return {name: images[name] / spent[name] for name in fns}
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from edge.bundle import load_bundle
+    from edge.decision import DecisionRule
+    from edge.images import preprocess
+
+    started = time.time()
+    bundle = load_bundle(args.bundle)
+    size = bundle.input_size
+    frames, frames_desc = load_frames(args.images, size, args.max_images)
+    tensors = np.stack([preprocess(f, size) for f in frames])
+    batches = sorted({int(b) for b in args.batches.split(",")})
+    waits = [float(w) for w in args.wait_ms.split(",")]
+    result: dict = {
+        "bundle": str(Path(args.bundle).resolve()), "model_id": bundle.model_id,
+        "detector": bundle.manifest.get("detector"), "input": list(size),
+        "command": args.command,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"batches": batches, "seconds": args.seconds, "rounds": args.rounds, "frames": frames_desc,
+                     "frame_shape": list(frames[0].shape), "overlay_accepts_every": args.overlay_accepts,
+                     "max_wait_ms": waits, "soak_seconds": args.soak_seconds, "threads": args.threads},
+        "machine": machine(),
+        "limit": "backbone alone: the model's own graph cut where the head begins, same runtime and precision",
+        "backbone_fps": {}, "model_fps": {}, "pipeline_fps": {}, "ratios": {}, "rounds": {}, "pipeline": {},
+    }
+    endpoint = _free_endpoint()
+    proc, conn = _start_receiver(endpoint)
+    try:
+        with tempfile.TemporaryDirectory(prefix="linegate-bench-") as tmp:
+            targets, skipped = _targets(bundle, args, Path(tmp))
+            result["skipped"] = skipped
+            if not targets:
+                raise ValueError(f"{args.bundle}: nothing to measure here ({skipped or 'no model matches --precision'})")
+            bench = Bench(bundle, DecisionRule.from_bundle(bundle), frames, endpoint, conn, args.overlay_accepts)
+            slice_s = args.seconds / args.rounds
+            steps = len(batches) * args.rounds + len(waits) + (1 if args.soak_seconds > 0 else 0)
+            with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
+                for batch in batches:
+                    x = np.ascontiguousarray(tensors[np.arange(batch) % len(tensors)])
+                    fns: dict[str, Callable] = {}
+                    for t in targets:
+                        if t.backbone is not None:
+                            fns[f"backbone {t.key}"] = t.backbone
+                        fns[f"model {t.key}"] = t.engine.infer
+                    for fn in fns.values():  # warm-up: first runs allocate
+                        fn(x)
+                    per_round: dict[str, list[float]] = {name: [] for name in fns}
+                    per_round.update({f"pipeline {t.key}": [] for t in targets})
+                    details: dict[str, list[dict]] = {t.key: [] for t in targets}
+                    for r in range(args.rounds):
+                        bar.set_description(f"bench batch {batch} round {r + 1}/{args.rounds}")
+                        for name, fps in _rounds(fns, x, slice_s).items():
+                            per_round[name].append(fps)
+                        for t in targets:
+                            expect = max(per_round[f"model {t.key}"][-1], 1.0)
+                            count = batch * max(6, round(expect * slice_s / batch))  # whole batches
+                            rec = bench.pipeline(t.engine, batch, count)
+                            per_round[f"pipeline {t.key}"].append(steady_fps(rec["receipt_ts"], 2 * batch))
+                            details[t.key].append(rec)
+                        bar.update()
+                    _store_batch(result, batch, per_round, details)
+                    bar.write(_batch_line(result, batch))
+                first = targets[0]
+                lat_batch = args.latency_batch
+                base_fps = result["pipeline_fps"][first.key].get(str(lat_batch))
+                if base_fps is None:
+                    rec = bench.pipeline(first.engine, lat_batch, max(6 * lat_batch, 200))
+                    base_fps = steady_fps(rec["receipt_ts"], 2 * lat_batch)
+                rate = args.rate or round(0.5 * base_fps, 1)
+                result["latency_ms"] = {"engine": first.key, "batch": lat_batch, "offered_fps": rate,
+                                        "rate_from": "--rate" if args.rate else f"half the pipeline's {base_fps:.1f} img/s",
+                                        "by_max_wait_ms": {}}
+                samples = {}
+                for wait in waits:
+                    bar.set_description(f"bench latency max_wait_ms={wait:g} at {rate:g} img/s")
+                    count = max(20, int(rate * args.latency_seconds))
+                    rec = bench.pipeline(first.engine, lat_batch, count, fps=rate, max_wait_ms=wait)
+                    ms = _latencies(rec, warmup_s=min(1.0, args.latency_seconds / 5))
+                    samples[wait] = ms
+                    summary = latency_summary(ms)
+                    summary.update(achieved_fps=round(steady_fps(rec["receipt_ts"], 0), 2),
+                                   stages=stage_latency(rec["stats"]), lost=int(count - len(rec["receipt_ts"])))
+                    result["latency_ms"]["by_max_wait_ms"][f"{wait:g}"] = summary
+                    bar.write(f"latency max_wait_ms={wait:g} at {rate:g} img/s: p50 {summary.get('p50')} "
+                              f"p99 {summary.get('p99')} max {summary.get('max')} ms")
+                    bar.update()
+                result["_latency_samples"] = samples
+                if args.soak_seconds > 0:
+                    bar.set_description(f"bench soak {args.soak_seconds:g} s at {rate:g} img/s")
+                    result["rss_mb"] = _soak(bench, first, lat_batch, rate, args.soak_seconds)
+                    bar.write(f"soak: RSS {result['rss_mb']['start']} -> {result['rss_mb']['end']} MB "
+                              f"({result['rss_mb']['growth_pct']:+.2f}%)")
+                    bar.update()
+    finally:
+        conn.send(("stop",))
+        try:
+            proc.wait(5)
+        except Exception:  # noqa: BLE001 - it is ours; don't leave it behind
+            proc.kill()
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    result["duration_s"] = round(time.time() - started, 1)
+    return result
+
+
+def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
+    capture, receipt = rec["capture_ts"], rec["receipt_ts"]
+    if not len(capture):
+        return np.empty(0)
+    keep = capture >= capture.min() + warmup_s
+    return (receipt[keep] - capture[keep]) * 1000.0
+
+
+def _soak(bench: Bench, target: Target, batch: int, rate: float, seconds: float) -> dict:
+    samples: list[tuple[float, float]] = []
+    t0 = time.monotonic()
+    samples.append((0.0, rss_mb()))
+    rec = bench.pipeline(target.engine, batch, max(10, int(rate * seconds)), fps=rate,
+                         during=lambda: samples.append((time.monotonic() - t0, rss_mb())))
+    samples.append((time.monotonic() - t0, rss_mb()))
+    # "start" is after the first minute (or a sixth of a shorter soak): allocators and caches settle
+    settle = min(60.0, seconds / 6)
+    start = next(mb for t, mb in samples if t >= settle)
+    end = samples[-1][1]
+    ms = _latencies(rec, warmup_s=1.0)
+    return {"seconds": seconds, "offered_fps": rate, "engine": target.key, "batch": batch,
+            "at_0s": round(samples[0][1], 1), "start_at_s": round(settle, 1), "start": round(start, 1),
+            "end": round(end, 1), "growth_pct": round(100.0 * (end - start) / start, 2),
+            "decisions": int(len(rec["receipt_ts"])), "gaps": rec["gaps"], "latency_ms": latency_summary(ms),
+            "samples": [[round(t, 1), round(mb, 1)] for t, mb in samples]}
+
+
+def _store_batch(result: dict, batch: int, per_round: dict[str, list[float]], details: dict[str, list[dict]]) -> None:
+    b = str(batch)
+    for name, values in per_round.items():
+        stage, key = name.split(" ", 1)
+        result[f"{stage}_fps"].setdefault(key, {})[b] = round(float(np.median(values)), 2)
+        result["rounds"].setdefault(stage, {}).setdefault(key, {})[b] = [round(v, 2) for v in values]
+    for key, recs in details.items():
+        frames = sum(len(r["receipt_ts"]) for r in recs)
+        result["pipeline"].setdefault(key, {})[b] = {
+            "frames": frames, "overlays": sum(r["overlays"] for r in recs),
+            "overlay_fraction": round(sum(r["overlays"] for r in recs) / max(frames, 1), 3),
+            "overlay_kb_mean": round(sum(r["overlay_bytes"] for r in recs) / max(sum(r["overlays"] for r in recs), 1) / 1024, 1),
+            "rejects": sum(r["rejects"] for r in recs), "gaps": sum(r["gaps"] for r in recs),
+            "stages_ms": stage_latency([s for r in recs for s in r["stats"]]),
+        }
+        # Ratios per round (stages measured seconds apart), then the median: steadier than a
+        # ratio of medians when the machine's load drifts.
+        rounds = {stage: np.asarray(per_round.get(f"{stage} {key}", []), float)
+                  for stage in ("backbone", "model", "pipeline")}
+        ratios = {}
+        for name, num, den in (("model_over_backbone", "model", "backbone"), ("pipeline_over_model", "pipeline", "model"),
+                               ("pipeline_over_backbone", "pipeline", "backbone")):
+            if len(rounds[num]) and len(rounds[num]) == len(rounds[den]) and rounds[den].min() > 0:
+                ratios[name] = round(float(np.median(rounds[num] / rounds[den])), 3)
+        result["ratios"].setdefault(key, {})[b] = ratios
+
+
+def _batch_line(result: dict, batch: int) -> str:
+    b = str(batch)
+    parts = []
+    for key in result["model_fps"]:
+        bb = result["backbone_fps"].get(key, {}).get(b)
+        parts.append(f"{key} batch {batch}: backbone {bb if bb is not None else '-'} model {result['model_fps'][key][b]} "
+                     f"pipeline {result['pipeline_fps'][key][b]} img/s")
+    return "; ".join(parts)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def _fmt(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("meets" if ok else "misses")
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# linegate bench: {result['detector']} ({result['model_id']})", "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average {m['load_average_at_start']} "
+             f"at start, {m.get('load_average_at_end')} at end  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  ",
+             f"Frames: {result['settings']['frames']} (shape {result['settings']['frame_shape']}), overlays at "
+             f"the default policy (every reject{'' if not result['settings']['overlay_accepts_every'] else ', accepts every %d' % result['settings']['overlay_accepts_every']})  ",
+             f"Each img/s figure is the median of {result['settings']['rounds']} rounds in which the stages take turns "
+             f"({result['settings']['seconds']:g} s per stage and batch in all); each ratio is the median of the "
+             f"per-round ratios. {result['duration_s']:.0f} s in all.", "",
+             f"**The limit** is the {result['limit']}. Ratios below say how far each stage is from it.", ""]
+    for key in result["model_fps"]:
+        lines += [f"## {key}", "",
+                  "| batch | backbone img/s | model img/s | pipeline img/s | model / backbone | pipeline / model "
+                  "| pipeline / backbone | overlays/frame |", "|---|---|---|---|---|---|---|---|"]
+        for b in (str(x) for x in result["settings"]["batches"]):
+            r = result["ratios"][key].get(b, {})
+            p = result["pipeline"].get(key, {}).get(b, {})
+            lines.append(f"| {b} | {_fmt(result['backbone_fps'].get(key, {}).get(b))} | {_fmt(result['model_fps'][key].get(b))} "
+                         f"| {_fmt(result['pipeline_fps'][key].get(b))} | {_fmt(r.get('model_over_backbone'), 2)} "
+                         f"| {_fmt(r.get('pipeline_over_model'), 2)} | {_fmt(r.get('pipeline_over_backbone'), 2)} "
+                         f"| {_fmt(p.get('overlay_fraction'), 2)} |")
+        stages = result["pipeline"].get(key, {}).get(str(TARGET_BATCH), {}).get("stages_ms")
+        if stages:
+            lines += ["", f"Pipeline stages at batch {TARGET_BATCH} (median p50 / p99 over the stats intervals, ms): " +
+                      "; ".join(f"{k} {v['p50']} / {v['p99']}" for k, v in stages.items())]
+        lines.append("")
+    for key, why in result.get("skipped", {}).items():
+        lines += [f"## {key}: not measured", "", why, ""]
+    lat = result.get("latency_ms")
+    if lat:
+        lines += [f"## Latency, capture -> subscriber receipt ({lat['engine']}, max_batch {lat['batch']}, "
+                  f"offered {lat['offered_fps']:g} img/s = {lat['rate_from']})", "",
+                  "| max_wait_ms | frames | achieved img/s | p50 ms | p95 ms | p99 ms | max ms | p99 / p50 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for wait, s in lat["by_max_wait_ms"].items():
+            lines.append(f"| {wait} | {s['n']} | {_fmt(s.get('achieved_fps'))} | {_fmt(s.get('p50'))} | {_fmt(s.get('p95'))} "
+                         f"| {_fmt(s.get('p99'))} | {_fmt(s.get('max'))} | {_fmt(s.get('p99_over_p50'), 2)} |")
+        lines.append("")
+    rss = result.get("rss_mb")
+    if rss:
+        lines += [f"## Memory during a {rss['seconds']:g} s soak at {rss['offered_fps']:g} img/s", "",
+                  f"Resident memory {rss['at_0s']} MB at the start of the soak, {rss['start']} MB at {rss['start_at_s']:g} s, "
+                  f"{rss['end']} MB at the end: {rss['growth_pct']:+.2f}% ({rss['decisions']} decisions, "
+                  f"{rss['gaps']} lost). Latency over the soak: p50 {rss['latency_ms'].get('p50')} ms, "
+                  f"p99 {rss['latency_ms'].get('p99')} ms.", ""]
+    lines += ["## Against the targets (issue 6)", "", "| check | value | target | |", "|---|---|---|---|"]
+    for key in result["ratios"]:
+        r = result["ratios"][key].get(str(TARGET_BATCH), {})
+        for name, label in (("model_over_backbone", "head efficiency"), ("pipeline_over_model", "pipeline efficiency")):
+            v = r.get(name)
+            lines.append(f"| {label}, {key}, batch {TARGET_BATCH} | {_fmt(v, 3)} | >= {TARGETS[name]} | "
+                         f"{_verdict(None if v is None else v >= TARGETS[name])} |")
+    if lat:
+        for wait, s in lat["by_max_wait_ms"].items():
+            v = s.get("p99_over_p50")
+            lines.append(f"| latency p99 / p50, max_wait_ms {wait} | {_fmt(v, 2)} | <= 2 | "
+                         f"{_verdict(None if v is None else v <= TARGETS['p99_over_p50'])} |")
+    if rss:
+        minutes = "minute 1 -> end" if rss["seconds"] >= 600 else f"{rss['start_at_s']:g} s -> end (a 10-minute soak is the real check)"
+        lines.append(f"| RSS growth, {minutes} | {rss['growth_pct']:+.2f}% | <= 5% | "
+                     f"{_verdict(rss['growth_pct'] <= TARGETS['rss_growth_pct'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"backbone": ":", "model": "--", "pipeline": "-"}
+    for stage in ("backbone", "model", "pipeline"):
+        for key, values in result[f"{stage}_fps"].items():
+            xs = sorted(int(b) for b in values)
+            ax.plot(xs, [values[str(b)] for b in xs], styles[stage], marker="o", label=f"{stage} {key}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["settings"]["batches"], [str(b) for b in result["settings"]["batches"]])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"{result['detector']}: throughput vs batch (limit: backbone alone)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "throughput.png")
+
+    samples = result.get("_latency_samples") or {}
+    if samples:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        finite = [v for v in samples.values() if len(v)]
+        top = max(float(np.percentile(v, 99.5)) for v in finite) if finite else 1.0
+        bins = np.linspace(0, top * 1.05, 60)
+        for wait, ms in samples.items():
+            if len(ms):
+                ax.hist(np.clip(ms, 0, bins[-1]), bins=bins, histtype="step", linewidth=1.5,
+                        label=f"max_wait_ms {wait:g}: p50 {np.percentile(ms, 50):.1f}, p99 {np.percentile(ms, 99):.1f}")
+        lat = result["latency_ms"]
+        ax.set_xlabel("capture -> subscriber receipt, ms")
+        ax.set_ylabel("frames")
+        ax.set_title(f"latency at {lat['offered_fps']:g} img/s offered, max_batch {lat['batch']} ({lat['engine']})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "latency.png")
+
+    rss = result.get("rss_mb")
+    if rss and rss["samples"]:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        t, mb = zip(*rss["samples"])
+        ax.plot(t, mb)
+        ax.axvline(rss["start_at_s"], color="grey", linestyle=":")
+        ax.set_xlabel("soak time, s")
+        ax.set_ylabel("resident memory, MB")
+        ax.set_title(f"RSS during the soak: {rss['growth_pct']:+.2f}% from {rss['start_at_s']:g} s to the end")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "memory.png")
+    return written
+
+
+def write_results(result: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = plots(result, out)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    (out / "bench.json").write_text(json.dumps(public, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(public))
+    return [out / "bench.json", out / "bench.md", *written]
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        return value
+    return parse
+
+
+def _int_list(text: str) -> str:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return text
+
+
+def _float_list(text: str) -> str:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, not {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
+    return text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE", help="model bundle directory (e.g. RUN/bundle)")
+    p.add_argument("--out", default="bench", help="where bench.json, bench.md and the plots go (default: ./bench)")
+    p.add_argument("--batches", type=_int_list, default="1,2,4,8,16", help="batch sizes (default 1,2,4,8,16)")
+    p.add_argument("--seconds", type=_positive(float), default=4.0,
+                   help="per stage and batch size, split over the rounds (default 4)")
+    p.add_argument("--rounds", type=_positive(int), default=2, help="turns the stages take (default 2)")
+    p.add_argument("--rate", type=_positive(float), help="offered img/s for latency and soak "
+                   "(default: half the pipeline's throughput at --latency-batch)")
+    p.add_argument("--latency-batch", type=_positive(int), default=8, help="max_batch for latency and soak (default 8)")
+    p.add_argument("--wait-ms", type=_float_list, default="0,5,20", help="max_wait_ms values for latency (default 0,5,20)")
+    p.add_argument("--latency-seconds", type=_positive(float), default=10.0, help="per max_wait_ms value (default 10)")
+    p.add_argument("--soak-seconds", type=float, default=60.0,
+                   help="memory soak at the offered rate, 0 = none (default 60; the 5%% growth check needs 600)")
+    p.add_argument("--images", help="image folder (searched recursively) for the frames; default: synthetic parts")
+    p.add_argument("--max-images", type=_positive(int), default=64, help="frames kept in memory (default 64)")
+    p.add_argument("--overlay-accepts", type=int, default=0,
+                   help="overlay every Nth accept too (default 0: rejects only, the runtime's default)")
+    p.add_argument("--precision", help="only these precisions, e.g. fp32 or fp32,int8 (default: all the bundle holds)")
+    p.add_argument("--threads", type=_positive(int), help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
+
+
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    """Entry point for `linegate bench`; `command` (for the report) defaults to this
+    process's command line."""
+    args.command = command or " ".join(shlex.quote(a) for a in ["linegate", *sys.argv[1:]])
+    runtime_log = logging.getLogger("edge")
+    level = runtime_log.level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        runtime_log.setLevel(logging.WARNING)  # one pipeline per step: its start/stop lines are noise here
+    try:
+        result = run_bench(args)
+    finally:
+        runtime_log.setLevel(level)
+    out = Path(args.out)
+    for path in write_results(result, out):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv), " ".join(shlex.quote(a) for a in ["python -m benchmarks.bench", *argv]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

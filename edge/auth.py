@@ -1,0 +1,147 @@
+"""CURVE encryption and authentication for the publisher, with pyzmq's own auth (zmq.auth).
+
+Keys are ZeroMQ certificate files as ``zmq.auth.create_certificates`` writes them (and
+``linegate keys`` calls it): ``NAME.key`` holds the public key, ``NAME.key_secret`` both.
+- The publisher (CURVE server) loads its ``.key_secret`` and an allow-list: a directory of
+  subscribers' public ``.key`` files. A ThreadAuthenticator (ZAP) on the publisher's own
+  context admits only those keys; any other client never completes the handshake and so
+  receives nothing.
+- A subscriber (CURVE client) needs the server's public key (its ``.key`` file or the
+  40-character Z85 text) and its own ``.key_secret``.
+The allow-list is read at start: restart the service after adding a subscriber's key.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+log = logging.getLogger(__name__)
+
+Z85_KEY_LENGTH = 40
+
+
+def _require_curve() -> None:
+    if not zmq.has("curve"):
+        raise ValueError("this libzmq was built without CURVE (libsodium); install pyzmq from PyPI, "
+                         "whose wheels include it")
+
+
+def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Write DIRECTORY/NAME.key (public, to share) and NAME.key_secret (mode 0600, keep private).
+
+    Refuses to overwrite an existing pair: a replaced key locks its subscribers out.
+    """
+    _require_curve()
+    directory = Path(directory)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise ValueError(f"{path} exists; remove it first or pick another --name")
+    directory.mkdir(parents=True, exist_ok=True)
+    public_file, secret_file = zmq.auth.create_certificates(directory, name)
+    os.chmod(secret_file, 0o600)
+    return Path(public_file), Path(secret_file)
+
+
+def load_secret_key(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` file, or ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such key file; make a pair with `linegate keys DIR --name NAME`")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a ZeroMQ certificate ({exc})") from exc
+    if secret is None:
+        raise ValueError(f"{path}: holds only a public key; give the matching .key_secret file")
+    return public, secret
+
+
+def load_public_key(text_or_path: str | Path) -> bytes:
+    """A public key from a certificate file (``.key`` or ``.key_secret``) or its 40-char Z85 text."""
+    text = str(text_or_path)
+    if len(text) == Z85_KEY_LENGTH and not Path(text).exists():
+        try:
+            z85.decode(text)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"server key {text!r}: not a Z85 key ({exc})") from exc
+        return text.encode("ascii")
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such key file (give the publisher's .key file or its 40-character "
+                         "public key)")
+    try:
+        return zmq.auth.load_certificate(path)[0]
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a ZeroMQ certificate ({exc})") from exc
+
+
+def allowed_keys(directory: str | Path) -> list[bytes]:
+    """The public keys of the ``*.key`` files in an allow-list directory; ValueError if none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a directory; it must hold the allowed subscribers' "
+                         "public .key files")
+    keys = list(zmq.auth.load_certificates(directory))
+    if not keys:
+        raise ValueError(f"{directory}: no *.key files; copy each allowed subscriber's public key "
+                         "(made by `linegate keys`) into it")
+    return keys
+
+
+@dataclass(frozen=True)
+class CurveServer:
+    """The publisher's side of CURVE: its secret key file and the allow-list directory."""
+
+    secret_key: Path
+    allowed_keys: Path
+
+    def validate(self) -> int:
+        """Check both exist and hold keys; the number of allowed subscriber keys."""
+        _require_curve()
+        load_secret_key(self.secret_key)
+        return len(allowed_keys(self.allowed_keys))
+
+    def start(self, context: zmq.Context, socket: zmq.Socket) -> ThreadAuthenticator:
+        """Start the ZAP authenticator on ``context`` and make ``socket`` a CURVE server.
+
+        Call before bind(); stop the returned authenticator after closing the socket.
+        """
+        count = self.validate()
+        public, secret = load_secret_key(self.secret_key)
+        auth = ThreadAuthenticator(context, log=logging.getLogger("edge.auth.zap"))
+        auth.start()
+        auth.configure_curve(domain="*", location=str(self.allowed_keys))
+        socket.curve_secretkey = secret
+        socket.curve_publickey = public
+        socket.curve_server = True
+        log.info("CURVE on: %d allowed subscriber key(s) from %s", count, self.allowed_keys)
+        return auth
+
+
+@dataclass(frozen=True)
+class CurveClient:
+    """A subscriber's side of CURVE: the server's public key and the client's own key pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def load(cls, server_key: str | Path, client_secret_key: str | Path) -> "CurveClient":
+        _require_curve()
+        public, secret = load_secret_key(client_secret_key)
+        return cls(load_public_key(server_key), public, secret)
+
+    def apply(self, socket: zmq.Socket) -> None:
+        """Set the keys on a socket before connect()."""
+        socket.curve_serverkey = self.server_public
+        socket.curve_publickey = self.public
+        socket.curve_secretkey = self.secret

@@ -1,0 +1,193 @@
+"""The TensorRT engine (pycuda): same interface and outputs as the ONNX Runtime engine.
+
+`tensorrt` and `pycuda` are imported lazily, so `edge` imports on a box without them; asking
+for this engine there gives TensorRTUnavailable, whose message names the ONNX Runtime engine.
+
+At load, the bundle's facts for the engine (TensorRT version, GPU name and compute
+capability) are checked against the running TensorRT and GPU: a serialized engine only runs
+on the TensorRT version and GPU it was built for, and a mismatch is an error that says to
+rebuild it with `linegate export tensorrt`.
+
+Inference: page-locked host buffers and device buffers for the batch profile's max batch are
+allocated once; each call copies the batch into the page-locked input, then on one CUDA stream:
+async host-to-device copy, set_input_shape + set_tensor_address + execute_async_v3, async
+device-to-host copies of the outputs, and one synchronise. The engine keeps the device's
+primary context (the one the CUDA runtime inside TensorRT uses) and makes it current around
+each call, so it works from whichever thread the pipeline infers on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, BundleError, ModelFile
+
+log = logging.getLogger(__name__)
+
+FALLBACK = "run the bundle's ONNX model with `--engine onnxruntime` (or `--engine auto`)"
+
+
+class TensorRTUnavailable(RuntimeError):
+    """No TensorRT, no pycuda or no usable NVIDIA GPU here; the message names the fallback."""
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """What this box offers TensorRT: usable or not (and why), and the facts engines are bound to."""
+
+    usable: bool
+    reason: str
+    tensorrt: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+
+
+def require_tensorrt() -> tuple[Any, Any]:
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailable(f"TensorRT is not installed here ({exc}); install linegate[gpu] on a "
+                                  f"machine with an NVIDIA GPU, or {FALLBACK}") from exc
+    try:
+        import pycuda.driver as cuda
+    except ImportError as exc:
+        raise TensorRTUnavailable(f"pycuda is not installed here ({exc}); install linegate[gpu] on a "
+                                  f"machine with an NVIDIA GPU, or {FALLBACK}") from exc
+    try:
+        cuda.init()
+        count = cuda.Device.count()
+    except Exception as exc:  # pycuda.driver.Error: no driver, no device
+        raise TensorRTUnavailable(f"no usable NVIDIA GPU ({exc}); {FALLBACK}") from exc
+    if count == 0:
+        raise TensorRTUnavailable(f"no NVIDIA GPU found; {FALLBACK}")
+    return trt, cuda
+
+
+def device_facts(cuda: Any, device: int = 0) -> tuple[str, str]:
+    """(GPU name, compute capability 'major.minor') of a CUDA device."""
+    dev = cuda.Device(device)
+    major, minor = dev.compute_capability()
+    return dev.name(), f"{major}.{minor}"
+
+
+def probe(device: int = 0) -> GpuStatus:
+    """Whether TensorRT can run here, without raising: for the engine choice in `auto`."""
+    try:
+        trt, cuda = require_tensorrt()
+        gpu, cc = device_facts(cuda, device)
+    except TensorRTUnavailable as exc:
+        return GpuStatus(False, str(exc))
+    return GpuStatus(True, f"TensorRT {trt.__version__} on {gpu} (compute capability {cc})",
+                     trt.__version__, gpu, cc)
+
+
+def check_facts(model: ModelFile, status: GpuStatus) -> None:
+    """Refuse an engine built for another TensorRT version or GPU, saying to rebuild it here."""
+    built = model.facts["tensorrt"]
+    problems = []
+    if built["version"] != status.tensorrt:
+        problems.append(f"TensorRT {built['version']} (this box runs {status.tensorrt})")
+    if built["compute_capability"] != status.compute_capability or built["gpu"] != status.gpu:
+        problems.append(f"{built['gpu']} with compute capability {built['compute_capability']} "
+                        f"(this box has {status.gpu}, {status.compute_capability})")
+    if problems:
+        raise BundleError(f"{model.name} was built for {' and '.join(problems)}; a TensorRT engine runs only "
+                          f"where it was built: rebuild it on this box with `linegate export tensorrt BUNDLE "
+                          f"--precision {model.precision}`, or {FALLBACK}")
+
+
+class TensorRTEngine:
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, model: ModelFile, input_name: str, score_name: str,
+                 map_name: str, device: int = 0):
+        trt, cuda = require_tensorrt()
+        gpu, cc = device_facts(cuda, device)
+        check_facts(model, GpuStatus(True, "", trt.__version__, gpu, cc))
+        self._cuda = cuda
+        self.precision = model.precision
+        self.providers = [f"TensorRT {trt.__version__} {model.precision} on {gpu}"]
+        self.input_name = input_name
+        self.outputs = [score_name, map_name]
+        self.max_batch = int(model.facts["tensorrt"]["batch_profile"]["max"])
+        self._lock = threading.Lock()  # one stream and one set of buffers: one batch at a time
+        self._ctx = cuda.Device(device).retain_primary_context()
+        self._ctx.push()
+        try:
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            if self._engine is None:
+                raise BundleError(f"{engine_path}: TensorRT could not deserialize the engine (see its log "
+                                  "above); rebuild it with `linegate export tensorrt BUNDLE`")
+            self._context = self._engine.create_execution_context()
+            names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+            missing = [n for n in (input_name, score_name, map_name) if n not in names]
+            if missing:
+                raise BundleError(f"{engine_path}: the engine has no tensor {missing} (it has {names}); "
+                                  "rebuild it from this bundle with `linegate export tensorrt BUNDLE`")
+            self._stream = cuda.Stream()
+            self._host: dict[str, np.ndarray] = {}
+            self._device: dict[str, Any] = {}
+            self._item_shape: dict[str, tuple[int, ...]] = {}
+            for name in names:
+                shape = tuple(self._engine.get_tensor_shape(name))
+                item = shape[1:]
+                if any(d < 0 for d in item):
+                    raise BundleError(f"{engine_path}: tensor {name!r} has dynamic axes {shape} beyond the "
+                                      "batch axis; linegate engines have a dynamic batch axis only")
+                dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+                host = cuda.pagelocked_empty((self.max_batch, *item), dtype)  # allocated once, reused
+                dev = cuda.mem_alloc(host.nbytes)
+                self._context.set_tensor_address(name, int(dev))
+                self._host[name], self._device[name], self._item_shape[name] = host, dev, item
+        finally:
+            self._ctx.pop()
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, model: ModelFile, **kwargs) -> "TensorRTEngine":
+        m = bundle.manifest
+        return cls(bundle.file(model.name), model, m["input"]["name"], m["outputs"]["score"]["name"],
+                   m["outputs"]["map"]["name"], **kwargs)
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) float32 pixels -> (scores (B,), maps (B, h, w)); batches above the
+        profile's max run in chunks."""
+        if len(batch) > self.max_batch:
+            parts = [self.infer(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        n = len(batch)
+        cuda = self._cuda
+        with self._lock:
+            self._ctx.push()
+            try:
+                host_in = self._host[self.input_name]
+                np.copyto(host_in[:n], batch, casting="same_kind")
+                cuda.memcpy_htod_async(self._device[self.input_name], host_in[:n], self._stream)
+                self._context.set_input_shape(self.input_name, (n, *self._item_shape[self.input_name]))
+                if not self._context.execute_async_v3(self._stream.handle):
+                    raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
+                for name in self.outputs:
+                    cuda.memcpy_dtoh_async(self._host[name][:n], self._device[name], self._stream)
+                self._stream.synchronize()
+                # copies: the page-locked buffers are reused by the next batch
+                return tuple(self._host[name][:n].astype(np.float32) for name in self.outputs)
+            finally:
+                self._ctx.pop()
+
+    def close(self) -> None:
+        with self._lock:
+            self._ctx.push()
+            try:
+                for dev in self._device.values():
+                    dev.free()
+                self._device.clear()
+                self._context = self._engine = None
+            finally:
+                self._ctx.pop()
+                self._ctx.detach()

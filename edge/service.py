@@ -1,0 +1,187 @@
+"""Running the pipeline as a service: config -> parts, signals, and systemd's notify protocol.
+
+sd_notify is implemented here directly rather than taken from a library: the protocol is one
+datagram of ``KEY=VALUE`` lines sent to the AF_UNIX socket named by $NOTIFY_SOCKET (a path,
+or an abstract socket when it starts with "@"), see sd_notify(3). That is a few lines, and
+the PyPI packages for it are either unmaintained (sdnotify) or need libsystemd headers to
+build (systemd-python).
+
+What is sent, and when:
+- ``READY=1`` once the engine is loaded (the Pipeline exists) and the first source delivered
+  a frame; with ``MAINPID`` and a first ``STATUS``.
+- ``WATCHDOG=1`` every WatchdogSec/2 ($WATCHDOG_USEC), but only while frames flow and
+  publishing works: a decision was handed to ZeroMQ within ``service.frame_stall_s``. A
+  pipeline that hangs, or whose cameras are all gone that long, stops feeding it and
+  systemd restarts the service (the unit sets StartLimitIntervalSec=0 so it keeps trying).
+- ``STATUS=...`` with the frame rate and each camera's state, once per stats message.
+- ``STOPPING=1`` when the pipeline starts to stop (a signal, or the sources ended).
+
+Exit codes of run_service: 0 clean stop; 1 the stop timeout ran out; 3 the engine failed on
+``service.max_engine_failures`` batches in a row (systemd's Restart=on-failure restarts it);
+configuration errors raise ConfigError (the CLI exits 2, and the unit does not restart on 2).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+from .auth import CurveServer
+from .config import Config, check_files
+from .decision import DecisionRule
+from .engine import open_engine
+from .pipeline import Pipeline, RunOptions
+from .publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_STOP_TIMEOUT, EXIT_ENGINE_FAILED = 0, 1, 3
+
+
+class Notifier:
+    """systemd's notify protocol; does nothing when $NOTIFY_SOCKET is not set."""
+
+    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+        self.address = address
+        if address and address.startswith("@"):  # abstract namespace
+            address = "\0" + address[1:]
+        self._target = address
+        self._sock: socket.socket | None = None
+        if address:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.watchdog_s = watchdog_usec / 1e6 if watchdog_usec else None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Notifier":
+        env = os.environ if environ is None else environ
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        watchdog = int(usec) if usec.isdigit() and (not pid or pid == str(os.getpid())) else None
+        return cls(env.get("NOTIFY_SOCKET") or None, watchdog)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def notify(self, *assignments: str) -> bool:
+        """Send ``KEY=VALUE`` lines in one datagram; False (logged at debug) if it could not go."""
+        if self._sock is None:
+            return False
+        try:
+            self._sock.sendto("\n".join(assignments).encode("utf-8"), self._target)
+            return True
+        except OSError as exc:  # systemd gone (or a test's socket closed): not worth dying for
+            log.debug("sd_notify to %s failed: %s", self.address, exc)
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def status_line(stats: dict[str, Any]) -> str:
+    """One line for systemctl status: ``12.5 frames/s; cam0 connected 10.0 fps, cam1 down; 1234 decisions``."""
+    cams = ", ".join(f"{cid} {c.get('state', '?')}" + (f" {c['fps']:.1f} fps" if c.get("fps") else "")
+                     for cid, c in stats.get("cameras", {}).items())
+    return f"{stats.get('fps', 0.0):.1f} frames/s; {cams}; {stats.get('frames', 0)} decisions"
+
+
+class ServiceMonitor:
+    """The pipeline's Monitor for systemd: READY, WATCHDOG, STATUS, STOPPING (see the module doc)."""
+
+    def __init__(self, notifier: Notifier, frame_stall_s: float = 10.0) -> None:
+        self.notifier = notifier
+        self.frame_stall_s = frame_stall_s
+        self.ready = False
+        self.watchdog_pings = 0
+        self._next_ping = 0.0
+        self._starving_logged = False
+
+    def tick(self, pipeline: Any, now: float) -> None:
+        if not self.ready and pipeline.first_frame_seen():
+            self.ready = True
+            self.notifier.notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=running: first frame received")
+            log.info("ready: engine loaded, first frame received%s",
+                     " (told systemd)" if self.notifier.enabled else "")
+        watchdog = self.notifier.watchdog_s
+        if not self.ready or watchdog is None or now < self._next_ping or pipeline.stopping:
+            return
+        last = pipeline.last_decision_mono
+        if last is not None and now - last <= self.frame_stall_s:
+            self.notifier.notify("WATCHDOG=1")
+            self.watchdog_pings += 1
+            self._next_ping = now + watchdog / 2
+            if self._starving_logged:
+                log.info("frames flow again: feeding the systemd watchdog")
+                self._starving_logged = False
+        elif not self._starving_logged:
+            log.warning("no decision published for %.0f s: not feeding the systemd watchdog "
+                        "(systemd restarts linegate after WatchdogSec)", self.frame_stall_s)
+            self._starving_logged = True
+
+    def stats(self, message: dict[str, Any]) -> None:
+        if self.ready:
+            self.notifier.notify(f"STATUS={status_line(message)}")
+
+    def stopping(self) -> None:
+        self.notifier.notify("STOPPING=1", "STATUS=stopping: finishing the batch in flight")
+
+
+def install_signal_handlers(stop: Callable[[str], None]) -> dict[int, Any]:
+    """SIGTERM and SIGINT call stop(reason) (which only sets an event); returns the old handlers."""
+    def handler(signum: int, _frame: Any) -> None:
+        stop(f"received {signal.Signals(signum).name}")
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def run_service(config: Config, notifier: Notifier | None = None) -> int:
+    """Build everything from a validated config, run until stopped, return the exit code."""
+    notifier = notifier or Notifier.from_env()
+    checked = check_files(config)  # bundle checksums, sources, keys: errors name the file and key
+    bundle, sources = checked.bundle, checked.sources
+    try:
+        rule = DecisionRule.from_bundle(bundle, config.decision.threshold, config.decision.aggregate)
+    except ValueError as exc:
+        raise config.error("key 'decision.aggregate'", str(exc)) from None
+    engine_kwargs: dict[str, Any] = {}
+    if config.engine.precision:
+        engine_kwargs["precision"] = config.engine.precision
+    if config.engine.threads:
+        engine_kwargs["threads"] = config.engine.threads
+    engine = open_engine(bundle, config.engine.kind, **engine_kwargs)  # logs which engine and why
+    pub = config.publisher
+    curve = CurveServer(Path(pub.curve.secret_key), Path(pub.curve.allowed_keys)) if pub.curve else None
+    publisher = Publisher(pub.endpoint, model_id=bundle.model_id, sndhwm=pub.sndhwm, linger_ms=pub.linger_ms,
+                          nodrop=pub.nodrop, curve=curve)
+    log.info("publishing on %s%s", publisher.endpoint, " (CURVE)" if curve else "")
+    options = RunOptions(
+        max_batch=config.batching.max_batch, max_wait_ms=config.batching.max_wait_ms,
+        queue_capacity=config.batching.queue_capacity,
+        overlay_accepts_every=config.overlay.accepts_every, jpeg_quality=config.overlay.jpeg_quality,
+        wait_subscribers=pub.wait_subscribers, wait_timeout_s=pub.wait_timeout_s, linger_ms=pub.linger_ms,
+        stats_interval_s=pub.stats_interval_s, stop_timeout_s=config.service.stop_timeout_s,
+        max_engine_failures=config.service.max_engine_failures)
+    monitor = ServiceMonitor(notifier, config.service.frame_stall_s)
+    pipeline = Pipeline(bundle, engine, rule, sources, publisher, options, monitor=monitor)
+    previous = install_signal_handlers(pipeline.stop)
+    try:
+        summary = pipeline.run()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        notifier.close()
+    log.info("done: %d frames, %d rejects, %d errors, %.1f frames/s; dropped %s, bad frames %s%s",
+             summary.frames, summary.rejects, summary.errors, summary.fps, summary.dropped or "none",
+             {k: v for k, v in summary.bad_frames.items() if v} or "none",
+             f", {summary.discarded} discarded at the stop timeout" if summary.discarded else "")
+    if summary.fatal:
+        log.error("exiting with status %d: %s", EXIT_ENGINE_FAILED, summary.fatal)
+        return EXIT_ENGINE_FAILED
+    if summary.timed_out:
+        return EXIT_STOP_TIMEOUT
+    return EXIT_OK

@@ -1,0 +1,100 @@
+"""`linegate bench` runs end to end on small inputs and writes well-formed results.
+
+Real parts: ONNX Runtime sessions, the real Pipeline, a ZeroMQ subscriber in another process
+over tcp 127.0.0.1. No timing asserts: speed is what the bench reports, not what tests check.
+"""
+import argparse
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import linegate_cmd
+
+TINY = ["--batches", "1,2", "--seconds", "0.2", "--rounds", "1", "--latency-seconds", "0.6",
+        "--wait-ms", "0,5", "--soak-seconds", "1.5", "--max-images", "8"]
+
+
+def check_results(out, keys, batches, waits):
+    result = json.loads((out / "bench.json").read_text())
+    for stage in ("model_fps", "pipeline_fps"):
+        assert set(result[stage]) == set(keys)
+        for key in keys:
+            assert set(result[stage][key]) == {str(b) for b in batches}
+            assert all(v > 0 for v in result[stage][key].values())
+    for key in keys:
+        for b in batches:
+            detail = result["pipeline"][key][str(b)]
+            assert detail["frames"] > 0 and detail["gaps"] == 0
+            assert 0 <= detail["overlay_fraction"] <= 1
+            assert "pipeline_over_model" in result["ratios"][key][str(b)]
+    lat = result["latency_ms"]
+    assert lat["offered_fps"] > 0
+    assert set(lat["by_max_wait_ms"]) == {f"{w:g}" for w in waits}
+    for s in lat["by_max_wait_ms"].values():
+        assert s["n"] > 0 and 0 < s["p50"] <= s["p95"] <= s["p99"] <= s["max"]
+        assert s["lost"] == 0
+    rss = result["rss_mb"]
+    assert rss["start"] > 0 and rss["end"] > 0 and len(rss["samples"]) >= 2
+    m = result["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and "onnxruntime" in m["versions"] and "numpy" in m["versions"]
+    assert result["command"].startswith("linegate bench")
+    for name in ("throughput.png", "latency.png", "memory.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    md = (out / "bench.md").read_text()
+    assert "The limit" in md and "| batch |" in md and "p99 / p50" in md
+    return result
+
+
+def test_bench_tiny_bundle_cli(tiny_bundle, tmp_path):
+    """The console command on a hand-built bundle with synthetic frames. Its graph has no
+    backbone, so that stage is reported as not measured, not a crash."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(linegate_cmd("bench", str(tiny_bundle), "--out", str(out), *TINY),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out / "bench.json") in proc.stdout
+    assert "bench" in proc.stderr  # the progress bar
+    result = check_results(out, ["onnxruntime/fp32"], [1, 2], [0, 5])
+    assert result["backbone_fps"] == {}
+    assert "no backbone" in result["skipped"]["backbone onnxruntime/fp32"]
+    assert "synthetic parts" in result["settings"]["frames"]
+
+
+def test_bench_pillqc_bundle_measures_the_backbone_alone(pillqc_run, pillqc, tmp_path):
+    """On a real PaDiM bundle the backbone graph is cut out of the model itself: its outputs are
+    the three EfficientNet taps, and all three stages are measured on real images."""
+    import onnx
+
+    from benchmarks.bench import add_arguments, backbone_outputs, run, write_backbone_graph
+
+    model_path = pillqc_run / "bundle" / "model.onnx"
+    cut = tmp_path / "backbone.onnx"
+    write_backbone_graph(model_path, cut)
+    graph = onnx.load(str(cut)).graph
+    shapes = sorted(tuple(d.dim_value for d in o.type.tensor_type.shape.dim[1:]) for o in graph.output)
+    assert shapes == [(24, 56, 56), (40, 28, 28), (112, 14, 14)]
+    assert len(backbone_outputs(onnx.load(str(model_path), load_external_data=False))) == 3
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "bench"
+    args = parser.parse_args([str(pillqc_run / "bundle"), "--out", str(out), "--images", str(pillqc), *TINY])
+    assert run(args, command="linegate bench (test)") == 0
+    result = check_results(out, ["onnxruntime/fp32"], [1, 2], [0, 5])
+    assert set(result["backbone_fps"]["onnxruntime/fp32"]) == {"1", "2"}
+    assert 0 < result["ratios"]["onnxruntime/fp32"]["2"]["model_over_backbone"]
+    assert "images from" in result["settings"]["frames"]
+    assert result["settings"]["frame_shape"] == [225, 225, 3]  # pillQC as read, preprocessed by the pipeline
+
+
+def test_steady_fps_and_latency_summary():
+    from benchmarks.bench import latency_summary, steady_fps
+
+    receipts = np.arange(0, 10.0, 0.1)  # 10 img/s after any start-up
+    assert steady_fps(receipts, 5) == pytest.approx(10.0)
+    s = latency_summary(np.arange(1, 101, dtype=float))
+    assert s["n"] == 100 and s["max"] == 100 and s["p50"] == pytest.approx(50.5)
+    assert s["p99_over_p50"] == pytest.approx(s["p99"] / s["p50"], rel=1e-3)
+    assert latency_summary(np.empty(0)) == {"n": 0}

@@ -1,0 +1,134 @@
+"""Reduced-precision ONNX variants: made from the bundle, validated on the run's real
+calibration images against FP32, recorded in the manifest; refused when they drift."""
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from conftest import linegate_cmd
+from onnx import TensorProto
+
+from edge.bundle import load_bundle, sha256_file
+from edge.decision import DecisionRule
+from edge.engine import OnnxRuntimeEngine, open_engine
+from export.precision import (PrecisionError, Tolerance, add_variants, convert_fp16, deviation, head_nodes,
+                              image_scores)
+from training.data import Split, load_images
+
+
+def _io_types(model: onnx.ModelProto) -> set[int]:
+    return {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+
+
+def _copy_bundle(run, tmp_path):
+    """A copy of the session's pillQC bundle that a test may add variants to."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(run / "bundle", dst)
+    return dst
+
+
+def _calibration(run, bundle):
+    split = Split.from_json(json.loads((run / "split.json").read_text()))
+    images = load_images(split.calibration, bundle.input_size)
+    return images, np.array([c != bundle.manifest["classes"]["normal"] for c in images.classes])
+
+
+def test_fp16_conversion_of_a_small_graph(tiny_bundle):
+    """The pass on the hand-built graph: FP16 inside, FP32 at the boundary, same outputs."""
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    converted = convert_fp16(model, keep_fp32=set())
+    assert _io_types(converted) == {TensorProto.FLOAT}
+    halves = [n for n in converted.graph.node if any(o.endswith("__h") for o in n.output)]
+    assert {n.op_type for n in halves} == {"Div", "AveragePool"}  # ReduceMean is not an FP16 op: stays FP32
+    x = (np.random.default_rng(0).random((3, 3, 32, 32)) * 255).astype(np.float32)
+    ref = OnnxRuntimeEngine(tiny_bundle / "model.onnx", "pixels", "score", "anomaly_map").infer(x)
+    path = tiny_bundle / "half.onnx"
+    onnx.save(converted, str(path))
+    got = OnnxRuntimeEngine(path, "pixels", "score", "anomaly_map").infer(x)
+    np.testing.assert_allclose(got[1], ref[1], rtol=2e-3)
+    assert got[0].dtype == np.float32
+
+
+def test_variants_need_the_runs_calibration_images(tiny_bundle):
+    with pytest.raises(FileNotFoundError, match="pass the training run with --run RUN"):
+        add_variants(tiny_bundle, ["fp16"])
+    proc = subprocess.run(linegate_cmd("export", "quantize", str(tiny_bundle), "--precision", "fp16"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--run RUN" in proc.stderr
+    proc = subprocess.run(linegate_cmd("export", "quantize", str(tiny_bundle), "--precision", "fp8"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "a comma list of fp32, fp16, int8" in proc.stderr
+
+
+@pytest.mark.pillqc
+def test_fp16_variant_on_real_images(pillqc_run, tmp_path):
+    bundle_dir = _copy_bundle(pillqc_run, tmp_path)
+    written = add_variants(bundle_dir, ["fp16"], run_dir=pillqc_run)
+    bundle = load_bundle(bundle_dir)  # checksums of every file, new entries validated
+    entry = bundle.manifest["files"]["model.fp16.onnx"]
+    assert written["fp16"] == entry and entry["precision"] == "fp16" and entry["kind"] == "onnx"
+    assert entry["sha256"] == sha256_file(bundle_dir / "model.fp16.onnx")
+    dev = entry["deviation"]
+    assert dev["set"] == "calibration" and dev["images"] == 60
+    assert dev["decision_flips"] <= 1 and dev["auroc_fp32"] - dev["auroc"] <= 0.005
+    assert dev["max_rel_score_error"] < 1e-2
+
+    model = onnx.load(str(bundle_dir / "model.fp16.onnx"))
+    assert _io_types(model) == {TensorProto.FLOAT}  # FP32 at the graph boundary
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    assert TensorProto.FLOAT16 in weights.values()  # the backbone's weights are FP16
+    head_weights = [i for n in model.graph.node if n.op_type == "MatMul" for i in n.input if i in weights]
+    assert head_weights and all(weights[i] == TensorProto.FLOAT for i in head_weights)  # the head stays FP32
+    assert entry["fp32_nodes"] == len(head_nodes(onnx.load(str(bundle_dir / "model.onnx"))))
+
+    # the recorded deviation is what the runtime's own engines measure
+    images, anomalous = _calibration(pillqc_run, bundle)
+    rule = DecisionRule.from_bundle(bundle)
+    fp32 = image_scores(open_engine(bundle, "onnxruntime", "fp32").infer, rule, images.tensors)
+    fp16 = image_scores(open_engine(bundle, "onnxruntime", "fp16").infer, rule, images.tensors)
+    again = deviation(fp32, fp16, anomalous, rule.threshold)
+    assert again["decision_flips"] == dev["decision_flips"] and again["auroc"] == pytest.approx(dev["auroc"])
+    assert again["max_abs_score_error"] == pytest.approx(dev["max_abs_score_error"], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.pillqc
+def test_int8_variant_is_qdq_measured_and_gated(pillqc_run, tmp_path):
+    bundle_dir = _copy_bundle(pillqc_run, tmp_path)
+    # a strict gate (no deviation at all allowed): refused, and nothing reaches the bundle
+    before = (bundle_dir / "manifest.json").read_text()
+    with pytest.raises(PrecisionError, match=r"int8 variant refused: .*Nothing was written"):
+        add_variants(bundle_dir, ["int8"], run_dir=pillqc_run, tolerance=Tolerance(max_flips=-1))
+    assert (bundle_dir / "manifest.json").read_text() == before
+    assert sorted(p.name for p in bundle_dir.iterdir()) == ["manifest.json", "model.onnx"]
+
+    # a gate wide open: written with its measured deviation
+    add_variants(bundle_dir, ["int8"], run_dir=pillqc_run, tolerance=Tolerance(max_flips=60, max_auroc_drop=1.0))
+    bundle = load_bundle(bundle_dir)
+    entry = bundle.manifest["files"]["model.int8.onnx"]
+    assert entry["precision"] == "int8" and entry["tolerance"]["max_flips"] == 60
+    model = onnx.load(str(bundle_dir / "model.int8.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and _io_types(model) == {TensorProto.FLOAT}
+    # what TensorRT takes: signed 8-bit Q/DQ, symmetric (zero point 0), float biases
+    zero_points = [t for t in model.graph.initializer if t.name.endswith("_zero_point")]
+    assert zero_points and all(t.data_type == TensorProto.INT8 for t in zero_points)
+    assert all(not np.any(onnx.numpy_helper.to_array(t)) for t in zero_points)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(producers.get(i) != "DequantizeLinear" for n in matmuls for i in n.input)  # head: FP32
+    # the scores are mapped back onto the FP32 scale by a correction fitted on calibration images
+    correction = entry["score_correction"]
+    assert correction["fitted_on"] == "calibration images" and correction["images"] == 60
+    assert producers["score"] == "Div" and producers["anomaly_map"] == "Div"
+
+    # the same file runs on ONNX Runtime CPU; the recorded figures are what it scores
+    images, anomalous = _calibration(pillqc_run, bundle)
+    rule = DecisionRule.from_bundle(bundle)
+    fp32 = image_scores(open_engine(bundle, "onnxruntime").infer, rule, images.tensors)
+    int8 = image_scores(open_engine(bundle, "onnxruntime", "int8").infer, rule, images.tensors)
+    again = deviation(fp32, int8, anomalous, rule.threshold)
+    dev = entry["deviation"]
+    assert again["decision_flips"] == dev["decision_flips"] and again["auroc"] == pytest.approx(dev["auroc"])
+    assert dev["max_abs_score_error"] > 0  # it is a different computation, and the record says by how much

@@ -1,0 +1,108 @@
+"""The detectors `linegate train --model NAME` knows, in one place.
+
+Each entry says how to fit the detector on a split's training images, which numbers describe
+its shape (written to run.json), and how to rebuild an empty module of that shape from run.json
+so that `load_state_dict(model.pt)` restores it without refitting. Every detector is a plain
+nn.Module whose forward(pixels 0..255, NCHW) returns (score (B,) = mean of the map,
+anomaly_map (B, h, w)) and which has a `map_size`; training, export and the runtime need
+nothing else. A new detector is one more entry here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .backbone import EfficientNetLite0, load_backbone
+from .coreset import DEFAULT_CORESET_RATIO, fit_patchcore
+from .fcdd import FCDDHead, FCDDModel
+from .fcdd_train import DEFAULT_EPOCHS, train_fcdd
+from .padim import DEFAULT_DIMS, PaDiMModel, fit_padim, select_channels
+from .patchcore import PatchCoreModel
+
+
+@dataclass
+class FitInput:
+    """What a detector may learn from: the split's training images and the run's options."""
+
+    backbone: EfficientNetLite0
+    normal: torch.Tensor  # (N, 3, H, W) pixels 0..255
+    outliers: torch.Tensor  # the split's train_anomalous images (outlier exposure), maybe empty
+    seed: int = 0
+    batch_size: int = 16
+    options: dict = field(default_factory=dict)  # detector-specific, e.g. epochs, coreset_ratio
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    fit: Callable[[FitInput], nn.Module]
+    shape: Callable[[nn.Module], dict]  # the numbers build() needs, stored in run.json
+    build: Callable[[dict, EfficientNetLite0], nn.Module]  # (run.json, empty backbone) -> module
+    options: dict  # option name -> default (the CLI flags that apply to this detector)
+    uses_outliers: bool = False
+    # how an overlay brings the feature-resolution map to the image: "bilinear", or FCDD's
+    # "gaussian" (training.fcdd.gaussian_upsample)
+    upsample: str = "bilinear"
+
+
+def padim_dims(n_train: int) -> int:
+    """PaDiM's random feature dimensions d when not given: the paper's 100, but at most half
+    the number of training images, so each patch's sample covariance is estimated from more
+    images than it has dimensions (with 70 images and d = 100 it is singular, and the 0.01 I
+    regulariser, not the data, sets the distance along the missing directions). On pillQC
+    (seed protocol, seeds 0-4) every d from 20 to 60 had a higher calibration AUROC than 100."""
+    return max(2, min(DEFAULT_DIMS, n_train // 2))
+
+
+def _padim_build(meta: dict, backbone: EfficientNetLite0) -> PaDiMModel:
+    return PaDiMModel(backbone, select_channels(meta["seed"], meta["dims"]))
+
+
+def _fcdd_build(meta: dict, backbone: EfficientNetLite0) -> FCDDModel:
+    return FCDDModel(backbone, FCDDHead(meta["channels"], meta["hidden"]), tuple(meta["map_size"]))
+
+
+def _patchcore_build(meta: dict, backbone: EfficientNetLite0) -> PatchCoreModel:
+    return PatchCoreModel(backbone, torch.zeros(meta["bank_size"], meta["feature_dims"]),
+                          tuple(meta["map_size"]), meta["chunk"])
+
+
+DETECTORS: dict[str, Detector] = {
+    "padim": Detector(
+        "padim",
+        fit=lambda f: fit_padim(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
+                                dims=f.options.get("dims") or padim_dims(len(f.normal))),
+        shape=lambda m: {"map_size": list(m.map_size), "dims": int(m.channels.numel())},
+        build=_padim_build, options={"dims": None}),
+    "fcdd": Detector(
+        "fcdd",
+        fit=lambda f: train_fcdd(f.backbone, f.normal, f.outliers, seed=f.seed,
+                                 epochs=f.options.get("epochs", DEFAULT_EPOCHS), feature_batch=f.batch_size),
+        shape=lambda m: {"map_size": list(m.map_size), "channels": m.head.conv1.in_channels,
+                         "hidden": m.head.conv1.out_channels},
+        build=_fcdd_build, options={"epochs": DEFAULT_EPOCHS}, uses_outliers=True, upsample="gaussian"),
+    "patchcore": Detector(
+        "patchcore",
+        fit=lambda f: fit_patchcore(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
+                                    coreset_ratio=f.options.get("coreset_ratio", DEFAULT_CORESET_RATIO)),
+        shape=lambda m: {"map_size": list(m.map_size), "bank_size": int(m.bank.shape[0]),
+                         "feature_dims": int(m.bank.shape[1]), "chunk": m.chunk},
+        build=_patchcore_build, options={"coreset_ratio": DEFAULT_CORESET_RATIO}),
+}
+
+
+def get_detector(name: str) -> Detector:
+    try:
+        return DETECTORS[name]
+    except KeyError:
+        raise ValueError(f"detector {name!r}: use one of {', '.join(DETECTORS)}") from None
+
+
+def build_model(meta: dict) -> nn.Module:
+    """An empty detector of the run's shape, ready for load_state_dict (no weights file read)."""
+    detector = get_detector(meta.get("detector", "padim"))
+    backbone = load_backbone(weights=None, image_size=meta["image_size"][0])
+    return detector.build(meta, backbone)

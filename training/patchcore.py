@@ -1,0 +1,66 @@
+"""PatchCore (Roth et al. 2022, "Towards Total Recall in Industrial Anomaly Detection"), on a
+frozen EfficientNet-Lite0.
+
+Locally aware patch features: the mid-level taps (stride 8 and 16, as the paper's layer 2 and
+3), each averaged over its 3x3 neighbourhood, the stride-16 one upsampled to the stride-8 grid,
+concatenated. A memory bank of normal patch features, reduced by greedy coreset subsampling
+(training/coreset.py), is the whole model; a patch's anomaly is the distance to its nearest
+bank entry.
+
+`PatchCoreModel` is a plain nn.Module that exports to ONNX: squared distances are matrix
+products, ||a||^2 - 2 a.b + ||b||^2 (no cdist), and the bank is visited in fixed-size chunks
+keeping a running minimum, so the largest intermediate is (batch x patches x chunk) whatever
+the bank's size (with the default chunk, about 3 MB per image).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .backbone import TAP_CHANNELS, EfficientNetLite0
+
+FEATURE_DIMS = TAP_CHANNELS["stride8"] + TAP_CHANNELS["stride16"]
+BANK_CHUNK = 1024
+
+
+def local_patch_features(backbone: EfficientNetLite0, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels 0..255 -> (B, D, h, w) locally aware patch features (stride 8)."""
+    _, s8, s16 = backbone.features(pixels)
+    s8 = F.avg_pool2d(s8, 3, stride=1, padding=1)
+    s16 = F.avg_pool2d(s16, 3, stride=1, padding=1)
+    s16 = F.interpolate(s16, size=s8.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([s8, s16], dim=1)
+
+
+class PatchCoreModel(nn.Module):
+    def __init__(self, backbone: EfficientNetLite0, bank: torch.Tensor, map_size: tuple[int, int],
+                 chunk: int = BANK_CHUNK):
+        super().__init__()
+        self.backbone = backbone
+        self.map_size = tuple(map_size)
+        self.chunk = int(chunk)
+        self.register_buffer("bank", bank.float())  # (M, D)
+        self.register_buffer("bank_sq", (bank.float() ** 2).sum(dim=1))  # (M,) ||b||^2
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return local_patch_features(self.backbone, pixels)
+
+    def nearest_distance(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, D) patch features -> (N,) Euclidean distance to the nearest bank entry."""
+        patches_sq = (patches * patches).sum(dim=1, keepdim=True)  # (N, 1)
+        best = None
+        for start in range(0, self.bank.shape[0], self.chunk):  # unrolled at export: the bank is fixed
+            bank = self.bank[start:start + self.chunk]
+            d2 = patches_sq - 2.0 * patches @ bank.T + self.bank_sq[start:start + self.chunk]
+            chunk_min = d2.min(dim=1).values
+            best = chunk_min if best is None else torch.minimum(best, chunk_min)
+        return torch.sqrt(best.clamp_min(0.0))  # rounding can make a tiny d2 negative
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (score (B,), anomaly_map (B, h, w)); score = mean of the map."""
+        emb = self.embed(pixels)
+        b, d, h, w = emb.shape
+        dist = self.nearest_distance(emb.permute(0, 2, 3, 1).reshape(b * h * w, d))
+        anomaly_map = dist.reshape(b, h, w)
+        return anomaly_map.mean(dim=(1, 2)), anomaly_map
