@@ -153,5 +153,13 @@ def write_grey_images(folder: Path, levels: list[int], size: int = 40) -> list[s
     return names
 
 
+def edit_manifest(bundle: Path, change) -> None:
+    """Apply change(manifest_dict) to a bundle's manifest.json in place (no checksum update)."""
+    path = Path(bundle) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -1,15 +1,7 @@
-import json
-
 import pytest
+from conftest import edit_manifest
 
 from edge.bundle import BundleError, load_bundle
-
-
-def _edit(bundle, change):
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 def test_valid_bundle_loads(tiny_bundle):
@@ -19,13 +11,13 @@ def test_valid_bundle_loads(tiny_bundle):
 
 
 def test_missing_key_is_named(tiny_bundle):
-    _edit(tiny_bundle, lambda m: m["decision"].pop("threshold"))
+    edit_manifest(tiny_bundle, lambda m: m["decision"].pop("threshold"))
     with pytest.raises(BundleError, match="'decision.threshold' is missing"):
         load_bundle(tiny_bundle)
 
 
 def test_wrong_type_is_named(tiny_bundle):
-    _edit(tiny_bundle, lambda m: m["decision"].update(threshold="high"))
+    edit_manifest(tiny_bundle, lambda m: m["decision"].update(threshold="high"))
     with pytest.raises(BundleError, match="'decision.threshold' should be int or float"):
         load_bundle(tiny_bundle)
 
@@ -43,7 +35,7 @@ def test_not_json_missing_file_and_newer_format(tiny_bundle, tmp_path):
     (tiny_bundle / "model.onnx").unlink()
     with pytest.raises(BundleError, match="model.onnx: listed in the manifest but missing"):
         load_bundle(tiny_bundle)
-    _edit(tiny_bundle, lambda m: m.update(format_version=99))
+    edit_manifest(tiny_bundle, lambda m: m.update(format_version=99))
     with pytest.raises(BundleError, match="upgrade linegate"):
         load_bundle(tiny_bundle)
     (tiny_bundle / "manifest.json").write_text("{not json")

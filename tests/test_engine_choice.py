@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import linegate_cmd
+from conftest import edit_manifest, linegate_cmd
 
 from edge.bundle import BundleError, ModelFile, load_bundle, write_manifest
 from edge.engine import OnnxRuntimeEngine, choose_engine, open_engine
@@ -39,13 +39,6 @@ def rich_bundle(tiny_bundle):
     return tiny_bundle
 
 
-def _edit(bundle, change):
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest))
-
-
 def test_bundle_lists_what_it_holds(rich_bundle):
     b = load_bundle(rich_bundle)
     assert [(m.name, m.kind, m.precision) for m in b.models()] == [
@@ -56,7 +49,7 @@ def test_bundle_lists_what_it_holds(rich_bundle):
 
 
 def test_old_bundles_without_kinds_still_load(tiny_bundle):
-    _edit(tiny_bundle, lambda m: m["files"]["model.onnx"].pop("kind") and m["files"]["model.onnx"].pop("precision"))
+    edit_manifest(tiny_bundle, lambda m: m["files"]["model.onnx"].pop("kind") and m["files"]["model.onnx"].pop("precision"))
     b = load_bundle(tiny_bundle)
     assert [(m.kind, m.precision) for m in b.models()] == [("onnx", "fp32")]
 
@@ -69,7 +62,7 @@ def test_old_bundles_without_kinds_still_load(tiny_bundle):
     (lambda f: f.update(kind="openvino"), r"'files.model.fp16.engine.kind' is 'openvino'"),
 ])
 def test_engine_entries_are_validated(rich_bundle, change, message):
-    _edit(rich_bundle, lambda m: change(m["files"]["model.fp16.engine"]))
+    edit_manifest(rich_bundle, lambda m: change(m["files"]["model.fp16.engine"]))
     with pytest.raises(BundleError, match=message):
         load_bundle(rich_bundle)
 
