@@ -10,6 +10,7 @@ sweep resumes where it stopped (--resume).
     python -m benchmarks.accuracy_pillqc [--seeds 0,1,2,3,4] [--detectors padim,patchcore,fcdd]
         [--aggregate auto] [--threshold youden] [--data ../shared/datasets/pillqc]
         [--workdir /tmp/linegate-accuracy] [--out benchmarks/results] [--resume]
+        [--dims D --name accuracy_pillqc_padim_dD]   # PaDiM with another d, into another file
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ TARGET_BEST_ACCURACY = 0.98
 TARGET_FCDD_SECONDS = 15 * 60
 
 
-def _run(data: Path, workdir: Path, detector: str, seed: int, aggregate: str, threshold: str) -> dict:
+def _run(data: Path, workdir: Path, detector: str, seed: int, aggregate: str, threshold: str,
+         dims: int | None = None) -> dict:
     metrics = train(data, workdir / f"{detector}-seed{seed}", "normal", detector, seed=seed,
-                    aggregate=aggregate, threshold=threshold, report=False)
+                    aggregate=aggregate, threshold=threshold, dims=dims, report=False)
     cal, test = metrics["calibration"], metrics["test"]
     return {"detector": detector, "seed": seed, "test_auroc": test["auroc"], "test_accuracy": test["accuracy"],
             "test_f1": test["f1"], "test_confusion": test["confusion"], "calibration_auroc": cal["auroc"],
@@ -68,7 +70,9 @@ def markdown(result: dict) -> str:
     s, runs = result["summary"], result["runs"]
     lines = [f"# Accuracy on pillQC, seed protocol (70/30/15/2), seeds {result['seeds']}", "",
              f"Aggregate `{result['aggregate']}` (chosen on each calibration set), threshold "
-             f"`{result['threshold']}`; test metrics on held-back images. {result['machine']}, "
+             f"`{result['threshold']}`"
+             + (f"; PaDiM with d = {result['padim_dims']}" if result.get("padim_dims") else "")
+             + f"; test metrics on held-back images. {result['machine']}, "
              f"{result['date']}. Command: `{result['command']}`.", "",
              "| detector | mean test AUROC | min | target | mean test accuracy | min | max train time |",
              "|---|---|---|---|---|---|---|"]
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/linegate-accuracy", help="where the runs go (not the repo)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--resume", action="store_true", help="keep finished runs from an earlier JSON")
+    parser.add_argument("--dims", type=int, default=None, help="PaDiM feature dimensions (default: its rule)")
+    parser.add_argument("--name", default="accuracy_pillqc", help="output file name, without .json/.md")
     args = parser.parse_args(argv)
     data, out, workdir = Path(args.data), Path(args.out), Path(args.workdir)
     if not (data / "normal").is_dir():
@@ -112,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     detectors = args.detectors.split(",")
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "accuracy_pillqc.json"
+    json_path = out / f"{args.name}.json"
     runs = []
     if args.resume and json_path.is_file():
         runs = json.loads(json_path.read_text())["runs"]
     result = {"seeds": seeds, "detectors": detectors, "aggregate": args.aggregate, "threshold": args.threshold,
+              "padim_dims": args.dims,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"{platform.processor() or platform.platform()}",
               "date": time.strftime("%Y-%m-%d"),
@@ -127,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             if any(r["detector"] == det and r["seed"] == seed for r in runs):
                 continue
             print(f"== {det} seed {seed}", flush=True)
-            runs.append(_run(data, workdir, det, seed, args.aggregate, args.threshold))
+            runs.append(_run(data, workdir, det, seed, args.aggregate, args.threshold, args.dims))
             r = runs[-1]
             print(f"   test AUROC {r['test_auroc']:.4f} accuracy {r['test_accuracy']:.4f} aggregate "
                   f"{r['aggregate']} train {r['train_seconds']:.0f} s", flush=True)
             result["summary"] = summarise(runs, detectors)
             json_path.write_text(json.dumps(result, indent=2) + "\n")
-            (out / "accuracy_pillqc.md").write_text(markdown(result))
+            (out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import platform
@@ -39,76 +38,12 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.backbone_graph import write_backbone_graph
+from benchmarks.bench_report import write_results
+
 log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 95, 99)
-TARGETS = {"model_over_backbone": 0.8, "pipeline_over_model": 0.85, "p99_over_p50": 2.0, "rss_growth_pct": 5.0}
-TARGET_BATCH = 8
-
-
-# -- the backbone-alone graph -----------------------------------------------------------------
-
-def _in_backbone(node) -> bool:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":  # the dynamo exporter's module path
-            return "'backbone" in prop.value
-    return False
-
-
-def _backbone_nodes(model) -> tuple[list, list[str]]:
-    """The backbone's nodes (graph order) and the names of the tensors where the detector head
-    begins. Backbone = the nodes under the `backbone` module scope and everything they depend
-    on (input normalisation, quantize/dequantize nodes); head = the rest. Graphs without the
-    exporter's scopes fall back to the convolutions and their ancestors."""
-    graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    seeds = [n for n in graph.node if _in_backbone(n)]
-    if not seeds:
-        seeds = [n for n in graph.node if "Conv" in n.op_type]
-    if not seeds:
-        raise ValueError("no backbone in the graph (no node in a `backbone` scope, no convolution)")
-    inside: set[int] = set()
-    todo = list(seeds)
-    while todo:
-        node = todo.pop()
-        if id(node) in inside:
-            continue
-        inside.add(id(node))
-        todo += [producer[name] for name in node.input if name in producer]
-    outputs: list[str] = []
-    graph_outputs = {o.name for o in graph.output}
-    for node in graph.node:
-        if id(node) in inside:
-            outputs += [o for o in node.output if o in graph_outputs and o not in outputs]
-            continue
-        outputs += [name for name in node.input
-                    if name in producer and id(producer[name]) in inside and name not in outputs]
-    return [n for n in graph.node if id(n) in inside], outputs
-
-
-def backbone_outputs(model) -> list[str]:
-    """Names of the tensors where the detector head begins (see _backbone_nodes)."""
-    return _backbone_nodes(model)[1]
-
-
-def write_backbone_graph(model_path: Path, out_path: Path) -> list[str]:
-    """The backbone alone as its own ONNX file: the model's nodes up to the head, unchanged."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(model_path))
-    nodes, outputs = _backbone_nodes(model)
-    typed = onnx.shape_inference.infer_shapes(model).graph
-    known = {vi.name: vi for vi in [*typed.value_info, *typed.output, *typed.input]}
-    used = {name for node in nodes for name in node.input}
-    graph = helper.make_graph(
-        nodes, "backbone", list(model.graph.input),
-        [known.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
-        [t for t in model.graph.initializer if t.name in used])
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    sub.functions.extend(model.functions)
-    onnx.save(sub, str(out_path))
-    return outputs
 
 
 def ort_session(path: Path, threads: int | None, providers: list[str]):
@@ -413,7 +348,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     result: dict = {
         "bundle": str(Path(args.bundle).resolve()), "model_id": bundle.model_id,
         "detector": bundle.manifest.get("detector"), "input": list(size),
-        "command": args.command,
+        "command": args.command_line,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"batches": batches, "seconds": args.seconds, "rounds": args.rounds, "frames": frames_desc,
                      "frame_shape": list(frames[0].shape), "overlay_accepts_every": args.overlay_accepts,
@@ -510,20 +445,26 @@ def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
 
 
 def _soak(bench: Bench, target: Target, batch: int, rate: float, seconds: float) -> dict:
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float]] = []  # (s since the start, RSS MB) while the pipeline runs
     t0 = time.monotonic()
-    samples.append((0.0, rss_mb()))
+    before = rss_mb()
     rec = bench.pipeline(target.engine, batch, max(10, int(rate * seconds)), fps=rate,
                          during=lambda: samples.append((time.monotonic() - t0, rss_mb())))
-    samples.append((time.monotonic() - t0, rss_mb()))
-    # "start" is after the first minute (or a sixth of a shorter soak): allocators and caches settle
+    after = rss_mb()
+    if not samples:
+        samples.append((time.monotonic() - t0, after))
+    # "start" is after the first minute (or a sixth of a shorter soak): allocators and caches
+    # settle; "end" is the last sample while frames still flowed
     settle = min(60.0, seconds / 6)
-    start = next(mb for t, mb in samples if t >= settle)
+    start = next((mb for t, mb in samples if t >= settle), samples[-1][1])
     end = samples[-1][1]
+    depths = [(s.get("queue_depth") or {}).get("frames", 0) for s in rec["stats"]]
     ms = _latencies(rec, warmup_s=1.0)
     return {"seconds": seconds, "offered_fps": rate, "engine": target.key, "batch": batch,
-            "at_0s": round(samples[0][1], 1), "start_at_s": round(settle, 1), "start": round(start, 1),
+            "before": round(before, 1), "start_at_s": round(settle, 1), "start": round(start, 1),
             "end": round(end, 1), "growth_pct": round(100.0 * (end - start) / start, 2),
+            "peak": round(max(mb for t, mb in samples if t >= settle) if samples[-1][0] >= settle else end, 1),
+            "after_run": round(after, 1), "frame_queue_max": max(depths, default=0),
             "decisions": int(len(rec["receipt_ts"])), "gaps": rec["gaps"], "latency_ms": latency_summary(ms),
             "samples": [[round(t, 1), round(mb, 1)] for t, mb in samples]}
 
@@ -563,154 +504,6 @@ def _batch_line(result: dict, batch: int) -> str:
         parts.append(f"{key} batch {batch}: backbone {bb if bb is not None else '-'} model {result['model_fps'][key][b]} "
                      f"pipeline {result['pipeline_fps'][key][b]} img/s")
     return "; ".join(parts)
-
-
-# -- report -----------------------------------------------------------------------------------
-
-def _fmt(v, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("meets" if ok else "misses")
-
-
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# linegate bench: {result['detector']} ({result['model_id']})", "",
-             f"Command: `{result['command']}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average {m['load_average_at_start']} "
-             f"at start, {m.get('load_average_at_end')} at end  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  ",
-             f"Frames: {result['settings']['frames']} (shape {result['settings']['frame_shape']}), overlays at "
-             f"the default policy (every reject{'' if not result['settings']['overlay_accepts_every'] else ', accepts every %d' % result['settings']['overlay_accepts_every']})  ",
-             f"Each img/s figure is the median of {result['settings']['rounds']} rounds in which the stages take turns "
-             f"({result['settings']['seconds']:g} s per stage and batch in all); each ratio is the median of the "
-             f"per-round ratios. {result['duration_s']:.0f} s in all.", "",
-             f"**The limit** is the {result['limit']}. Ratios below say how far each stage is from it.", ""]
-    for key in result["model_fps"]:
-        lines += [f"## {key}", "",
-                  "| batch | backbone img/s | model img/s | pipeline img/s | model / backbone | pipeline / model "
-                  "| pipeline / backbone | overlays/frame |", "|---|---|---|---|---|---|---|---|"]
-        for b in (str(x) for x in result["settings"]["batches"]):
-            r = result["ratios"][key].get(b, {})
-            p = result["pipeline"].get(key, {}).get(b, {})
-            lines.append(f"| {b} | {_fmt(result['backbone_fps'].get(key, {}).get(b))} | {_fmt(result['model_fps'][key].get(b))} "
-                         f"| {_fmt(result['pipeline_fps'][key].get(b))} | {_fmt(r.get('model_over_backbone'), 2)} "
-                         f"| {_fmt(r.get('pipeline_over_model'), 2)} | {_fmt(r.get('pipeline_over_backbone'), 2)} "
-                         f"| {_fmt(p.get('overlay_fraction'), 2)} |")
-        stages = result["pipeline"].get(key, {}).get(str(TARGET_BATCH), {}).get("stages_ms")
-        if stages:
-            lines += ["", f"Pipeline stages at batch {TARGET_BATCH} (median p50 / p99 over the stats intervals, ms): " +
-                      "; ".join(f"{k} {v['p50']} / {v['p99']}" for k, v in stages.items())]
-        lines.append("")
-    for key, why in result.get("skipped", {}).items():
-        lines += [f"## {key}: not measured", "", why, ""]
-    lat = result.get("latency_ms")
-    if lat:
-        lines += [f"## Latency, capture -> subscriber receipt ({lat['engine']}, max_batch {lat['batch']}, "
-                  f"offered {lat['offered_fps']:g} img/s = {lat['rate_from']})", "",
-                  "| max_wait_ms | frames | achieved img/s | p50 ms | p95 ms | p99 ms | max ms | p99 / p50 |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for wait, s in lat["by_max_wait_ms"].items():
-            lines.append(f"| {wait} | {s['n']} | {_fmt(s.get('achieved_fps'))} | {_fmt(s.get('p50'))} | {_fmt(s.get('p95'))} "
-                         f"| {_fmt(s.get('p99'))} | {_fmt(s.get('max'))} | {_fmt(s.get('p99_over_p50'), 2)} |")
-        lines.append("")
-    rss = result.get("rss_mb")
-    if rss:
-        lines += [f"## Memory during a {rss['seconds']:g} s soak at {rss['offered_fps']:g} img/s", "",
-                  f"Resident memory {rss['at_0s']} MB at the start of the soak, {rss['start']} MB at {rss['start_at_s']:g} s, "
-                  f"{rss['end']} MB at the end: {rss['growth_pct']:+.2f}% ({rss['decisions']} decisions, "
-                  f"{rss['gaps']} lost). Latency over the soak: p50 {rss['latency_ms'].get('p50')} ms, "
-                  f"p99 {rss['latency_ms'].get('p99')} ms.", ""]
-    lines += ["## Against the targets (issue 6)", "", "| check | value | target | |", "|---|---|---|---|"]
-    for key in result["ratios"]:
-        r = result["ratios"][key].get(str(TARGET_BATCH), {})
-        for name, label in (("model_over_backbone", "head efficiency"), ("pipeline_over_model", "pipeline efficiency")):
-            v = r.get(name)
-            lines.append(f"| {label}, {key}, batch {TARGET_BATCH} | {_fmt(v, 3)} | >= {TARGETS[name]} | "
-                         f"{_verdict(None if v is None else v >= TARGETS[name])} |")
-    if lat:
-        for wait, s in lat["by_max_wait_ms"].items():
-            v = s.get("p99_over_p50")
-            lines.append(f"| latency p99 / p50, max_wait_ms {wait} | {_fmt(v, 2)} | <= 2 | "
-                         f"{_verdict(None if v is None else v <= TARGETS['p99_over_p50'])} |")
-    if rss:
-        minutes = "minute 1 -> end" if rss["seconds"] >= 600 else f"{rss['start_at_s']:g} s -> end (a 10-minute soak is the real check)"
-        lines.append(f"| RSS growth, {minutes} | {rss['growth_pct']:+.2f}% | <= 5% | "
-                     f"{_verdict(rss['growth_pct'] <= TARGETS['rss_growth_pct'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def plots(result: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"backbone": ":", "model": "--", "pipeline": "-"}
-    for stage in ("backbone", "model", "pipeline"):
-        for key, values in result[f"{stage}_fps"].items():
-            xs = sorted(int(b) for b in values)
-            ax.plot(xs, [values[str(b)] for b in xs], styles[stage], marker="o", label=f"{stage} {key}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(result["settings"]["batches"], [str(b) for b in result["settings"]["batches"]])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("images / s")
-    ax.set_title(f"{result['detector']}: throughput vs batch (limit: backbone alone)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "throughput.png")
-
-    samples = result.get("_latency_samples") or {}
-    if samples:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        finite = [v for v in samples.values() if len(v)]
-        top = max(float(np.percentile(v, 99.5)) for v in finite) if finite else 1.0
-        bins = np.linspace(0, top * 1.05, 60)
-        for wait, ms in samples.items():
-            if len(ms):
-                ax.hist(np.clip(ms, 0, bins[-1]), bins=bins, histtype="step", linewidth=1.5,
-                        label=f"max_wait_ms {wait:g}: p50 {np.percentile(ms, 50):.1f}, p99 {np.percentile(ms, 99):.1f}")
-        lat = result["latency_ms"]
-        ax.set_xlabel("capture -> subscriber receipt, ms")
-        ax.set_ylabel("frames")
-        ax.set_title(f"latency at {lat['offered_fps']:g} img/s offered, max_batch {lat['batch']} ({lat['engine']})")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "latency.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "latency.png")
-
-    rss = result.get("rss_mb")
-    if rss and rss["samples"]:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        t, mb = zip(*rss["samples"])
-        ax.plot(t, mb)
-        ax.axvline(rss["start_at_s"], color="grey", linestyle=":")
-        ax.set_xlabel("soak time, s")
-        ax.set_ylabel("resident memory, MB")
-        ax.set_title(f"RSS during the soak: {rss['growth_pct']:+.2f}% from {rss['start_at_s']:g} s to the end")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "memory.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "memory.png")
-    return written
-
-
-def write_results(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = plots(result, out)
-    public = {k: v for k, v in result.items() if not k.startswith("_")}
-    (out / "bench.json").write_text(json.dumps(public, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(public))
-    return [out / "bench.json", out / "bench.md", *written]
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -769,7 +562,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, command: str | None = None) -> int:
     """Entry point for `linegate bench`; `command` (for the report) defaults to this
     process's command line."""
-    args.command = command or " ".join(shlex.quote(a) for a in ["linegate", *sys.argv[1:]])
+    args.command_line = command or " ".join(shlex.quote(a) for a in ["linegate", *sys.argv[1:]])
     runtime_log = logging.getLogger("edge")
     level = runtime_log.level
     if not logging.getLogger().isEnabledFor(logging.DEBUG):

@@ -35,7 +35,7 @@ def check_results(out, keys, batches, waits):
         assert s["n"] > 0 and 0 < s["p50"] <= s["p95"] <= s["p99"] <= s["max"]
         assert s["lost"] == 0
     rss = result["rss_mb"]
-    assert rss["start"] > 0 and rss["end"] > 0 and len(rss["samples"]) >= 2
+    assert rss["start"] > 0 and rss["end"] > 0 and rss["peak"] >= rss["end"] and len(rss["samples"]) >= 1
     m = result["machine"]
     assert m["cores"] >= 1 and m["cpu"] and "onnxruntime" in m["versions"] and "numpy" in m["versions"]
     assert result["command"].startswith("linegate bench")
@@ -67,7 +67,8 @@ def test_bench_pillqc_bundle_measures_the_backbone_alone(pillqc_run, pillqc, tmp
     the three EfficientNet taps, and all three stages are measured on real images."""
     import onnx
 
-    from benchmarks.bench import add_arguments, backbone_outputs, run, write_backbone_graph
+    from benchmarks.backbone_graph import backbone_outputs, write_backbone_graph
+    from benchmarks.bench import add_arguments, run
 
     model_path = pillqc_run / "bundle" / "model.onnx"
     cut = tmp_path / "backbone.onnx"

@@ -1,0 +1,158 @@
+"""`linegate bench` results as bench.json, bench.md and PNG plots (matplotlib, Agg)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TARGETS = {"model_over_backbone": 0.8, "pipeline_over_model": 0.85, "p99_over_p50": 2.0, "rss_growth_pct": 5.0}
+TARGET_BATCH = 8  # the issue's targets are stated at batch 8
+
+
+def _fmt(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("meets" if ok else "misses")
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# linegate bench: {result['detector']} ({result['model_id']})", "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average {m['load_average_at_start']} "
+             f"at start, {m.get('load_average_at_end')} at end  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  ",
+             f"Frames: {result['settings']['frames']} (shape {result['settings']['frame_shape']}), overlays at "
+             f"the default policy (every reject{'' if not result['settings']['overlay_accepts_every'] else ', accepts every %d' % result['settings']['overlay_accepts_every']})  ",
+             f"Each img/s figure is the median of {result['settings']['rounds']} rounds in which the stages take turns "
+             f"({result['settings']['seconds']:g} s per stage and batch in all); each ratio is the median of the "
+             f"per-round ratios. {result['duration_s']:.0f} s in all.", "",
+             f"**The limit** is the {result['limit']}. Ratios below say how far each stage is from it.", ""]
+    for key in result["model_fps"]:
+        lines += [f"## {key}", "",
+                  "| batch | backbone img/s | model img/s | pipeline img/s | model / backbone | pipeline / model "
+                  "| pipeline / backbone | overlays/frame |", "|---|---|---|---|---|---|---|---|"]
+        for b in (str(x) for x in result["settings"]["batches"]):
+            r = result["ratios"][key].get(b, {})
+            p = result["pipeline"].get(key, {}).get(b, {})
+            lines.append(f"| {b} | {_fmt(result['backbone_fps'].get(key, {}).get(b))} | {_fmt(result['model_fps'][key].get(b))} "
+                         f"| {_fmt(result['pipeline_fps'][key].get(b))} | {_fmt(r.get('model_over_backbone'), 2)} "
+                         f"| {_fmt(r.get('pipeline_over_model'), 2)} | {_fmt(r.get('pipeline_over_backbone'), 2)} "
+                         f"| {_fmt(p.get('overlay_fraction'), 2)} |")
+        stages = result["pipeline"].get(key, {}).get(str(TARGET_BATCH), {}).get("stages_ms")
+        if stages:
+            lines += ["", f"Pipeline stages at batch {TARGET_BATCH} (median p50 / p99 over the stats intervals, ms): " +
+                      "; ".join(f"{k} {v['p50']} / {v['p99']}" for k, v in stages.items())]
+        lines.append("")
+    for key, why in result.get("skipped", {}).items():
+        lines += [f"## {key}: not measured", "", why, ""]
+    lat = result.get("latency_ms")
+    if lat:
+        lines += [f"## Latency, capture -> subscriber receipt ({lat['engine']}, max_batch {lat['batch']}, "
+                  f"offered {lat['offered_fps']:g} img/s = {lat['rate_from']})", "",
+                  "| max_wait_ms | frames | achieved img/s | p50 ms | p95 ms | p99 ms | max ms | p99 / p50 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for wait, s in lat["by_max_wait_ms"].items():
+            lines.append(f"| {wait} | {s['n']} | {_fmt(s.get('achieved_fps'))} | {_fmt(s.get('p50'))} | {_fmt(s.get('p95'))} "
+                         f"| {_fmt(s.get('p99'))} | {_fmt(s.get('max'))} | {_fmt(s.get('p99_over_p50'), 2)} |")
+        lines.append("")
+    rss = result.get("rss_mb")
+    if rss:
+        lines += [f"## Memory during a {rss['seconds']:g} s soak at {rss['offered_fps']:g} img/s", "",
+                  f"Resident memory {rss['before']} MB before the soak, {rss['start']} MB at {rss['start_at_s']:g} s, "
+                  f"{rss['end']} MB at the end of the stream: {rss['growth_pct']:+.2f}%; peak {rss['peak']} MB, "
+                  f"{rss['after_run']} MB once stopped. {rss['decisions']} decisions, {rss['gaps']} lost; the frame "
+                  f"queue held at most {rss['frame_queue_max']} frames (it is bounded: a backlog, when the box "
+                  f"cannot keep up, shows here and in the latency). Latency over the soak: p50 "
+                  f"{rss['latency_ms'].get('p50')} ms, p99 {rss['latency_ms'].get('p99')} ms.", ""]
+    lines += ["## Against the targets (issue 6)", "", "| check | value | target | |", "|---|---|---|---|"]
+    for key in result["ratios"]:
+        r = result["ratios"][key].get(str(TARGET_BATCH), {})
+        for name, label in (("model_over_backbone", "head efficiency"), ("pipeline_over_model", "pipeline efficiency")):
+            v = r.get(name)
+            lines.append(f"| {label}, {key}, batch {TARGET_BATCH} | {_fmt(v, 3)} | >= {TARGETS[name]} | "
+                         f"{_verdict(None if v is None else v >= TARGETS[name])} |")
+    if lat:
+        for wait, s in lat["by_max_wait_ms"].items():
+            v = s.get("p99_over_p50")
+            lines.append(f"| latency p99 / p50, max_wait_ms {wait} | {_fmt(v, 2)} | <= 2 | "
+                         f"{_verdict(None if v is None else v <= TARGETS['p99_over_p50'])} |")
+    if rss:
+        minutes = "minute 1 -> end" if rss["seconds"] >= 600 else f"{rss['start_at_s']:g} s -> end (a 10-minute soak is the real check)"
+        lines.append(f"| RSS growth, {minutes} | {rss['growth_pct']:+.2f}% | <= 5% | "
+                     f"{_verdict(rss['growth_pct'] <= TARGETS['rss_growth_pct'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"backbone": ":", "model": "--", "pipeline": "-"}
+    for stage in ("backbone", "model", "pipeline"):
+        for key, values in result[f"{stage}_fps"].items():
+            xs = sorted(int(b) for b in values)
+            ax.plot(xs, [values[str(b)] for b in xs], styles[stage], marker="o", label=f"{stage} {key}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["settings"]["batches"], [str(b) for b in result["settings"]["batches"]])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"{result['detector']}: throughput vs batch (limit: backbone alone)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "throughput.png")
+
+    samples = result.get("_latency_samples") or {}
+    if samples:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        finite = [v for v in samples.values() if len(v)]
+        top = max(float(np.percentile(v, 99.5)) for v in finite) if finite else 1.0
+        bins = np.linspace(0, top * 1.05, 60)
+        for wait, ms in samples.items():
+            if len(ms):
+                ax.hist(np.clip(ms, 0, bins[-1]), bins=bins, histtype="step", linewidth=1.5,
+                        label=f"max_wait_ms {wait:g}: p50 {np.percentile(ms, 50):.1f}, p99 {np.percentile(ms, 99):.1f}")
+        lat = result["latency_ms"]
+        ax.set_xlabel("capture -> subscriber receipt, ms")
+        ax.set_ylabel("frames")
+        ax.set_title(f"latency at {lat['offered_fps']:g} img/s offered, max_batch {lat['batch']} ({lat['engine']})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "latency.png")
+
+    rss = result.get("rss_mb")
+    if rss and rss["samples"]:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        t, mb = zip(*rss["samples"])
+        ax.plot(t, mb)
+        ax.axvline(rss["start_at_s"], color="grey", linestyle=":")
+        ax.set_xlabel("soak time, s")
+        ax.set_ylabel("resident memory, MB")
+        ax.set_title(f"RSS during the soak: {rss['growth_pct']:+.2f}% from {rss['start_at_s']:g} s to the end")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "memory.png")
+    return written
+
+
+def write_results(result: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = plots(result, out)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    (out / "bench.json").write_text(json.dumps(public, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(public))
+    return [out / "bench.json", out / "bench.md", *written]
