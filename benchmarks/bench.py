@@ -40,6 +40,7 @@ import numpy as np
 
 from benchmarks.backbone_graph import write_backbone_graph
 from benchmarks.bench_report import write_results
+from edge.stats import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def latency_summary(ms: np.ndarray) -> dict:
 def stage_latency(stats: list[dict]) -> dict:
     """Median over the run's stats intervals of each pipeline stage's p50 and p99 (ms)."""
     out = {}
-    for stage in ("capture_to_batch", "inference", "postprocess", "publish", "end_to_end"):
+    for stage in STAGES:
         windows = [s["latency_ms"][stage] for s in stats if (s.get("latency_ms") or {}).get(stage)]
         if windows:
             out[stage] = {"p50": round(float(np.median([w["p50"] for w in windows])), 2),
@@ -342,7 +343,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     bundle = load_bundle(args.bundle)
     size = bundle.input_size
     frames, frames_desc = load_frames(args.images, size, args.max_images)
-    tensors = np.stack([preprocess(f, size) for f in frames])
+    tensors = np.stack([preprocess(f, size, bundle.interpolation) for f in frames])
     batches = sorted({int(b) for b in args.batches.split(",")})
     waits = [float(w) for w in args.wait_ms.split(",")]
     result: dict = {
@@ -367,7 +368,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 raise ValueError(f"{args.bundle}: nothing to measure here ({skipped or 'no model matches --precision'})")
             bench = Bench(bundle, DecisionRule.from_bundle(bundle), frames, endpoint, conn, args.overlay_accepts)
             slice_s = args.seconds / args.rounds
-            steps = len(batches) * args.rounds + len(waits) + (1 if args.soak_seconds > 0 else 0)
+            steps = len(batches) * args.rounds + args.latency_rounds * (len(waits) + 1) + (1 if args.soak_seconds > 0 else 0)
             with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
                 for batch in batches:
                     x = np.ascontiguousarray(tensors[np.arange(batch) % len(tensors)])
@@ -403,21 +404,21 @@ def run_bench(args: argparse.Namespace) -> dict:
                 rate = args.rate or round(0.5 * base_fps, 1)
                 result["latency_ms"] = {"engine": first.key, "batch": lat_batch, "offered_fps": rate,
                                         "rate_from": "--rate" if args.rate else f"half the pipeline's {base_fps:.1f} img/s",
+                                        "rounds": args.latency_rounds, "seconds_per_round": args.latency_seconds,
                                         "by_max_wait_ms": {}}
-                samples = {}
-                for wait in waits:
-                    bar.set_description(f"bench latency max_wait_ms={wait:g} at {rate:g} img/s")
-                    count = max(20, int(rate * args.latency_seconds))
-                    rec = bench.pipeline(first.engine, lat_batch, count, fps=rate, max_wait_ms=wait)
-                    ms = _latencies(rec, warmup_s=min(1.0, args.latency_seconds / 5))
-                    samples[wait] = ms
-                    summary = latency_summary(ms)
-                    summary.update(achieved_fps=round(steady_fps(rec["receipt_ts"], 0), 2),
-                                   stages=stage_latency(rec["stats"]), lost=int(count - len(rec["receipt_ts"])))
-                    result["latency_ms"]["by_max_wait_ms"][f"{wait:g}"] = summary
-                    bar.write(f"latency max_wait_ms={wait:g} at {rate:g} img/s: p50 {summary.get('p50')} "
-                              f"p99 {summary.get('p99')} max {summary.get('max')} ms")
-                    bar.update()
+                x_one = np.ascontiguousarray(tensors[:1])
+                samples, round_ratios = _measure_latency(bench, first, lat_batch, rate, waits, args, bar, x_one)
+                for name, ms in samples.items():
+                    summary = latency_summary(np.concatenate(ms["latency"]))
+                    ratios = [r for r in round_ratios[name] if r is not None]
+                    summary.update(p99_over_p50_rounds=ratios,
+                                   p99_over_p50_median=round(float(np.median(ratios)), 3) if ratios else None,
+                                   **{k: v for k, v in ms.items() if k != "latency"})
+                    if name == ENGINE_ALONE:
+                        result["latency_ms"]["engine_alone"] = summary
+                    else:
+                        result["latency_ms"]["by_max_wait_ms"][name] = summary
+                samples = {float(k): np.concatenate(v["latency"]) for k, v in samples.items() if k != ENGINE_ALONE}
                 result["_latency_samples"] = samples
                 if args.soak_seconds > 0:
                     bar.set_description(f"bench soak {args.soak_seconds:g} s at {rate:g} img/s")
@@ -442,6 +443,58 @@ def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
         return np.empty(0)
     keep = capture >= capture.min() + warmup_s
     return (receipt[keep] - capture[keep]) * 1000.0
+
+
+ENGINE_ALONE = "engine alone"  # the floor the pipeline's latency is compared with
+
+
+def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, waits: list[float],
+                     args: argparse.Namespace, bar, x_one: np.ndarray) -> tuple[dict, dict]:
+    """Capture -> subscriber latency at `rate` for each max_wait_ms, and the engine called
+    alone on one frame at the same rate (the floor: this box's own jitter), in
+    `args.latency_rounds` rounds that take turns, so a noisy spell of the machine hits every
+    setting alike. Returns ({name: {"latency": [ms per round], ...}}, {name: [p99/p50 per round]})."""
+    names = [f"{w:g}" for w in waits] + [ENGINE_ALONE]
+    samples: dict[str, dict] = {n: {"latency": [], "achieved_fps": [], "lost": 0, "stages": []} for n in names}
+    ratios: dict[str, list] = {n: [] for n in names}
+    count = max(20, int(rate * args.latency_seconds))
+    for r in range(args.latency_rounds):
+        for wait, name in zip([*waits, None], names):
+            bar.set_description(f"bench latency {name if wait is None else f'max_wait_ms={name}'} at {rate:g} img/s, "
+                                f"round {r + 1}/{args.latency_rounds}")
+            if wait is None:
+                ms = _paced_engine_ms(target.engine, x_one, rate, count)
+            else:
+                rec = bench.pipeline(target.engine, batch, count, fps=rate, max_wait_ms=wait)
+                ms = _latencies(rec, warmup_s=min(1.0, args.latency_seconds / 5))
+                samples[name]["achieved_fps"].append(round(steady_fps(rec["receipt_ts"], 0), 2))
+                samples[name]["lost"] += int(count - len(rec["receipt_ts"]))
+                samples[name]["stages"].append(stage_latency(rec["stats"]))
+            samples[name]["latency"].append(ms)
+            ratios[name].append(latency_summary(ms).get("p99_over_p50"))
+            bar.update()
+        bar.write(f"latency round {r + 1}: p99/p50 " + ", ".join(f"{n} {ratios[n][-1]}" for n in names))
+    for name in names:
+        s = samples[name]
+        if s["achieved_fps"]:
+            s["achieved_fps"] = round(float(np.median(s["achieved_fps"])), 2)
+            s["stages"] = s["stages"][-1]
+        else:
+            del s["achieved_fps"], s["lost"], s["stages"]
+    return samples, ratios
+
+
+def _paced_engine_ms(engine, x: np.ndarray, rate: float, count: int) -> np.ndarray:
+    """The engine called on one frame at `rate` calls/s, nothing else running: ms per call."""
+    out = np.empty(count)
+    next_t = time.perf_counter()
+    for i in range(count):
+        next_t += 1.0 / rate
+        time.sleep(max(0.0, next_t - time.perf_counter()))
+        started = time.perf_counter()
+        engine.infer(x)
+        out[i] = (time.perf_counter() - started) * 1000.0
+    return out[min(count // 10, int(rate)):]  # the first second (or tenth) warms up
 
 
 def _soak(bench: Bench, target: Target, batch: int, rate: float, seconds: float) -> dict:
@@ -548,7 +601,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: half the pipeline's throughput at --latency-batch)")
     p.add_argument("--latency-batch", type=_positive(int), default=8, help="max_batch for latency and soak (default 8)")
     p.add_argument("--wait-ms", type=_float_list, default="0,5,20", help="max_wait_ms values for latency (default 0,5,20)")
-    p.add_argument("--latency-seconds", type=_positive(float), default=10.0, help="per max_wait_ms value (default 10)")
+    p.add_argument("--latency-seconds", type=_positive(float), default=10.0,
+                   help="per max_wait_ms value and round (default 10)")
+    p.add_argument("--latency-rounds", type=_positive(int), default=3,
+                   help="latency rounds; the settings take turns in each (default 3)")
     p.add_argument("--soak-seconds", type=float, default=60.0,
                    help="memory soak at the offered rate, 0 = none (default 60; the 5%% growth check needs 600)")
     p.add_argument("--images", help="image folder (searched recursively) for the frames; default: synthetic parts")

@@ -92,7 +92,7 @@ def stage_costs(bundle, frames: list[np.ndarray], maps: np.ndarray, scores: np.n
     n = 200
     return {
         "copy frame (source)": _per_frame_ms(lambda: image.copy(), n),
-        "preprocess (resize + CHW float32)": _per_frame_ms(lambda: preprocess(image, size), n),
+        "preprocess (resize + CHW float32)": _per_frame_ms(lambda: preprocess(image, size, bundle.interpolation), n),
         "decide (per frame, batch of %d)" % len(scores): _per_frame_ms(lambda: rule.decide(scores, maps), n) / len(scores),
         "render overlay": _per_frame_ms(lambda: render_overlay(image, amap, bundle.display_range, decision), n),
         "encode overlay JPEG": _per_frame_ms(lambda: encode_jpeg(overlay, 85), n),
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     size = bundle.input_size
     frames, desc = load_frames(args.images, size, 64)
     engine = OnnxRuntimeEngine.from_bundle(bundle)
-    x = np.stack([preprocess(frames[i % len(frames)], size) for i in range(args.batch)])
+    x = np.stack([preprocess(frames[i % len(frames)], size, bundle.interpolation) for i in range(args.batch)])
     scores, maps = engine.infer(x)
     endpoint = _free_endpoint()
     proc, conn = _start_receiver(endpoint)

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(run / "bundle")
     split = Split.from_json(json.loads((run / "split.json").read_text()))
     size = bundle.input_size
-    sets = {"calibration": load_images(split.calibration, size), "test": load_images(split.test, size)}
+    sets = {name: load_images(items, size, bundle.interpolation)
+            for name, items in (("calibration", split.calibration), ("test", split.test))}
     normal = bundle.manifest["classes"]["normal"]
     rule = DecisionRule.from_bundle(bundle)
     name = bundle.input_name

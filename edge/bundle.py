@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .images import INTERPOLATIONS
+from .overlay import UPSAMPLES
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -106,6 +109,14 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
     if len(shape) != 4 or manifest["input"]["layout"] != "NCHW" or shape[1] != 3:
         raise BundleError(f"{where}: 'input.shape' {shape} / layout {manifest['input']['layout']!r} "
                           "not supported: expected NCHW with 3 channels")
+    interpolation = manifest["input"].get("interpolation", "area")
+    if interpolation not in INTERPOLATIONS:
+        raise BundleError(f"{where}: key 'input.interpolation' is {interpolation!r}; expected one of "
+                          f"{', '.join(INTERPOLATIONS)} (re-export with `linegate export onnx RUN`)")
+    upsample = manifest["outputs"]["map"].get("upsample", "bilinear")
+    if upsample not in UPSAMPLES:
+        raise BundleError(f"{where}: key 'outputs.map.upsample' is {upsample!r}; expected one of "
+                          f"{', '.join(UPSAMPLES)}")
     for name, facts in manifest["files"].items():
         _validate_file_entry(name, facts, where)
 
@@ -174,6 +185,17 @@ class Bundle:
         """(height, width) of the model input."""
         _, _, h, w = self.manifest["input"]["shape"]
         return int(h), int(w)
+
+    @property
+    def interpolation(self) -> str:
+        """How frames are shrunk to the input size (edge.images.INTERPOLATIONS); bundles
+        written before the key existed were trained with "area"."""
+        return self.manifest["input"].get("interpolation", "area")
+
+    @property
+    def map_upsample(self) -> str:
+        """How overlays bring the map to the frame (edge.overlay.UPSAMPLES)."""
+        return self.manifest["outputs"]["map"].get("upsample", "bilinear")
 
     @property
     def decision(self) -> dict:

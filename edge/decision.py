@@ -6,10 +6,12 @@ are computed here from the feature-resolution map, which is small (e.g. 56 x 56)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .bundle import Bundle
+if TYPE_CHECKING:  # bundle validation imports overlay, which imports this module
+    from .bundle import Bundle
 
 ACCEPT, REJECT, ERROR = "accept", "reject", "error"
 

@@ -5,9 +5,10 @@ Three kinds of thread overlap the work:
   the GIL);
 - the inference thread batches frames from every source into a preallocated buffer and runs
   the engine;
-- the calling thread owns the ZeroMQ socket: it decides, publishes the batch's decisions,
-  then draws and publishes the overlays of the frames that get one, and once a second the
-  `stats` message; it also feeds the service monitor (sd_notify) when there is one.
+- the calling thread owns the ZeroMQ socket: it decides and publishes each batch's decisions
+  as soon as the batch is out of the engine, draws and publishes the overlays of the frames
+  that get one when no decision is waiting, and once a second the `stats` message; it also
+  feeds the service monitor (sd_notify) when there is one.
 
 Nothing read is lost silently: a frame that cannot be inspected, or whose batch the engine
 fails on, gets an `error` decision. Too many failed batches in a row end the run with
@@ -26,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -139,6 +141,9 @@ class Pipeline:
         self._stop = threading.Event()
         self._queue = FrameQueue(self.options.queue_capacity)
         self._results: queue.Queue = queue.Queue(maxsize=4)  # bounded: backpressure on inference
+        # (frame, decision, map, header) of overlays not drawn yet: decided frames come first
+        self._overlays_due: deque[tuple[Frame, Decision, np.ndarray, dict]] = deque()
+        self._overlays_due_max = 4 * self.options.max_batch  # beyond: draw before deciding more
         self._engine_failures = 0  # batches in a row
         self._batch_ids = itertools.count()
         ids = [s.camera_id for s in sources]
@@ -257,23 +262,27 @@ class Pipeline:
             e2e[i] = time.time() - frame.capture_ts
             headers.append(header)
             self._count(frame, decision, summary)
-        published = time.perf_counter()
-        post, pub = decided - started, published - decided
-        for frame, decision, amap, header in zip(frames, decisions, maps, headers):
-            if amap is not None and self.overlays.wants(decision):
-                t0 = time.perf_counter()
-                image = render_overlay(frame.image, amap, self.bundle.display_range, decision)
-                jpeg = encode_jpeg(image, self.options.jpeg_quality)
-                t1 = time.perf_counter()
-                publish("overlay", {**header, "encoding": "jpeg", "width": image.shape[1],
-                                    "height": image.shape[0]}, jpeg)
-                post, pub = post + t1 - t0, pub + time.perf_counter() - t1
-        self.latency.add("postprocess", post)
-        self.latency.add("publish", pub)
+        self.latency.add("postprocess", decided - started)
+        self.latency.add("publish", time.perf_counter() - decided)
         self.latency.add("end_to_end", e2e)
         summary.batches += 1
         if sent:
             self.last_decision_mono = time.monotonic()
+        # Overlays wait until the loop has nothing more urgent (see run()).
+        for frame, decision, amap, header in zip(frames, decisions, maps, headers):
+            if amap is not None and self.overlays.wants(decision):
+                self._overlays_due.append((frame, decision, amap, header))
+
+    def _publish_overlay(self) -> None:
+        """Draw, encode and publish the oldest overlay still due."""
+        frame, decision, amap, header = self._overlays_due.popleft()
+        started = time.perf_counter()
+        image = render_overlay(frame.image, amap, self.bundle.display_range, decision,
+                               upsample=self.bundle.map_upsample)
+        jpeg = encode_jpeg(image, self.options.jpeg_quality)
+        self.publisher.publish("overlay", {**header, "encoding": "jpeg", "width": image.shape[1],
+                                           "height": image.shape[0]}, jpeg)
+        self.latency.add("overlay", time.perf_counter() - started)
 
     def _count(self, frame: Frame, decision: Decision, summary: RunSummary) -> None:
         self._decisions[frame.camera_id] += 1
@@ -330,8 +339,8 @@ class Pipeline:
             if seen < opts.wait_subscribers and not self.stopping:
                 log.warning("only %d of %d subscriptions after %.0f s; starting anyway",
                             seen, opts.wait_subscribers, opts.wait_timeout_s)
-        size = self.bundle.input_size
-        threads = [SourceThread(s, self._queue, lambda img: preprocess(img, size), stop=self._stop)
+        size, interpolation = self.bundle.input_size, self.bundle.interpolation
+        threads = [SourceThread(s, self._queue, lambda img: preprocess(img, size, interpolation), stop=self._stop)
                    for s in self.sources]
         inference = threading.Thread(target=self._infer_loop, name="inference", daemon=True)
         started = last_stats = time.monotonic()
@@ -346,14 +355,24 @@ class Pipeline:
         inference.start()
         log.info("running: %s -> %s", ", ".join(s.camera_id for s in self.sources), self.publisher.endpoint)
         while True:
+            # Decisions are what the line waits for, so a batch's decisions never queue behind
+            # earlier frames' overlays: one overlay is drawn per turn of this loop, and only
+            # when no result is waiting (unless too many overlays are due: then they go first,
+            # which holds inference back through the bounded result queue).
+            due = len(self._overlays_due)
             try:
-                item = self._results.get(timeout=0.2)
+                if due >= self._overlays_due_max:
+                    item = None
+                else:
+                    item = self._results.get_nowait() if due else self._results.get(timeout=0.2)
             except queue.Empty:
                 item = None
             if item is _END:
                 break
             if item is not None:
                 self._handle(item, summary)
+            elif due:
+                self._publish_overlay()
             now = time.monotonic()
             if stop_at is None and (self._stop.is_set() or self._queue.ended()):
                 stop_at = now
@@ -378,6 +397,8 @@ class Pipeline:
                 self.monitor.tick(self, now)
         if stop_at is None:  # the stream ended before the loop saw the stop request
             self._begin_stop()
+        while self._overlays_due:  # every decided frame's overlay still goes out
+            self._publish_overlay()
         end = time.monotonic()
         summary.seconds = end - started
         inference.join(timeout=0 if summary.timed_out else 5)

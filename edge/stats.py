@@ -8,8 +8,10 @@ Stages (what one sample measures):
 - ``capture_to_batch``: per frame, capture time -> its batch handed to the engine
   (preprocessing, the queue and the batching wait);
 - ``inference``: per batch, the engine call;
-- ``postprocess``: per batch, the decision rule plus the overlays drawn and encoded;
-- ``publish``: per batch, packing and handing its messages to ZeroMQ;
+- ``postprocess``: per batch, the decision rule;
+- ``publish``: per batch, packing and handing its decisions to ZeroMQ;
+- ``overlay``: per overlay, drawing, JPEG-encoding and handing it to ZeroMQ (after the
+  decisions: it does not delay them);
 - ``end_to_end``: per frame, capture time -> its decision handed to ZeroMQ (the stages
   above plus the waits between them).
 """
@@ -19,7 +21,7 @@ import threading
 
 import numpy as np
 
-STAGES = ("capture_to_batch", "inference", "postprocess", "publish", "end_to_end")
+STAGES = ("capture_to_batch", "inference", "postprocess", "publish", "overlay", "end_to_end")
 PERCENTILES = (50, 95, 99)
 
 

@@ -25,7 +25,7 @@ from edge.engine import OnnxRuntimeEngine
 from training.backbone import INPUT_MEAN, INPUT_STD
 from training.data import Split, load_images
 from training.detectors import get_detector
-from training.train import load_run, predict
+from training.train import load_run, predict, run_interpolation
 
 log = logging.getLogger(__name__)
 INPUT_NAME, SCORE_NAME, MAP_NAME = "pixels", "score", "anomaly_map"
@@ -77,7 +77,8 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
     export_graph(model, onnx_path, size)
 
     split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
-    calib = load_images(split.calibration, size)
+    interpolation = run_interpolation(meta)
+    calib = load_images(split.calibration, size, interpolation)
     parity = parity_check(model, onnx_path, calib.tensors, cal["threshold"], cal["aggregate"])
     if parity["max_rel_score_error"] > PARITY_RTOL or parity["decision_mismatches"]:
         raise RuntimeError(f"ONNX parity check failed on {parity['images']} calibration images: {parity}; "
@@ -93,7 +94,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backbone": {"name": "efficientnet-lite0", "weights": meta["weights"]},
         "input": {"name": INPUT_NAME, "shape": [-1, 3, *size], "layout": "NCHW", "dtype": "float32",
-                  "colour": "RGB", "resize": "stretch", "range": [0, 255],
+                  "colour": "RGB", "resize": "stretch", "interpolation": interpolation, "range": [0, 255],
                   "normalisation": {"where": "in_graph", "mean": INPUT_MEAN, "std": INPUT_STD}},
         "outputs": {"score": {"name": SCORE_NAME, "shape": [-1], "aggregate": "mean"},
                     "map": {"name": MAP_NAME, "shape": [-1, h, w], "resolution": "feature",

@@ -458,7 +458,7 @@ def find_run(bundle_dir: Path, run_dir: str | Path | None) -> Path:
 
 def calibration_images(bundle: Bundle, run_dir: Path) -> LoadedImages:
     split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
-    images = load_images(split.calibration, bundle.input_size)
+    images = load_images(split.calibration, bundle.input_size, bundle.interpolation)
     if len(images.tensors) == 0:
         raise PrecisionError(f"{run_dir}: the run's calibration set has no readable images")
     return images

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import linegate_cmd
 
-TINY = ["--batches", "1,2", "--seconds", "0.2", "--rounds", "1", "--latency-seconds", "0.6",
+TINY = ["--batches", "1,2", "--seconds", "0.2", "--rounds", "1", "--latency-seconds", "0.6", "--latency-rounds", "2",
         "--wait-ms", "0,5", "--soak-seconds", "1.5", "--max-images", "8"]
 
 
@@ -31,9 +31,13 @@ def check_results(out, keys, batches, waits):
     lat = result["latency_ms"]
     assert lat["offered_fps"] > 0
     assert set(lat["by_max_wait_ms"]) == {f"{w:g}" for w in waits}
-    for s in lat["by_max_wait_ms"].values():
+    assert lat["rounds"] == 2
+    for s in [*lat["by_max_wait_ms"].values(), lat["engine_alone"]]:
         assert s["n"] > 0 and 0 < s["p50"] <= s["p95"] <= s["p99"] <= s["max"]
-        assert s["lost"] == 0
+        assert len(s["p99_over_p50_rounds"]) == 2
+        assert min(s["p99_over_p50_rounds"]) <= s["p99_over_p50_median"] <= max(s["p99_over_p50_rounds"])
+    for s in lat["by_max_wait_ms"].values():
+        assert s["lost"] == 0 and s["achieved_fps"] > 0
     rss = result["rss_mb"]
     assert rss["start"] > 0 and rss["end"] > 0 and rss["peak"] >= rss["end"] and len(rss["samples"]) >= 1
     m = result["machine"]
@@ -43,7 +47,7 @@ def check_results(out, keys, batches, waits):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     md = (out / "bench.md").read_text()
-    assert "The limit" in md and "| batch |" in md and "p99 / p50" in md
+    assert "The limit" in md and "| batch |" in md and "p99 / p50" in md and "engine alone" in md
     return result
 
 

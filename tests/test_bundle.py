@@ -41,3 +41,17 @@ def test_not_json_missing_file_and_newer_format(tiny_bundle, tmp_path):
     (tiny_bundle / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(tiny_bundle)
+
+
+def test_resize_and_upsample_keys_default_for_old_bundles_and_are_checked(tiny_bundle):
+    b = load_bundle(tiny_bundle)  # written without either key, as bundles before them were
+    assert b.interpolation == "area" and b.map_upsample == "bilinear"
+    edit_manifest(tiny_bundle, lambda m: m["input"].update(interpolation="staged"))
+    assert load_bundle(tiny_bundle).interpolation == "staged"
+    edit_manifest(tiny_bundle, lambda m: m["input"].update(interpolation="cubic"))
+    with pytest.raises(BundleError, match="'input.interpolation' is 'cubic'; expected one of area, staged"):
+        load_bundle(tiny_bundle)
+    edit_manifest(tiny_bundle, lambda m: (m["input"].pop("interpolation"),
+                                          m["outputs"]["map"].update(upsample="nearest")))
+    with pytest.raises(BundleError, match="'outputs.map.upsample' is 'nearest'"):
+        load_bundle(tiny_bundle)

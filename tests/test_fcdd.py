@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import read_json
-from training.fcdd import FCDDHead, gaussian_upsample
+from edge.overlay import gaussian_upsample
+from training.fcdd import FCDDHead
 from training.fcdd_train import confetti_noise, dihedral, fcdd_loss
 
 
@@ -105,3 +106,43 @@ def test_fcdd_trains_on_real_images_and_exports(small_runs):
     assert bundle.manifest["detector"] == "fcdd"
     assert bundle.manifest["outputs"]["map"]["upsample"] == "gaussian"
     assert bundle.manifest["parity"]["decision_mismatches"] == 0
+
+
+@pytest.mark.pillqc
+def test_runtime_overlays_use_the_bundles_gaussian_upsampling(small_runs, tmp_path):
+    """An FCDD bundle says "gaussian": the overlays the runtime publishes are drawn with the
+    paper's Gaussian upsampling, not the bilinear one (both drawn and encoded here from the
+    same ONNX Runtime maps: the published JPEG is byte for byte the Gaussian one)."""
+    from edge.bundle import load_bundle
+    from edge.decision import DecisionRule
+    from edge.engine import open_engine
+    from edge.images import preprocess, read_image
+    from edge.overlay import encode_jpeg, render_overlay
+    from edge.pipeline import Pipeline, RunOptions
+    from edge.publisher import Publisher
+    from edge.sources import FolderSource
+    from edge.subscriber import Subscriber
+
+    run = small_runs("fcdd")
+    bundle = load_bundle(run / "bundle")
+    assert bundle.map_upsample == "gaussian" and bundle.interpolation == "staged"
+    with open(run / "predictions.csv") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh) if r["set"] == "test"][:4]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, p in enumerate(paths):
+        (folder / f"f{i}.png").symlink_to(p)
+    engine, rule = open_engine(bundle), DecisionRule.from_bundle(bundle)
+    publisher = Publisher("tcp://127.0.0.1:*", model_id=bundle.model_id)
+    with Subscriber(publisher.endpoint, ("overlay",)) as sub:
+        Pipeline(bundle, engine, rule, [FolderSource(folder)], publisher,
+                 RunOptions(max_batch=4, overlay_accepts_every=1, wait_subscribers=1)).run()
+        got = [sub.recv(timeout_ms=5000) for _ in paths]
+    assert all(m is not None for m in got)
+    for msg in got:
+        rgb = read_image(folder / msg.header["source"])
+        scores, maps = engine.infer(preprocess(rgb, bundle.input_size, bundle.interpolation)[None])
+        decision = rule.decide(scores, maps)[0]
+        drawn = {how: encode_jpeg(render_overlay(rgb, maps[0], bundle.display_range, decision, upsample=how))
+                 for how in ("gaussian", "bilinear")}
+        assert msg.payload == drawn["gaussian"] and msg.payload != drawn["bilinear"]

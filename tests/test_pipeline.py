@@ -198,7 +198,8 @@ def test_stats_topic_reports_cameras_queues_and_stage_latencies(tiny_bundle):
     sources = [SyntheticSource("left", fps=40, size=64, seed=1), SyntheticSource("right", fps=40, size=64, seed=2)]
     with Subscriber(publisher.endpoint, ("stats", "decision")) as sub:
         pipeline = Pipeline(bundle, open_engine(bundle), DecisionRule.from_bundle(bundle), sources, publisher,
-                            RunOptions(max_batch=4, wait_subscribers=2, stats_interval_s=0.25, linger_ms=2000))
+                            RunOptions(max_batch=4, wait_subscribers=2, stats_interval_s=0.25, linger_ms=2000,
+                                       overlay_accepts_every=1))
         timer = threading.Timer(1.6, pipeline.stop)
         timer.start()
         summary = pipeline.run()

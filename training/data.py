@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.images import ImageReadError, list_images, preprocess, read_image
+from edge.images import (
+    DEFAULT_INTERPOLATION,
+    ImageReadError,
+    list_images,
+    preprocess,
+    read_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +149,13 @@ class LoadedImages:
     skipped: list[str]  # unreadable files, reported and left out
 
 
-def load_images(items: list[tuple[str, str]], size: tuple[int, int]) -> LoadedImages:
+def load_images(items: list[tuple[str, str]], size: tuple[int, int],
+                interpolation: str = DEFAULT_INTERPOLATION) -> LoadedImages:
     """Read and preprocess (path, class) pairs; an unreadable file is logged and skipped."""
     tensors, paths, classes, skipped = [], [], [], []
     for path, cls in items:
         try:
-            tensors.append(preprocess(read_image(path), size))
+            tensors.append(preprocess(read_image(path), size, interpolation))
         except ImageReadError as exc:
             log.warning("skipping %s", exc)
             skipped.append(path)

@@ -44,7 +44,7 @@ class Detector:
     options: dict  # option name -> default (the CLI flags that apply to this detector)
     uses_outliers: bool = False
     # how an overlay brings the feature-resolution map to the image: "bilinear", or FCDD's
-    # "gaussian" (training.fcdd.gaussian_upsample)
+    # "gaussian" (edge.overlay.gaussian_upsample)
     upsample: str = "bilinear"
 
 

@@ -9,14 +9,12 @@ everywhere, anomalous ones away from it (training/fcdd_train.py).
 
 `FCDDModel` is a plain nn.Module with no training state (no batch norm): the per-channel
 feature standardisation is a fixed buffer computed from the normal training features. The
-graph returns the map at feature resolution; `gaussian_upsample` produces the paper's
-full-resolution heatmap (a transposed convolution with a Gaussian kernel) only when an
-overlay is drawn.
+graph returns the map at feature resolution; `edge.overlay.gaussian_upsample` produces the
+paper's full-resolution heatmap (a transposed convolution with a Gaussian kernel) only when
+an overlay is drawn (the runtime and the report share it).
 """
 from __future__ import annotations
 
-import cv2
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -24,8 +22,6 @@ from torch.nn import functional as F
 from .backbone import TAP_CHANNELS, EfficientNetLite0
 
 DEFAULT_HIDDEN = 32
-# Heatmap upsampling (paper: Gaussian of std 10 px for 224 px inputs, wider than the stride).
-UPSAMPLE_SIGMA_224 = 10.0
 
 
 def stride8_features(backbone: EfficientNetLite0, pixels: torch.Tensor) -> torch.Tensor:
@@ -73,30 +69,3 @@ class FCDDModel(nn.Module):
         """-> (score (B,), anomaly_map (B, h, w)); score = mean of the map."""
         anomaly_map = self.head(self.embed(pixels))
         return anomaly_map.mean(dim=(1, 2)), anomaly_map
-
-
-def gaussian_upsample(maps: np.ndarray, size: tuple[int, int], sigma: float | None = None) -> np.ndarray:
-    """FCDD's heatmap upsampling: each map value is spread over the image by a Gaussian centred
-    on its patch (a transposed convolution with a Gaussian kernel, stride = the map's stride).
-
-    The result is divided by the same upsampling of a map of ones, so the values keep the
-    map's scale (the bundle's display range still applies). maps (B, h, w) -> (B, H, W).
-    """
-    maps = np.asarray(maps, dtype=np.float32)
-    squeeze = maps.ndim == 2
-    maps = maps[None] if squeeze else maps
-    height, width = size
-    sigma = UPSAMPLE_SIGMA_224 * min(height, width) / 224 if sigma is None else sigma
-    h, w = maps.shape[1:]
-    rows = ((np.arange(h) + 0.5) * height / h).astype(int)
-    cols = ((np.arange(w) + 0.5) * width / w).astype(int)
-    ksize = 2 * int(np.ceil(3 * sigma)) + 1
-
-    def spread(values: np.ndarray) -> np.ndarray:
-        sparse = np.zeros((height, width), np.float32)
-        sparse[np.ix_(rows, cols)] = values
-        return cv2.GaussianBlur(sparse, (ksize, ksize), sigma, borderType=cv2.BORDER_CONSTANT)
-
-    weight = np.maximum(spread(np.ones((h, w), np.float32)), 1e-12)
-    out = np.stack([spread(m) / weight for m in maps])
-    return out[0] if squeeze else out

@@ -27,7 +27,6 @@ from edge.images import ImageReadError, read_image  # noqa: E402
 from edge.overlay import render_overlay  # noqa: E402
 
 from .detectors import get_detector  # noqa: E402
-from .fcdd import gaussian_upsample  # noqa: E402
 
 PLOTS = ("histograms.png", "roc.png", "confusion.png")
 EXAMPLES_PER_KIND = 4  # true positives and true negatives shown beside every error
@@ -117,11 +116,9 @@ def _overlays(folder: Path, test, cal: dict, upsample: str) -> list[dict]:
                             REJECT if score >= threshold else ACCEPT)
         entry = {"kind": kind, "path": path, "class": test.images.classes[i], "score": score, "file": None}
         if rgb is not None:
-            amap = test.maps[i]
-            if upsample == "gaussian":
-                amap = gaussian_upsample(amap, rgb.shape[:2])
             name = f"{kind}_{n:03d}_{Path(path).stem}.png"
-            cv2.imwrite(str(folder / name), render_overlay(rgb, amap, tuple(cal["display_range"]), decision))
+            image = render_overlay(rgb, test.maps[i], tuple(cal["display_range"]), decision, upsample=upsample)
+            cv2.imwrite(str(folder / name), image)
             entry["file"] = f"{folder.name}/{name}"
         shown.append(entry)
     return shown

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from edge.decision import aggregate_maps
+from edge.images import DEFAULT_INTERPOLATION
 
 from . import calibrate
 from .backbone import load_backbone
@@ -47,6 +48,11 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     model = build_model(meta)
     model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), meta
+
+
+def run_interpolation(meta: dict) -> str:
+    """How the run's images were resized (edge.images); runs from before the key: "area"."""
+    return meta.get("interpolation", "area")
 
 
 @torch.no_grad()
@@ -86,8 +92,8 @@ def image_scores(graph_scores: np.ndarray, maps: np.ndarray, aggregate: str) -> 
 
 
 def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, int], normal: str,
-               batch_size: int, name: str) -> Scored:
-    images = load_images(items, size)
+               batch_size: int, name: str, interpolation: str) -> Scored:
+    images = load_images(items, size, interpolation)
     graph_scores, maps = predict(model, images.tensors, batch_size, desc=f"scoring {name}")
     return Scored(images, graph_scores, maps, normal)
 
@@ -114,12 +120,13 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "youden") -
 
 
 def _evaluate(model: nn.Module, split: Split, size: tuple[int, int], normal: str, batch_size: int,
-              aggregate: str = "mean", method: str = "youden") -> tuple[dict, list[dict], dict[str, Scored]]:
+              aggregate: str = "mean", method: str = "youden",
+              interpolation: str = DEFAULT_INTERPOLATION) -> tuple[dict, list[dict], dict[str, Scored]]:
     """Calibrate on the calibration set, then (only then) score and evaluate the test set."""
-    cal = _score_set(model, split.calibration, size, normal, batch_size, "calibration")
+    cal = _score_set(model, split.calibration, size, normal, batch_size, "calibration", interpolation)
     calibration = calibrate_on(cal, aggregate, method)
     threshold = calibration["threshold"]
-    test = _score_set(model, split.test, size, normal, batch_size, "test")
+    test = _score_set(model, split.test, size, normal, batch_size, "test", interpolation)
     test.scores = image_scores(test.graph_scores, test.maps, calibration["aggregate"])
     test_metrics = {
         **calibrate.binary_metrics(test.scores, test.anomalous, threshold),
@@ -184,21 +191,22 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     size = (image_size, image_size)
     log.info("split: %d train (+%d outlier exposure), %d calibration, %d test images (seed %d)",
              len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed)
-    train_set = load_images(split.train, size)
-    outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size)
+    train_set = load_images(split.train, size, DEFAULT_INTERPOLATION)
+    outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size, DEFAULT_INTERPOLATION)
     backbone = load_backbone(weights, image_size)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, torch.from_numpy(train_set.tensors),
                                    torch.from_numpy(outliers.tensors), seed, batch_size, options))
     fit_seconds = time.time() - fit_started
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
-            **detector.shape(fitted), "options": options,
+            "interpolation": DEFAULT_INTERPOLATION, **detector.shape(fitted), "options": options,
             "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
     torch.save(fitted.state_dict(), run_dir / "model.pt")
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    metrics, rows, scored = _evaluate(fitted, split, size, normal_class, batch_size, aggregate, threshold)
+    metrics, rows, scored = _evaluate(fitted, split, size, normal_class, batch_size, aggregate, threshold,
+                                      DEFAULT_INTERPOLATION)
     metrics = {"detector": model, **metrics}
     metrics["skipped"] = train_set.skipped + outliers.skipped + metrics["skipped"]
     metrics["split"] = split.to_json()
@@ -225,7 +233,7 @@ def evaluate(run_dir: str | Path, batch_size: int = 16, aggregate: str | None = 
         (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
     metrics, rows, scored = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"],
-                                      batch_size, aggregate, threshold)
+                                      batch_size, aggregate, threshold, run_interpolation(meta))
     old_path = run_dir / "metrics.json"
     old = json.loads(old_path.read_text()) if old_path.is_file() else {}
     metrics = {"detector": meta["detector"], **metrics, "split": split.to_json()}
