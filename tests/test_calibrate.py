@@ -157,3 +157,33 @@ def test_bad_training_choices_fail_before_any_work(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         train(tmp_path / "no-such-data", tmp_path / "run", **kwargs)
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_threshold_placement_study_brackets_the_youden_midpoint(tmp_path):
+    """benchmarks.threshold_placement: the Youden gap of the hand case above, its "mid" is the
+    threshold training uses, and the study reads a run's predictions.csv."""
+    import csv
+
+    from benchmarks.threshold_placement import place, study, youden_gap
+
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.8, 0.9])
+    anomalous = np.array([0, 0, 0, 0, 1, 1, 1, 1], bool)
+    assert youden_gap(scores, anomalous) == (0.6, pytest.approx(0.7))
+    placed = place(scores, anomalous)
+    assert 0.6 < placed["low"] < placed["mid"] < placed["high"] == pytest.approx(0.7)
+    assert placed["mid"] == pytest.approx(youden_threshold(scores, anomalous))
+    rng = np.random.default_rng(1)
+    run = tmp_path / "padim-seed0"
+    run.mkdir()
+    with open(run / "predictions.csv", "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["set", "path", "class", "score", "decision"])
+        for which, n in (("calibration", 20), ("test", 40)):
+            for cls, centre in (("normal", 0.0), ("dirt", 3.0)):
+                for i in range(n):
+                    out.writerow([which, f"{cls}{i}.png", cls, rng.normal(centre), ""])
+    result = study(run, splits=20)
+    assert result["calibration_anomalous_fraction"] == 0.5
+    for kind in ("calibration_cv_accuracy", "test_accuracy"):
+        assert set(result[kind]) == {"low", "mid", "high"}
+        assert all(0.8 < v <= 1.0 for v in result[kind].values())  # two well separated classes

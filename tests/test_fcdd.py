@@ -72,6 +72,28 @@ def test_gaussian_upsample_keeps_the_map_scale():
     assert up[0, 0] < 0.05 * up.max()  # and it decays away from it
 
 
+def test_gaussian_upsample_equals_blurring_the_sparse_image():
+    """The matrix form gives the numbers of the paper's construction: the map's values placed
+    at their patch centres in an empty image, blurred with OpenCV's Gaussian (zero border),
+    divided by the same blur of a map of ones."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for (height, width), (h, w), sigma in (((225, 225), (28, 28), 10.0), ((100, 300), (14, 14), 6.0)):
+        maps = rng.random((2, h, w), dtype=np.float32) * 5
+        rows = ((np.arange(h) + 0.5) * height / h).astype(int)
+        cols = ((np.arange(w) + 0.5) * width / w).astype(int)
+        ksize = 2 * int(np.ceil(3 * sigma)) + 1
+
+        def blur(values):
+            sparse = np.zeros((height, width), np.float32)
+            sparse[np.ix_(rows, cols)] = values
+            return cv2.GaussianBlur(sparse, (ksize, ksize), sigma, borderType=cv2.BORDER_CONSTANT)
+
+        expected = np.stack([blur(m) / blur(np.ones((h, w), np.float32)) for m in maps])
+        np.testing.assert_allclose(gaussian_upsample(maps, (height, width), sigma), expected, atol=1e-4)
+
+
 @pytest.mark.pillqc
 def test_fcdd_trains_on_real_images_and_exports(small_runs):
     from edge.bundle import load_bundle
