@@ -570,24 +570,21 @@ def _positive(kind: type):
     return parse
 
 
-def _int_list(text: str) -> str:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
-    return text
+def _comma_list(kind: type, lowest: float, what: str):
+    """argparse type: a comma list of `kind`, each >= lowest; returns the text (parsed later)."""
+    def parse(text: str) -> str:
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, not {text!r}") from None
+        if not values or min(values) < lowest:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {lowest:g}, got {text!r}")
+        return text
+    return parse
 
 
-def _float_list(text: str) -> str:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, not {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
-    return text
+_int_list = _comma_list(int, 1, "batch sizes")
+_float_list = _comma_list(float, 0, "max_wait_ms values")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -282,3 +282,37 @@ def test_a_stalled_subscriber_does_not_slow_the_pipeline_nor_cost_others_message
     assert facts["healthy_overlays"] == facts["frames"]
     # the stalled one lost messages (ZeroMQ dropped for it alone) and sees that as seq gaps
     assert facts["stalled_gaps"] > 0 and facts["stalled_resumed"] > 0
+
+
+def test_numpy_blas_is_single_threaded_while_the_pipeline_runs(tiny_bundle):
+    """The engine owns the cores: during run() numpy's BLAS is limited to one thread (its
+    spinning workers took the cores from ONNX Runtime), and the limit is lifted afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from edge.sources import SyntheticSource
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    if not blas_threads():
+        pytest.skip("numpy here has no BLAS library threadpoolctl can see")
+    before = blas_threads()
+    seen: list[list[int]] = []
+
+    class Probe:  # a Monitor: called from the publishing thread while the pipeline runs
+        def tick(self, pipeline, now):
+            seen.append(blas_threads())
+
+        def stats(self, message):
+            pass
+
+        def stopping(self):
+            pass
+
+    bundle = load_bundle(tiny_bundle)
+    publisher = Publisher("tcp://127.0.0.1:*", model_id=bundle.model_id)
+    Pipeline(bundle, open_engine(bundle), DecisionRule.from_bundle(bundle),
+             [SyntheticSource("cam0", count=40, size=32, seed=0)], publisher,
+             RunOptions(max_batch=4), monitor=Probe()).run()
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+    assert blas_threads() == before
