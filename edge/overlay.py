@@ -50,8 +50,8 @@ def gaussian_upsample(maps: np.ndarray, size: tuple[int, int], sigma: float | No
 
     The kernel is separable and the map's values sit on a grid, so the spread is two small
     matrix products, rows @ map @ cols^T: the same numbers as blurring the sparse image with
-    cv2.GaussianBlur (zero border), without touching the empty pixels (0.2 instead of 1.5 ms
-    at 225 x 225, and it stays cheap on camera-sized frames, where sigma grows with the size).
+    cv2.GaussianBlur (zero border), without touching the empty pixels (0.3 instead of 1.8 ms
+    at 225 x 225; 24 instead of 450 ms at 1280 x 1024, where sigma grows with the frame).
     """
     maps = np.asarray(maps, dtype=np.float32)
     squeeze = maps.ndim == 2
