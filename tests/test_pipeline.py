@@ -316,3 +316,39 @@ def test_numpy_blas_is_single_threaded_while_the_pipeline_runs(tiny_bundle):
              RunOptions(max_batch=4), monitor=Probe()).run()
     assert seen and all(threads == [1] * len(before) for threads in seen)
     assert blas_threads() == before
+
+
+def test_engine_is_warmed_at_every_batch_size_once_before_frames_are_read(tiny_bundle, caplog):
+    """ONNX Runtime sizes its memory per batch shape: the pipeline runs each size once before
+    the first frame, so memory does not step up later when a backlog first forms a new size.
+    A second pipeline on the same engine does not warm it again. (The engine is the real ONNX
+    Runtime one; the wrapper only records the batch sizes it is given.)"""
+    import logging
+
+    from edge.sources import SyntheticSource
+
+    bundle = load_bundle(tiny_bundle)
+    engine = open_engine(bundle)
+    sizes: list[int] = []
+    real_infer = engine.infer
+
+    def recording_infer(batch):
+        sizes.append(len(batch))
+        return real_infer(batch)
+
+    engine.infer = recording_infer
+
+    def run_once() -> None:
+        publisher = Publisher("tcp://127.0.0.1:*", model_id=bundle.model_id)
+        Pipeline(bundle, engine, DecisionRule.from_bundle(bundle),
+                 [SyntheticSource("cam0", count=3, size=32, seed=0)], publisher,
+                 RunOptions(max_batch=6, max_wait_ms=0)).run()
+
+    with caplog.at_level(logging.INFO, logger="edge.pipeline"):
+        run_once()
+    assert sizes[:6] == [1, 2, 3, 4, 5, 6]  # warm-up first, every size once
+    assert sum(sizes[6:]) == 3  # then the three frames
+    assert "engine warmed up at batch sizes 1-6" in caplog.text
+    sizes.clear()
+    run_once()
+    assert sum(sizes) == 3  # already warm: frames only
