@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 _END = object()
 # Batch sizes each engine has already run (see Pipeline._warm_up): a second pipeline on the
 # same engine, as the bench runs them, does not warm it again.
-_warmed: "weakref.WeakKeyDictionary[Engine, set[int]]" = weakref.WeakKeyDictionary()
+_warmed: weakref.WeakKeyDictionary[Engine, set[int]] = weakref.WeakKeyDictionary()
 WARM_EVERY_SIZE_UP_TO = 16  # beyond: powers of two and max_batch (every size costs O(n^2) images)
 
 
