@@ -99,6 +99,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(result: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -119,10 +126,7 @@ def plots(result: dict, out: Path) -> list[Path]:
     ax.set_title(f"{result['detector']}: throughput vs batch (limit: backbone alone)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "throughput.png")
+    written.append(_save(plt, fig, out / "throughput.png"))
 
     samples = result.get("_latency_samples") or {}
     if samples:
@@ -139,10 +143,7 @@ def plots(result: dict, out: Path) -> list[Path]:
         ax.set_ylabel("frames")
         ax.set_title(f"latency at {lat['offered_fps']:g} img/s offered, max_batch {lat['batch']} ({lat['engine']})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "latency.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "latency.png")
+        written.append(_save(plt, fig, out / "latency.png"))
 
     rss = result.get("rss_mb")
     if rss and rss["samples"]:
@@ -154,10 +155,7 @@ def plots(result: dict, out: Path) -> list[Path]:
         ax.set_ylabel("resident memory, MB")
         ax.set_title(f"RSS during the soak: {rss['growth_pct']:+.2f}% from {rss['start_at_s']:g} s to the end")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "memory.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "memory.png")
+        written.append(_save(plt, fig, out / "memory.png"))
     return written
 
 

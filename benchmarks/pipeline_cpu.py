@@ -88,13 +88,14 @@ def stage_costs(bundle, frames: list[np.ndarray], maps: np.ndarray, scores: np.n
     header = {"camera_id": "cam0", "frame_id": 1, "capture_ts": time.time(), "score": 1.0, "score_norm": 0.5,
               "threshold": 1.0, "decision": "reject", "aggregate": "mean", "source": "frame1", "label": None,
               "batch": 3, "v": 1, "topic": "decision", "seq": 7, "publish_ts": time.time(), "model_id": "x"}
-    overlay = render_overlay(image, amap, bundle.display_range, decision)
+    overlay = render_overlay(image, amap, bundle.display_range, decision, upsample=bundle.map_upsample)
     n = 200
     return {
         "copy frame (source)": _per_frame_ms(lambda: image.copy(), n),
         "preprocess (resize + CHW float32)": _per_frame_ms(lambda: preprocess(image, size, bundle.interpolation), n),
         "decide (per frame, batch of %d)" % len(scores): _per_frame_ms(lambda: rule.decide(scores, maps), n) / len(scores),
-        "render overlay": _per_frame_ms(lambda: render_overlay(image, amap, bundle.display_range, decision), n),
+        "render overlay": _per_frame_ms(lambda: render_overlay(image, amap, bundle.display_range, decision,
+                                                                upsample=bundle.map_upsample), n),
         "encode overlay JPEG": _per_frame_ms(lambda: encode_jpeg(overlay, 85), n),
         "pack a decision header (msgpack)": _per_frame_ms(lambda: pack_header(header), n * 10),
     }

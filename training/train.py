@@ -120,8 +120,7 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "youden") -
 
 
 def _evaluate(model: nn.Module, split: Split, size: tuple[int, int], normal: str, batch_size: int,
-              aggregate: str = "mean", method: str = "youden",
-              interpolation: str = DEFAULT_INTERPOLATION) -> tuple[dict, list[dict], dict[str, Scored]]:
+              aggregate: str, method: str, interpolation: str) -> tuple[dict, list[dict], dict[str, Scored]]:
     """Calibrate on the calibration set, then (only then) score and evaluate the test set."""
     cal = _score_set(model, split.calibration, size, normal, batch_size, "calibration", interpolation)
     calibration = calibrate_on(cal, aggregate, method)
