@@ -9,7 +9,8 @@ on the TensorRT version and GPU it was built for, and a mismatch is an error tha
 rebuild it with `linegate export tensorrt`.
 
 Inference: page-locked host buffers and device buffers for the batch profile's max batch are
-allocated once; each call copies the batch into the page-locked input, then on one CUDA stream:
+allocated once (PinnedIO, the pycuda half, tested on its own where a GPU has no TensorRT);
+each call copies the batch into the page-locked input, then on one CUDA stream:
 async host-to-device copy, set_input_shape + set_tensor_address + execute_async_v3, async
 device-to-host copies of the outputs, and one synchronise. The engine keeps the device's
 primary context (the one the CUDA runtime inside TensorRT uses) and makes it current around
@@ -47,12 +48,8 @@ class GpuStatus:
     compute_capability: str | None = None
 
 
-def require_tensorrt() -> tuple[Any, Any]:
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"TensorRT is not installed here ({exc}); install linegate[gpu] on a "
-                                  f"machine with an NVIDIA GPU, or {FALLBACK}") from exc
+def require_pycuda() -> Any:
+    """pycuda's driver module with CUDA initialised and at least one GPU, or TensorRTUnavailable."""
     try:
         import pycuda.driver as cuda
     except ImportError as exc:
@@ -65,7 +62,16 @@ def require_tensorrt() -> tuple[Any, Any]:
         raise TensorRTUnavailable(f"no usable NVIDIA GPU ({exc}); {FALLBACK}") from exc
     if count == 0:
         raise TensorRTUnavailable(f"no NVIDIA GPU found; {FALLBACK}")
-    return trt, cuda
+    return cuda
+
+
+def require_tensorrt() -> tuple[Any, Any]:
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailable(f"TensorRT is not installed here ({exc}); install linegate[gpu] on a "
+                                  f"machine with an NVIDIA GPU, or {FALLBACK}") from exc
+    return trt, require_pycuda()
 
 
 def device_facts(cuda: Any, device: int = 0) -> tuple[str, str]:
@@ -101,6 +107,46 @@ def check_facts(model: ModelFile, status: GpuStatus) -> None:
                           f"--precision {model.precision}`, or {FALLBACK}")
 
 
+class PinnedIO:
+    """The engine's I/O memory and copies (pycuda), apart from TensorRT so it is tested alone:
+    for each tensor a page-locked host buffer and a device buffer sized for the profile's max
+    batch, allocated once; uploads and downloads of the first n items, asynchronous on one
+    CUDA stream. Call it with a CUDA context current."""
+
+    def __init__(self, cuda: Any, tensors: dict[str, tuple[tuple[int, ...], np.dtype]], max_batch: int):
+        self._cuda = cuda
+        self.max_batch = max_batch
+        self.stream = cuda.Stream()
+        self.item_shape = {name: tuple(item) for name, (item, _) in tensors.items()}
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, Any] = {}
+        for name, (item, dtype) in tensors.items():
+            self.host[name] = cuda.pagelocked_empty((max_batch, *item), dtype)
+            self.device[name] = cuda.mem_alloc(self.host[name].nbytes)
+
+    def address(self, name: str) -> int:
+        return int(self.device[name])
+
+    def upload(self, name: str, batch: np.ndarray) -> None:
+        """Queue the copy of `batch` (at most max_batch items) to the device buffer of `name`."""
+        host = self.host[name][:len(batch)]
+        np.copyto(host, batch, casting="same_kind")  # into page-locked memory: the copy is truly async
+        self._cuda.memcpy_htod_async(self.device[name], host, self.stream)
+
+    def download(self, names: list[str], n: int) -> tuple[np.ndarray, ...]:
+        """Copy the first n items of each named device buffer back, wait for the stream, and
+        return float32 copies (the page-locked buffers are reused by the next batch)."""
+        for name in names:
+            self._cuda.memcpy_dtoh_async(self.host[name][:n], self.device[name], self.stream)
+        self.stream.synchronize()
+        return tuple(self.host[name][:n].astype(np.float32) for name in names)
+
+    def free(self) -> None:
+        for dev in self.device.values():
+            dev.free()
+        self.device.clear()
+
+
 class TensorRTEngine:
     name = "tensorrt"
 
@@ -109,7 +155,6 @@ class TensorRTEngine:
         trt, cuda = require_tensorrt()
         gpu, cc = device_facts(cuda, device)
         check_facts(model, GpuStatus(True, "", trt.__version__, gpu, cc))
-        self._cuda = cuda
         self.precision = model.precision
         self.providers = [f"TensorRT {trt.__version__} {model.precision} on {gpu}"]
         self.input_name = input_name
@@ -131,21 +176,16 @@ class TensorRTEngine:
             if missing:
                 raise BundleError(f"{engine_path}: the engine has no tensor {missing} (it has {names}); "
                                   "rebuild it from this bundle with `linegate export tensorrt BUNDLE`")
-            self._stream = cuda.Stream()
-            self._host: dict[str, np.ndarray] = {}
-            self._device: dict[str, Any] = {}
-            self._item_shape: dict[str, tuple[int, ...]] = {}
+            tensors = {}
             for name in names:
                 shape = tuple(self._engine.get_tensor_shape(name))
-                item = shape[1:]
-                if any(d < 0 for d in item):
+                if any(d < 0 for d in shape[1:]):
                     raise BundleError(f"{engine_path}: tensor {name!r} has dynamic axes {shape} beyond the "
                                       "batch axis; linegate engines have a dynamic batch axis only")
-                dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-                host = cuda.pagelocked_empty((self.max_batch, *item), dtype)  # allocated once, reused
-                dev = cuda.mem_alloc(host.nbytes)
-                self._context.set_tensor_address(name, int(dev))
-                self._host[name], self._device[name], self._item_shape[name] = host, dev, item
+                tensors[name] = (shape[1:], np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))))
+            self._io = PinnedIO(cuda, tensors, self.max_batch)
+            for name in names:
+                self._context.set_tensor_address(name, self._io.address(name))
         finally:
             self._ctx.pop()
 
@@ -162,21 +202,15 @@ class TensorRTEngine:
             parts = [self.infer(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         n = len(batch)
-        cuda = self._cuda
+        io = self._io
         with self._lock:
             self._ctx.push()
             try:
-                host_in = self._host[self.input_name]
-                np.copyto(host_in[:n], batch, casting="same_kind")
-                cuda.memcpy_htod_async(self._device[self.input_name], host_in[:n], self._stream)
-                self._context.set_input_shape(self.input_name, (n, *self._item_shape[self.input_name]))
-                if not self._context.execute_async_v3(self._stream.handle):
+                io.upload(self.input_name, batch)
+                self._context.set_input_shape(self.input_name, (n, *io.item_shape[self.input_name]))
+                if not self._context.execute_async_v3(io.stream.handle):
                     raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
-                for name in self.outputs:
-                    cuda.memcpy_dtoh_async(self._host[name][:n], self._device[name], self._stream)
-                self._stream.synchronize()
-                # copies: the page-locked buffers are reused by the next batch
-                return tuple(self._host[name][:n].astype(np.float32) for name in self.outputs)
+                return io.download(self.outputs, n)
             finally:
                 self._ctx.pop()
 
@@ -184,9 +218,7 @@ class TensorRTEngine:
         with self._lock:
             self._ctx.push()
             try:
-                for dev in self._device.values():
-                    dev.free()
-                self._device.clear()
+                self._io.free()
                 self._context = self._engine = None
             finally:
                 self._ctx.pop()

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from edge.bundle import ModelFile, load_bundle, write_manifest
 from edge.decision import DecisionRule
 from edge.engine import open_engine
-from edge.engine_tensorrt import TensorRTEngine, TensorRTUnavailable, probe
+from edge.engine_tensorrt import PinnedIO, TensorRTEngine, TensorRTUnavailable, probe, require_pycuda
 from export.precision import Tolerance, add_variants, image_scores, onnx_infer
 from export.tensorrt_build import TensorRTBuildError, build_engine, parser_errors
 from training.data import Split, load_images
@@ -26,6 +26,17 @@ from training.data import Split, load_images
 STATUS = probe()
 needs_gpu = pytest.mark.skipif(not STATUS.usable, reason=f"needs an NVIDIA GPU with TensorRT and pycuda: "
                                                          f"{STATUS.reason}")
+
+
+def _pycuda_reason() -> str | None:
+    try:
+        require_pycuda()
+    except TensorRTUnavailable as exc:
+        return str(exc)
+    return None
+
+
+PYCUDA_MISSING = _pycuda_reason()
 no_gpu_only = pytest.mark.skipif(STATUS.usable, reason=f"this box has a GPU ({STATUS.reason})")
 
 
@@ -85,6 +96,39 @@ def test_parser_errors_name_the_node():
 
 
 # ---------------------------------------------------------------- on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(PYCUDA_MISSING is not None, reason=f"needs an NVIDIA GPU with pycuda: {PYCUDA_MISSING}")
+def test_pinned_io_round_trip_on_the_gpu():
+    """The engine's pycuda half, without TensorRT: page-locked and device buffers for the max
+    batch, partial batches up and down on one stream. A device-to-device copy on the same
+    stream stands where execute_async_v3 runs in the engine."""
+    cuda = require_pycuda()
+    ctx = cuda.Device(0).retain_primary_context()
+    ctx.push()
+    try:
+        io = PinnedIO(cuda, {"pixels": ((3, 8, 8), np.dtype(np.float32)),
+                             "map": ((2, 8), np.dtype(np.float32))}, max_batch=4)
+        assert io.host["pixels"].shape == (4, 3, 8, 8) and io.host["map"].shape == (4, 2, 8)
+        rng = np.random.default_rng(0)
+        previous = None
+        for n in (4, 1, 3):  # a full batch, then partial ones through the same buffers
+            x = rng.random((n, 3, 8, 8), dtype=np.float32)
+            io.upload("pixels", x)
+            cuda.memcpy_dtod_async(io.device["map"], io.device["pixels"], n * 2 * 8 * 4, io.stream)
+            back, head = io.download(["pixels", "map"], n)
+            np.testing.assert_array_equal(back, x)
+            np.testing.assert_array_equal(head, x.reshape(-1)[:n * 16].reshape(n, 2, 8))
+            assert not np.shares_memory(back, io.host["pixels"])  # results outlive the next batch
+            if previous is not None:
+                np.testing.assert_array_equal(previous[1], previous[0])
+            previous = (back, x)
+        io.free()
+        assert io.device == {}
+    finally:
+        ctx.pop()
+        ctx.detach()
+
 
 def _images(run, bundle):
     split = Split.from_json(json.loads((run / "split.json").read_text()))
