@@ -190,7 +190,7 @@ class TensorRTEngine:
             self._ctx.pop()
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, model: ModelFile, **kwargs) -> "TensorRTEngine":
+    def from_bundle(cls, bundle: Bundle, model: ModelFile, **kwargs) -> TensorRTEngine:
         m = bundle.manifest
         return cls(bundle.file(model.name), model, m["input"]["name"], m["outputs"]["score"]["name"],
                    m["outputs"]["map"]["name"], **kwargs)
