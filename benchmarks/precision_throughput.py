@@ -11,6 +11,16 @@ uint8 activations (ONNX Runtime's fast x86 path, which TensorRT cannot build). F
 - where the time goes: ONNX Runtime's per-operator profile at the largest batch.
 
     python -m benchmarks.precision_throughput RUN [--batches 1,8] [--seconds 4] [--rounds 3]
+        [--keep-variants DIR]
+
+The INT8 speed-up depends on the CPU's integer dot-product instructions (AVX-512 VNNI, AMX),
+so the same files are worth timing on other CPUs. `--keep-variants DIR` saves the four models;
+on another machine, with neither the run nor its images at hand,
+
+    python -m benchmarks.precision_throughput --throughput-only DIR [--batches 1,8]
+
+times them on frames of the synthetic part generator (throughput does not depend on what the
+pixels show) and writes precision_throughput_<detector>_<cpu>.json/.md, throughput only.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import collections
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +39,8 @@ import onnxruntime as ort
 
 from edge.bundle import load_bundle
 from edge.decision import DecisionRule
+from edge.images import preprocess
+from edge.synthetic import PartGenerator
 from export.precision import deviation, image_scores, make_fp16, make_int8, onnx_infer
 from training.calibrate import binary_metrics
 from training.data import Split, load_images
@@ -85,12 +98,19 @@ def _profile(path: Path, name: str, batch: np.ndarray, trace_dir: Path, runs: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
+    parser.add_argument("run", nargs="?", help="a training run with its bundle (not with --throughput-only)")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--seconds", type=float, default=4.0, help="per model, per batch size, per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--keep-variants", metavar="DIR", help="also save the four models (and the manifest) here")
+    parser.add_argument("--throughput-only", metavar="DIR", help="time the models a --keep-variants run saved")
     args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.throughput_only:
+        return _throughput_only(Path(args.throughput_only), batches, args)
+    if not args.run:
+        parser.error("give a RUN, or --throughput-only DIR")
     run = Path(args.run)
     bundle = load_bundle(run / "bundle")
     split = Split.from_json(json.loads((run / "split.json").read_text()))
@@ -100,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     normal = bundle.manifest["classes"]["normal"]
     rule = DecisionRule.from_bundle(bundle)
     name = bundle.input_name
-    batches = [int(b) for b in args.batches.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"fp32": bundle.file("model.onnx"), "fp16": Path(tmp) / "model.fp16.onnx",
@@ -126,38 +145,78 @@ def main(argv: list[str] | None = None) -> int:
                   f"(FP32 {per_set['test']['auroc_fp32']:.4f}), test flips {per_set['test']['decision_flips']}",
                   flush=True)
 
-        sessions = {label: _session(path) for label, path in paths.items()}
-        fps: dict[int, dict[str, list[float]]] = {b: {label: [] for label in paths} for b in batches}
-        for r in range(args.rounds):
-            for b in batches:
-                batch = np.ascontiguousarray(np.resize(cal, (b, *cal.shape[1:])))
-                for label, value in _round(sessions, name, batch, args.seconds).items():
-                    fps[b][label].append(value)
-            print(f"round {r + 1}/{args.rounds}: " + "; ".join(
-                f"b{b} " + " ".join(f"{k} {v[-1]:.1f}" for k, v in fps[b].items()) for b in batches), flush=True)
-        del sessions
-        biggest = np.ascontiguousarray(np.resize(cal, (max(batches), *cal.shape[1:])))
-        profiles = {label: _profile(path, name, biggest, Path(tmp)) for label, path in paths.items()}
+        if args.keep_variants:
+            keep = Path(args.keep_variants)
+            keep.mkdir(parents=True, exist_ok=True)
+            for label, path in paths.items():
+                shutil.copyfile(path, keep / f"{label}.onnx")
+            shutil.copyfile(bundle.path / "manifest.json", keep / "manifest.json")
+        rows, profiles = _time_models(paths, name, cal, batches, args, Path(tmp))
 
-    rows = []
-    for b in batches:
-        base = float(np.median(fps[b]["fp32"]))
-        for label, _ in VARIANTS:
-            med = float(np.median(fps[b][label]))
-            per_round = [v / f for v, f in zip(fps[b][label], fps[b]["fp32"])]
-            rows.append({"batch": b, "variant": label, "fps_median": med, "fps_rounds": fps[b][label],
-                         "ratio_vs_fp32": med / base, "ratio_per_round": per_round})
     result = {
         "run": str(run), "detector": bundle.manifest["detector"], "model_id": bundle.model_id,
         "variants": dict(VARIANTS), "accuracy": accuracy, "throughput": rows,
         "profile_ms_per_batch": {"batch": max(batches), **profiles},
         "settings": {"seconds": args.seconds, "rounds": args.rounds, "threshold": rule.threshold},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_flags": _cpu_flags(),
-                    "onnxruntime": ort.__version__, "python": platform.python_version()},
+        "machine": _machine(),
     }
-    out = Path(args.out)
+    return _write(result, Path(args.out), f"precision_throughput_{bundle.manifest['detector']}")
+
+
+def _time_models(paths: dict[str, Path], name: str, images: np.ndarray, batches: list[int],
+                 args: argparse.Namespace, tmp: Path) -> tuple[list[dict], dict]:
+    """Throughput rows (img/s per round, ratio to FP32) and the operator profile at the largest batch."""
+    sessions = {label: _session(path) for label, path in paths.items()}
+    fps: dict[int, dict[str, list[float]]] = {b: {label: [] for label in paths} for b in batches}
+    for r in range(args.rounds):
+        for b in batches:
+            batch = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
+            for label, value in _round(sessions, name, batch, args.seconds).items():
+                fps[b][label].append(value)
+        print(f"round {r + 1}/{args.rounds}: " + "; ".join(
+            f"b{b} " + " ".join(f"{k} {v[-1]:.1f}" for k, v in fps[b].items()) for b in batches), flush=True)
+    del sessions
+    biggest = np.ascontiguousarray(np.resize(images, (max(batches), *images.shape[1:])))
+    profiles = {label: _profile(path, name, biggest, tmp) for label, path in paths.items()}
+    rows = []
+    for b in batches:
+        base = float(np.median(fps[b]["fp32"]))
+        for label in paths:
+            med = float(np.median(fps[b][label]))
+            per_round = [v / f for v, f in zip(fps[b][label], fps[b]["fp32"])]
+            rows.append({"batch": b, "variant": label, "fps_median": med, "fps_rounds": fps[b][label],
+                         "ratio_vs_fp32": med / base, "ratio_per_round": per_round})
+    return rows, profiles
+
+
+def _throughput_only(models: Path, batches: list[int], args: argparse.Namespace) -> int:
+    manifest = json.loads((models / "manifest.json").read_text())
+    paths = {label: models / f"{label}.onnx" for label, _ in VARIANTS}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{models}: missing {missing}; make them with --keep-variants DIR on a machine with the run")
+    h, w = manifest["input"]["shape"][2:]
+    generator = PartGenerator(size=max(h, w), seed=0)
+    images = np.stack([preprocess(generator.sample()[0], (h, w), manifest["input"].get("interpolation", "area"))
+                       for _ in range(16)])
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, profiles = _time_models(paths, manifest["input"]["name"], images, batches, args, Path(tmp))
+    machine = _machine()
+    result = {"models": str(models), "detector": manifest["detector"], "model_id": manifest["model_id"],
+              "variants": dict(VARIANTS), "accuracy": None, "inputs": "synthetic parts (edge.synthetic), 16 frames",
+              "throughput": rows, "profile_ms_per_batch": {"batch": max(batches), **profiles},
+              "settings": {"seconds": args.seconds, "rounds": args.rounds}, "machine": machine}
+    cpu = "".join(c if c.isalnum() else "_" for c in machine["cpu"].lower()).strip("_")[:40]
+    return _write(result, Path(args.out), f"precision_throughput_{manifest['detector']}_{cpu}")
+
+
+def _machine() -> dict:
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_flags": _cpu_flags(),
+            "onnxruntime": ort.__version__, "python": platform.python_version()}
+
+
+def _write(result: dict, out: Path, stem: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"precision_throughput_{bundle.manifest['detector']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(_markdown(result) + "\n")
     print(f"wrote {out / stem}.json and .md")
@@ -170,15 +229,14 @@ def _markdown(r: dict) -> str:
              f"onnxruntime {r['machine']['onnxruntime']}. Throughput: median of {r['settings']['rounds']} "
              f"rounds of {r['settings']['seconds']} s per model, the models taking turns in 0.5 s slices "
              "within each round; ratios are within this run (the machine is shared: absolute img/s "
-             "move with other load).", "",
-             "| variant | what | calib. decisions changed | calib. AUROC (FP32) | test AUROC (FP32) | "
-             "test decisions changed | max calib. score error |", "|---|---|---|---|---|---|---|"]
-    for label, what in r["variants"].items():
-        c, t = r["accuracy"][label]["calibration"], r["accuracy"][label]["test"]
-        lines.append(f"| {label} | {what} | {c['decision_flips']} / {c['images']} | {c['auroc']:.4f} "
-                     f"({c['auroc_fp32']:.4f}) | {t['auroc']:.4f} ({t['auroc_fp32']:.4f}) | "
-                     f"{t['decision_flips']} / {t['images']} | {c['max_abs_score_error']:.3g} "
-                     f"({c['max_rel_score_error']:.2%}) |")
+             "move with other load).", ""]
+    if r["accuracy"] is None:
+        lines += [f"Throughput only, on {r['inputs']}: the models were made (and their accuracy measured) "
+                  "on another machine with `--keep-variants`.", "",
+                  "| variant | what |", "|---|---|"]
+        lines += [f"| {label} | {what} |" for label, what in r["variants"].items()]
+    else:
+        lines += _accuracy_table(r)
     lines += ["", "| batch | variant | img/s (median) | vs FP32 (median) | vs FP32, each round |",
               "|---|---|---|---|---|"]
     lines += [f"| {row['batch']} | {row['variant']} | {row['fps_median']:.1f} | {row['ratio_vs_fp32']:.2f}x | "
@@ -191,6 +249,18 @@ def _markdown(r: dict) -> str:
         total = sum(prof[label].values())
         lines.append(f"- {label} ({total:.0f} ms): " + ", ".join(f"{op} {ms:.0f}" for op, ms in top))
     return "\n".join(lines)
+
+
+def _accuracy_table(r: dict) -> list[str]:
+    lines = ["| variant | what | calib. decisions changed | calib. AUROC (FP32) | test AUROC (FP32) | "
+             "test decisions changed | max calib. score error |", "|---|---|---|---|---|---|---|"]
+    for label, what in r["variants"].items():
+        c, t = r["accuracy"][label]["calibration"], r["accuracy"][label]["test"]
+        lines.append(f"| {label} | {what} | {c['decision_flips']} / {c['images']} | {c['auroc']:.4f} "
+                     f"({c['auroc_fp32']:.4f}) | {t['auroc']:.4f} ({t['auroc_fp32']:.4f}) | "
+                     f"{t['decision_flips']} / {t['images']} | {c['max_abs_score_error']:.3g} "
+                     f"({c['max_rel_score_error']:.2%}) |")
+    return lines
 
 
 def _cpu_name() -> str:

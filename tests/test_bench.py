@@ -103,3 +103,31 @@ def test_steady_fps_and_latency_summary():
     assert s["n"] == 100 and s["max"] == 100 and s["p50"] == pytest.approx(50.5)
     assert s["p99_over_p50"] == pytest.approx(s["p99"] / s["p50"], rel=1e-3)
     assert latency_summary(np.empty(0)) == {"n": 0}
+
+
+def test_precision_throughput_only_times_saved_variants(tiny_bundle, tmp_path):
+    """`--throughput-only DIR` (for timing variants on another CPU): needs the four files and the
+    manifest, runs on synthetic frames, and writes throughput with no accuracy section."""
+    import shutil
+
+    from benchmarks import precision_throughput as pt
+
+    models = tmp_path / "variants"
+    models.mkdir()
+    shutil.copyfile(tiny_bundle / "manifest.json", models / "manifest.json")
+    shutil.copyfile(tiny_bundle / "model.onnx", models / "fp32.onnx")
+    with pytest.raises(SystemExit, match="missing .*fp16.onnx.*--keep-variants"):
+        pt.main(["--throughput-only", str(models), "--out", str(tmp_path / "out")])
+    for label in ("fp16", "int8", "int8-u8"):  # any model times; these stand in for the real variants
+        shutil.copyfile(tiny_bundle / "model.onnx", models / f"{label}.onnx")
+    assert pt.main(["--throughput-only", str(models), "--batches", "1,2", "--rounds", "2", "--seconds", "0.05",
+                    "--out", str(tmp_path / "out")]) == 0
+    [written] = (tmp_path / "out").glob("precision_throughput_tiny_*.json")
+    result = json.loads(written.read_text())
+    assert result["accuracy"] is None and result["machine"]["cores"] >= 1
+    rows = {(r["batch"], r["variant"]): r for r in result["throughput"]}
+    assert set(rows) == {(b, v) for b in (1, 2) for v in ("fp32", "fp16", "int8", "int8-u8")}
+    assert all(r["fps_median"] > 0 and len(r["fps_rounds"]) == 2 for r in rows.values())
+    assert rows[(2, "fp32")]["ratio_vs_fp32"] == 1.0
+    md = written.with_suffix(".md").read_text()
+    assert "Throughput only" in md and "| 2 | int8-u8 |" in md
