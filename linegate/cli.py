@@ -224,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image score from the anomaly map: mean (seed default), max, topk:P (mean of the "
                         "top P%% patches) or auto (best AUROC on the calibration set)")
     p.add_argument("--threshold", default="youden",
-                   help="youden (seed), f1, or fpr:RATE (largest tolerated false-reject rate of good parts "
-                        "on the calibration set, e.g. fpr:0.02)")
+                   help="youden (seed), f1, fpr:RATE (largest tolerated false-reject rate of good parts "
+                        "on the calibration set, e.g. fpr:0.02) or cost:C@P (least expected cost on a line "
+                        "where P of the parts are defective and an escape costs C false rejects, e.g. "
+                        "cost:20@0.01)")
     p.add_argument("--epochs", type=int, default=None, help="FCDD training epochs (default 200, the seed's)")
     p.add_argument("--coreset-ratio", type=float, default=None,
                    help="PatchCore memory bank size as a fraction of the training patches (default 0.1)")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from edge.decision import DecisionRule, aggregate_maps
-from training.calibrate import (AGGREGATE_CANDIDATES, binary_metrics, choose_aggregate, f1_threshold, fpr_threshold,
-                                parse_threshold_method, per_class_accuracy, pick_threshold, youden_threshold)
+from training.calibrate import (AGGREGATE_CANDIDATES, binary_metrics, choose_aggregate, cost_threshold, f1_threshold,
+                                fpr_threshold, parse_threshold_method, per_class_accuracy, pick_threshold, youden_threshold)
 
 
 def test_youden_threshold_hand_computed():
@@ -89,9 +89,35 @@ def test_threshold_methods_by_name():
     assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "youden") == pytest.approx(0.65)
     assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "f1") == pytest.approx(0.4)
     assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "fpr:0.5") == pytest.approx(0.25)
-    for bad in ("otsu", "fpr:", "fpr:x", "fpr:1.5", "fpr:-0.1"):
-        with pytest.raises(ValueError, match="youden, f1 or fpr:RATE"):
+    assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "cost:20@0.1") == pytest.approx(0.4)
+    assert parse_threshold_method("cost:20@0.01") == ("cost", (20.0, 0.01))
+    for bad in ("otsu", "fpr:", "fpr:x", "fpr:1.5", "fpr:-0.1", "cost:", "cost:5", "cost:0@0.1", "cost:5@1",
+                "cost:5@0", "cost:x@0.1", "cost:inf@0.5", "cost:nan@0.5", "cost:5@0.1@2"):
+        with pytest.raises(ValueError, match=r"youden, f1, fpr:RATE .* or cost:C@P"):
             parse_threshold_method(bad)
+
+
+@pytest.mark.parametrize("escape_cost, prevalence, expected, confusion", [
+    # ROC of the hand set, thresholds high to low: 0.9 (FPR 0, TPR 1/4), 0.8 (0, 1/2), 0.7 (0, 3/4),
+    # 0.6 (1/4, 3/4), 0.5 (1/4, 1), 0.3 (1/2, 1) ... cost = (1 - P) FPR + C P (1 - TPR)
+    (1.0, 0.5, 0.65, [[4, 0], [1, 3]]),   # C P = 1 - P: Youden's point (0.7: cost 1/8, ties 0.5, higher wins)
+    (2.0, 0.25, 0.65, [[4, 0], [1, 3]]),  # 0.7: 0.5 x 1/4 = 0.125 ; 0.5: 0.75 x 1/4 = 0.1875
+    (4.0, 0.25, 0.4, [[3, 1], [0, 4]]),   # 0.7: 1 x 1/4 = 0.25 ; 0.5: 0.1875 -> (0.5 + 0.3) / 2
+    (20.0, 0.1, 0.4, [[3, 1], [0, 4]]),   # escapes dear: 0.7 costs 0.5, 0.5 costs 0.225, 0.3 costs 0.45
+])
+def test_cost_threshold_hand_computed(escape_cost, prevalence, expected, confusion):
+    t = cost_threshold(HAND_SCORES, HAND_ANOMALOUS, escape_cost, prevalence)
+    assert t == pytest.approx(expected)
+    assert binary_metrics(HAND_SCORES, HAND_ANOMALOUS, t)["confusion"] == confusion
+
+
+def test_cost_threshold_is_youden_when_the_costs_balance():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        anomalous = rng.random(60) < 0.4
+        scores = rng.normal(size=60) + 1.5 * anomalous
+        p = rng.uniform(0.01, 0.5)
+        assert cost_threshold(scores, anomalous, (1 - p) / p, p) == pytest.approx(youden_threshold(scores, anomalous))
 
 
 def test_choose_aggregate_by_calibration_auroc():
@@ -146,7 +172,7 @@ def test_auto_aggregate_never_looks_at_the_test_set(small_runs, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"aggregate": "median"}, "--aggregate 'median'"),
-    ({"threshold": "fpr:2"}, "youden, f1 or fpr:RATE"),
+    ({"threshold": "fpr:2"}, "youden, f1, fpr:RATE .* or cost:C@P"),
     ({"model": "padim", "epochs": 5}, "--epochs applies to fcdd only"),
     ({"model": "fcdd", "coreset_ratio": 0.2}, "--coreset-ratio applies to patchcore only"),
     ({"model": "svdd"}, "use one of padim, fcdd, patchcore"),

@@ -13,7 +13,8 @@ from edge.decision import aggregate_maps
 # What `--aggregate auto` chooses from, in order of preference when calibration AUROCs tie
 # (mean first: the seeds' default).
 AGGREGATE_CANDIDATES = ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max")
-THRESHOLD_METHODS = "youden, f1 or fpr:RATE (RATE: the largest tolerated false-reject rate of good parts, 0..1)"
+THRESHOLD_METHODS = ("youden, f1, fpr:RATE (RATE: the largest tolerated false-reject rate of good parts, 0..1) "
+                     "or cost:C@P (an escaped defect costs C false rejects; P: the line's defect rate, 0..1)")
 
 
 def _checked(scores: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,27 +67,54 @@ def fpr_threshold(scores: np.ndarray, anomalous: np.ndarray, rate: float) -> flo
     return _below(scores, thresholds[np.flatnonzero(fpr <= rate).max()])
 
 
-def parse_threshold_method(method: str) -> tuple[str, float | None]:
-    """"youden" | "f1" | "fpr:RATE" -> (name, rate); a bad string raises naming the choices."""
+def cost_threshold(scores: np.ndarray, anomalous: np.ndarray, escape_cost: float, prevalence: float) -> float:
+    """The threshold with the least expected cost per part on the line, a false reject costing
+    1 and an escaped defect `escape_cost`, when a fraction `prevalence` of the line's parts are
+    defective: (1 - prevalence) x FPR + escape_cost x prevalence x (1 - TPR), the rates read off
+    the calibration ROC. The calibration set's own mix of good and bad parts (chosen to have
+    enough of each) does not enter; the line's does. Youden's point is the special case
+    escape_cost x prevalence = 1 - prevalence. Ties go to the higher threshold."""
+    if not escape_cost > 0 or not 0.0 < prevalence < 1.0:
+        raise ValueError(f"threshold cost:{escape_cost}@{prevalence}: C must be > 0 and P in (0, 1), "
+                         "e.g. cost:20@0.01")
+    scores, anomalous = _checked(scores, anomalous)
+    fpr, tpr, thresholds = roc_curve(anomalous, scores, drop_intermediate=False)
+    cost = (1.0 - prevalence) * fpr + escape_cost * prevalence * (1.0 - tpr)
+    return _below(scores, thresholds[int(np.argmin(cost))])  # argmin: the first, highest threshold
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def parse_threshold_method(method: str) -> tuple[str, tuple[float, ...]]:
+    """"youden" | "f1" | "fpr:RATE" | "cost:C@P" -> (name, parameters); a bad string raises
+    naming the choices."""
     if method in ("youden", "f1"):
-        return method, None
+        return method, ()
     if method.startswith("fpr:"):
-        try:
-            rate = float(method[4:])
-        except ValueError:
-            rate = -1.0
+        rate = _number(method[4:])
         if 0.0 <= rate < 1.0:
-            return "fpr", rate
+            return "fpr", (rate,)
+    if method.startswith("cost:") and method.count("@") == 1:
+        escape_cost, prevalence = (_number(part) for part in method[5:].split("@"))
+        if escape_cost > 0 and 0.0 < prevalence < 1.0 and np.isfinite(escape_cost):
+            return "cost", (escape_cost, prevalence)
     raise ValueError(f"threshold method {method!r}: use {THRESHOLD_METHODS}")
 
 
 def pick_threshold(scores: np.ndarray, anomalous: np.ndarray, method: str = "youden") -> float:
-    name, rate = parse_threshold_method(method)
+    name, params = parse_threshold_method(method)
     if name == "youden":
         return youden_threshold(scores, anomalous)
     if name == "f1":
         return f1_threshold(scores, anomalous)
-    return fpr_threshold(scores, anomalous, rate)
+    if name == "cost":
+        return cost_threshold(scores, anomalous, *params)
+    return fpr_threshold(scores, anomalous, *params)
 
 
 def aggregate_aurocs(maps: np.ndarray, anomalous: np.ndarray,
