@@ -171,11 +171,10 @@ class PaDiMModel(nn.Module):
                 x = x[:, :term.rows]
             z = torch.matmul(getattr(self, term.name), x).reshape(patches, -1, b)  # (P, m, B)
             zs[term.group] = z if term.group not in zs else zs[term.group] + z
-        sq = None
-        for z in zs.values():
-            part = (z * z).sum(dim=1)  # (P, B), head patch order
-            sq = part if sq is None else sq + part
-        dist = torch.index_select(torch.sqrt(sq), 0, self.unorder)  # row-major patches
+        # One ReduceL2 over all groups' outputs, not a Mul + ReduceSum per group: ONNX Runtime
+        # reduces a middle axis slowly, and per call (1.4 of 10.7 ms at batch 1, 2 cores).
+        whitened = torch.cat([zs[g] for g in sorted(zs)], dim=1)  # (P, D, B), head patch order
+        dist = torch.index_select(torch.linalg.vector_norm(whitened, dim=1), 0, self.unorder)  # row-major
         anomaly_map = dist.t().reshape(b, *self.map_size)
         return anomaly_map.mean(dim=(1, 2)), anomaly_map
 
