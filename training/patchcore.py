@@ -8,7 +8,7 @@ concatenated. A memory bank of normal patch features, reduced by greedy coreset 
 bank entry.
 
 `PatchCoreModel` is a plain nn.Module that exports to ONNX: squared distances are matrix
-products, ||a||^2 - 2 a.b + ||b||^2 (no cdist), and the bank is visited in fixed-size chunks
+products, ||a||^2 + (||b||^2 - 2 a.b) (no cdist), and the bank is visited in fixed-size chunks
 keeping a running minimum, so the largest intermediate is (batch x patches x chunk) whatever
 the bank's size (with the default chunk, about 3 MB per image).
 """
@@ -47,15 +47,20 @@ class PatchCoreModel(nn.Module):
         return local_patch_features(self.backbone, pixels)
 
     def nearest_distance(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, D) patch features -> (N,) Euclidean distance to the nearest bank entry."""
-        patches_sq = (patches * patches).sum(dim=1, keepdim=True)  # (N, 1)
+        """(N, D) patch features -> (N,) Euclidean distance to the nearest bank entry.
+
+        ||p - b||^2 = ||p||^2 + (||b||^2 - 2 p.b), and ||p||^2 does not depend on b, so it is
+        added after the minimum; the bracket is one product, [p, 1] . [-2 b, ||b||^2]. No
+        elementwise pass over the (N x chunk) distance block is left (ONNX Runtime spent 2.5 of
+        20 ms per image on two of them, the Sub and the Add)."""
+        patches_sq = (patches * patches).sum(dim=1)  # (N,)
+        lifted = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], dim=1)  # (N, D + 1)
+        bank = torch.cat([-2.0 * self.bank, self.bank_sq[:, None]], dim=1)  # (M, D + 1): a constant in the graph
         best = None
-        for start in range(0, self.bank.shape[0], self.chunk):  # unrolled at export: the bank is fixed
-            bank = self.bank[start:start + self.chunk]
-            d2 = patches_sq - 2.0 * patches @ bank.T + self.bank_sq[start:start + self.chunk]
-            chunk_min = d2.min(dim=1).values
+        for start in range(0, bank.shape[0], self.chunk):  # unrolled at export: the bank is fixed
+            chunk_min = (lifted @ bank[start:start + self.chunk].T).min(dim=1).values
             best = chunk_min if best is None else torch.minimum(best, chunk_min)
-        return torch.sqrt(best.clamp_min(0.0))  # rounding can make a tiny d2 negative
+        return torch.sqrt((patches_sq + best).clamp_min(0.0))  # rounding can make a tiny d2 negative
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (score (B,), anomaly_map (B, h, w)); score = mean of the map."""
