@@ -132,14 +132,18 @@ def first_tap_nodes(model: onnx.ModelProto, head: set[str]) -> set[str]:
     best: set[str] | None = None
     for tap in taps:
         seen: set[str] = set()
+        computed = False
         stack = [producer[tap]]
         while stack:
             n = stack.pop()
             if n.name in seen:
                 continue
             seen.add(n.name)
+            computed = computed or n.op_type == "Conv"
             stack.extend(producer[i] for i in n.input if i in producer)
-        if best is None or len(seen) < len(best):
+        # a feature tap comes out of the backbone's convolutions; a constant the exporter left as
+        # a node (PatchCore's lifted bank) or a shape computation is not one, however small
+        if computed and (best is None or len(seen) < len(best)):
             best = seen
     return best or set()
 

@@ -13,8 +13,8 @@ from onnx import TensorProto
 from edge.bundle import load_bundle, sha256_file
 from edge.decision import DecisionRule
 from edge.engine import OnnxRuntimeEngine, open_engine
-from export.precision import (PrecisionError, Tolerance, add_variants, convert_fp16, deviation, head_nodes,
-                              image_scores)
+from export.precision import (PrecisionError, Tolerance, add_variants, convert_fp16, deviation, first_tap_nodes,
+                              head_nodes, image_scores)
 from training.data import Split, load_images
 
 
@@ -49,6 +49,41 @@ def test_fp16_conversion_of_a_small_graph(tiny_bundle):
     got = OnnxRuntimeEngine(path, "pixels", "score", "anomaly_map").infer(x)
     np.testing.assert_allclose(got[1], ref[1], rtol=2e-3)
     assert got[0].dtype == np.float32
+
+
+def test_first_tap_is_the_earliest_conv_feature_not_a_constant():
+    """INT8 keeps FP32 the nodes computing the head's earliest feature tap. A constant the exporter
+    leaves as a node (PatchCore's lifted bank) also feeds the head, with fewer ancestors; it is
+    not a feature tap."""
+    from onnx import helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 1, 1], [0.1] * 12)
+    nodes = [
+        helper.make_node("Conv", ["pixels", "w"], ["early"], name="conv_early"),
+        helper.make_node("Relu", ["early"], ["early_r"], name="relu_early"),
+        helper.make_node("Conv", ["early_r", "w2"], ["late"], name="conv_late"),
+        helper.make_node("Concat", ["early_r", "late"], ["feats"], axis=1, name="concat"),
+        helper.make_node("Flatten", ["feats"], ["flat"], name="flatten"),
+        helper.make_node("Constant", [], ["bank"], name="bank_const",
+                         value=helper.make_tensor("b", TensorProto.FLOAT, [8 * 16, 2], [0.5] * 256)),
+        helper.make_node("Shape", ["pixels"], ["shape"], name="shape"),
+        helper.make_node("MatMul", ["flat", "bank"], ["dist"], name="matmul"),
+        helper.make_node("Reshape", ["dist", "shape2"], ["out"], name="reshape"),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], name="gather", axis=0),
+        helper.make_node("Concat", ["batch_1d", "two"], ["shape2"], axis=0, name="concat_shape"),
+        helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch_1d"], name="unsqueeze"),
+    ]
+    graph = helper.make_graph(
+        nodes, "taps", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 3, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [w, helper.make_tensor("w2", TensorProto.FLOAT, [4, 4, 1, 1], [0.1] * 16),
+         helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+         helper.make_tensor("axes0", TensorProto.INT64, [1], [0])])
+    model = helper.make_model(graph)
+    head = head_nodes(model)
+    assert {"matmul", "reshape", "concat", "flatten", "shape"} <= head and "bank_const" not in head
+    # head inputs from outside it: the bank constant (1 ancestor), relu_early (2), late (3)
+    assert first_tap_nodes(model, head) == {"conv_early", "relu_early"}
 
 
 def test_variants_need_the_runs_calibration_images(tiny_bundle):
