@@ -115,6 +115,7 @@ class PinnedIO:
 
     def __init__(self, cuda: Any, tensors: dict[str, tuple[tuple[int, ...], np.dtype]], max_batch: int):
         self._cuda = cuda
+        self.max_batch = max_batch
         self.stream = cuda.Stream()
         self.item_shape = {name: tuple(item) for name, (item, _) in tensors.items()}
         self.host: dict[str, np.ndarray] = {}
