@@ -141,8 +141,8 @@ def first_tap_nodes(model: onnx.ModelProto, head: set[str]) -> set[str]:
             seen.add(n.name)
             computed = computed or n.op_type == "Conv"
             stack.extend(producer[i] for i in n.input if i in producer)
-        # a feature tap comes out of the backbone's convolutions; a constant the exporter left as
-        # a node (PatchCore's lifted bank) or a shape computation is not one, however small
+        # a feature tap comes out of the backbone's convolutions; a node that computes a constant
+        # (PatchCore's lifted bank, -2 x the stored bank) is not one, however few its ancestors
         if computed and (best is None or len(seen) < len(best)):
             best = seen
     return best or set()

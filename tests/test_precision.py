@@ -52,9 +52,9 @@ def test_fp16_conversion_of_a_small_graph(tiny_bundle):
 
 
 def test_first_tap_is_the_earliest_conv_feature_not_a_constant():
-    """INT8 keeps FP32 the nodes computing the head's earliest feature tap. A constant the exporter
-    leaves as a node (PatchCore's lifted bank) also feeds the head, with fewer ancestors; it is
-    not a feature tap."""
+    """INT8 keeps FP32 the nodes computing the head's earliest feature tap. A node that computes a
+    constant (PatchCore's lifted bank, -2 x the stored bank) also feeds the head, with fewer
+    ancestors; it is not a feature tap."""
     from onnx import helper
 
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 1, 1], [0.1] * 12)
