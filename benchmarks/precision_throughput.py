@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge.bundle import load_bundle
+from edge.bundle import Bundle, load_bundle
 from edge.decision import DecisionRule
 from edge.images import preprocess
 from edge.synthetic import PartGenerator
@@ -195,12 +195,12 @@ def _throughput_only(models: Path, batches: list[int], args: argparse.Namespace)
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"{models}: missing {missing}; make them with --keep-variants DIR on a machine with the run")
-    h, w = manifest["input"]["shape"][2:]
-    generator = PartGenerator(size=max(h, w), seed=0)
-    images = np.stack([preprocess(generator.sample()[0], (h, w), manifest["input"].get("interpolation", "area"))
-                       for _ in range(16)])
+    saved = Bundle(models, manifest)  # the manifest's rules (input size, resize), not its file names
+    size = saved.input_size
+    generator = PartGenerator(size=max(size), seed=0)
+    images = np.stack([preprocess(generator.sample()[0], size, saved.interpolation) for _ in range(16)])
     with tempfile.TemporaryDirectory() as tmp:
-        rows, profiles = _time_models(paths, manifest["input"]["name"], images, batches, args, Path(tmp))
+        rows, profiles = _time_models(paths, saved.input_name, images, batches, args, Path(tmp))
     machine = _machine()
     result = {"models": str(models), "detector": manifest["detector"], "model_id": manifest["model_id"],
               "variants": dict(VARIANTS), "accuracy": None, "inputs": "synthetic parts (edge.synthetic), 16 frames",
