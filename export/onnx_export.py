@@ -9,7 +9,6 @@ own calibration images: a mismatch stops the export instead of shipping a wrong 
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import warnings
@@ -23,13 +22,20 @@ from edge.bundle import FORMAT_VERSION, write_manifest
 from edge.decision import DecisionRule
 from edge.engine import OnnxRuntimeEngine
 from training.backbone import INPUT_MEAN, INPUT_STD
-from training.data import Split, load_images
+from training.data import Split
 from training.detectors import get_detector
-from training.train import load_run, predict, run_interpolation
+from training.runfiles import read_run_json, require
+from training.train import load_run, predict, readable_images, run_interpolation
 
 log = logging.getLogger(__name__)
 INPUT_NAME, SCORE_NAME, MAP_NAME = "pixels", "score", "anomaly_map"
 PARITY_RTOL = 1e-3
+# what the manifest copies from metrics.json and run.json (checked before the slow export)
+METRICS_KEYS = tuple(f"calibration.{k}" for k in (
+    "aggregate", "threshold", "method", "normalisation.min", "normalisation.max", "display_range", "auroc",
+    "accuracy", "precision", "recall", "specificity", "f1", "fpr", "fnr", "confusion")) + \
+    ("test.auroc", "test.accuracy", "test.f1")
+RUN_KEYS = ("image_size", "map_size", "weights", "normal_class", "anomalous_classes")
 
 
 def export_graph(model: torch.nn.Module, path: Path, image_size: tuple[int, int], max_batch: int = 256) -> None:
@@ -62,24 +68,32 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     bundle_dir = Path(out) if out else run_dir / "bundle"
     model, meta = load_run(run_dir)
+    for key in RUN_KEYS:
+        require(meta, key, run_dir / "run.json")
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path}: the run is not calibrated; run `linegate evaluate {run_dir}`")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_run_json(metrics_path, METRICS_KEYS)
     cal = metrics["calibration"]
     size = tuple(meta["image_size"])
+    # The parity images are read before any file is written: a run copied without its dataset
+    # fails here, naming the files, and leaves no bundle.tmp behind.
+    split_path = run_dir / "split.json"
+    split = Split.from_json(read_run_json(split_path, ("normal_class", "layout", "seed", "calibration")))
+    interpolation = run_interpolation(meta)
+    calib = readable_images(split.calibration, size, interpolation, "calibration", split_path)
 
     tmp_dir = bundle_dir.with_name(bundle_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     onnx_path = tmp_dir / "model.onnx"
-    log.info("exporting %s to ONNX", meta["detector"])
-    export_graph(model, onnx_path, size)
-
-    split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
-    interpolation = run_interpolation(meta)
-    calib = load_images(split.calibration, size, interpolation)
-    parity = parity_check(model, onnx_path, calib.tensors, cal["threshold"], cal["aggregate"])
+    try:
+        log.info("exporting %s to ONNX", meta["detector"])
+        export_graph(model, onnx_path, size)
+        parity = parity_check(model, onnx_path, calib.tensors, cal["threshold"], cal["aggregate"])
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # nothing in it worth inspecting
+        raise
     if parity["max_rel_score_error"] > PARITY_RTOL or parity["decision_mismatches"]:
         raise RuntimeError(f"ONNX parity check failed on {parity['images']} calibration images: {parity}; "
                            f"the exported graph is in {onnx_path} for inspection")

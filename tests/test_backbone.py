@@ -52,3 +52,37 @@ def test_pretrained_weights_change_the_features():
     pre = load_backbone("imagenet").features(x)[2]
     rnd = load_backbone(None).features(x)[2]
     assert not torch.allclose(pre, rnd)
+
+
+def test_user_weights_without_the_classifier_or_with_another_class_count_load(tmp_path):
+    """features() never reaches _conv_head, _bn1 or _fc: a file without them, or a Lite0
+    fine-tuned to 10 classes, is a valid backbone."""
+    source = load_backbone("imagenet")
+    features = {k: v for k, v in source.state_dict().items() if not k.startswith(("_conv_head.", "_bn1.", "_fc."))}
+    torch.save(features, tmp_path / "features.pth")
+    tuned = EfficientNetLite0(num_classes=10).state_dict()
+    tuned.update(features)
+    torch.save(tuned, tmp_path / "tuned.pth")
+    x = torch.rand(1, 3, 224, 224) * 255
+    for name in ("features.pth", "tuned.pth"):
+        loaded = load_backbone(tmp_path / name)
+        assert loaded._fc.out_features == 1000  # the run's model.pt keeps the standard shape
+        torch.testing.assert_close(loaded.features(x)[2], source.features(x)[2], rtol=0, atol=0)
+    del features["_blocks.3._bn1.weight"]  # a feature key is still required
+    torch.save(features, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"short\.pth do not fit .*_blocks\.3\._bn1\.weight"):
+        load_backbone(tmp_path / "short.pth")
+
+
+def test_a_corrupt_weights_file_is_named_without_advising_an_unsafe_load(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(EfficientNetLite0().state_dict(), good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:5000])
+    torch.save(EfficientNetLite0(), tmp_path / "module.pth")  # a pickled module, not a state dict
+    for name in ("cut.pth", "module.pth"):
+        with pytest.raises(ValueError, match=rf"backbone weights .*{name}: not a readable PyTorch state dict") as err:
+            load_backbone(tmp_path / name)
+        assert "weights_only" not in str(err.value)
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list\.pth: holds a list, not a state dict"):
+        load_backbone(tmp_path / "list.pth")

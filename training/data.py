@@ -137,6 +137,22 @@ def make_split(root: str | Path, normal_class: str = "normal", seed: int = 0,
     for name in ("train", "calibration", "test"):
         if not getattr(split, name):
             raise ValueError(f"dataset {root}: the {name} set is empty; add images")
+    # The threshold is picked on normal vs anomalous calibration images: say so now, not after
+    # the detector has been fitted (FCDD: minutes).
+    cal_classes = {c for _, c in split.calibration}
+    if cal_classes == {normal_class}:
+        defects = sorted({c for _, c in split.test + split.train_anomalous} - {normal_class})
+        where = root / "test" if layout == "mvtec" else root
+        normal_dir = where / ("good" if layout == "mvtec" else normal_class)
+        if not defects:
+            raise ValueError(f"dataset {root}: only the normal class ({normal_dir}) has images; calibration "
+                             f"needs anomalous images too: add one folder of images per defect class next to "
+                             f"{normal_dir} (e.g. {where / 'scratch'}/)")
+        raise ValueError(f"dataset {root}: the defect classes {defects} have too few images to put any in "
+                         "the calibration set; add images to their folders")
+    if normal_class not in cal_classes:
+        raise ValueError(f"dataset {root}: too few normal images to put any in the calibration set; "
+                         "add normal images")
     split.check_disjoint()
     return split
 

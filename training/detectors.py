@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backbone import EfficientNetLite0, load_backbone
+from .backbone import TAP_CHANNELS, EfficientNetLite0, load_backbone
 from .coreset import DEFAULT_CORESET_RATIO, fit_patchcore
 from .fcdd import FCDDHead, FCDDModel
 from .fcdd_train import DEFAULT_EPOCHS, train_fcdd
@@ -42,6 +42,7 @@ class Detector:
     shape: Callable[[nn.Module], dict]  # the numbers build() needs, stored in run.json
     build: Callable[[dict, EfficientNetLite0], nn.Module]  # (run.json, empty backbone) -> module
     options: dict  # option name -> default (the CLI flags that apply to this detector)
+    keys: tuple[str, ...] = ()  # run.json keys build() cannot do without (checked on load)
     uses_outliers: bool = False
     # how an overlay brings the feature-resolution map to the image: "bilinear", or FCDD's
     # "gaussian" (edge.overlay.gaussian_upsample)
@@ -57,8 +58,22 @@ def padim_dims(n_train: int) -> int:
     return max(2, min(DEFAULT_DIMS, n_train // 2))
 
 
+def _padim_shape(model: PaDiMModel) -> dict:
+    # The channel list itself, not just the seed: torch.randperm need not give the same
+    # permutation in another PyTorch version, and the head's index buffers are built from it.
+    return {"map_size": list(model.map_size), "dims": int(model.channels.numel()),
+            "channels": model.channels.tolist()}
+
+
 def _padim_build(meta: dict, backbone: EfficientNetLite0) -> PaDiMModel:
-    return PaDiMModel(backbone, select_channels(meta["seed"], meta["dims"]))
+    if "channels" not in meta:  # runs from before the key: the seed's choice, checked on load
+        return PaDiMModel(backbone, select_channels(meta["seed"], meta["dims"]))
+    channels, total = meta["channels"], sum(TAP_CHANNELS.values())
+    if not (isinstance(channels, list) and channels and all(type(c) is int and 0 <= c < total for c in channels)
+            and channels == sorted(set(channels)) and len(channels) == meta["dims"]):
+        raise ValueError(f"run.json: 'channels' must be {meta['dims']} (dims) sorted distinct integers in "
+                         f"0..{total - 1}; re-train the run")
+    return PaDiMModel(backbone, torch.tensor(channels))
 
 
 def _fcdd_build(meta: dict, backbone: EfficientNetLite0) -> FCDDModel:
@@ -74,23 +89,25 @@ DETECTORS: dict[str, Detector] = {
     "padim": Detector(
         "padim",
         fit=lambda f: fit_padim(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
-                                dims=f.options.get("dims") or padim_dims(len(f.normal))),
-        shape=lambda m: {"map_size": list(m.map_size), "dims": int(m.channels.numel())},
-        build=_padim_build, options={"dims": None}),
+                                dims=padim_dims(len(f.normal)) if f.options.get("dims") is None
+                                else f.options["dims"]),
+        shape=_padim_shape, build=_padim_build, options={"dims": None}, keys=("seed", "dims", "map_size")),
     "fcdd": Detector(
         "fcdd",
         fit=lambda f: train_fcdd(f.backbone, f.normal, f.outliers, seed=f.seed,
                                  epochs=f.options.get("epochs", DEFAULT_EPOCHS), feature_batch=f.batch_size),
         shape=lambda m: {"map_size": list(m.map_size), "channels": m.head.conv1.in_channels,
                          "hidden": m.head.conv1.out_channels},
-        build=_fcdd_build, options={"epochs": DEFAULT_EPOCHS}, uses_outliers=True, upsample="gaussian"),
+        build=_fcdd_build, options={"epochs": DEFAULT_EPOCHS}, uses_outliers=True, upsample="gaussian",
+        keys=("channels", "hidden", "map_size")),
     "patchcore": Detector(
         "patchcore",
         fit=lambda f: fit_patchcore(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
                                     coreset_ratio=f.options.get("coreset_ratio", DEFAULT_CORESET_RATIO)),
         shape=lambda m: {"map_size": list(m.map_size), "bank_size": int(m.bank.shape[0]),
                          "feature_dims": int(m.bank.shape[1]), "chunk": m.chunk},
-        build=_patchcore_build, options={"coreset_ratio": DEFAULT_CORESET_RATIO}),
+        build=_patchcore_build, options={"coreset_ratio": DEFAULT_CORESET_RATIO},
+        keys=("bank_size", "feature_dims", "map_size", "chunk")),
 }
 
 

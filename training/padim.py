@@ -2,7 +2,9 @@
 ResNet-18 Feature Embeddings", on EfficientNet-Lite0.
 
 Multi-scale features of a frozen backbone are concatenated at the stride-4 resolution, a
-seeded random 100 of the channels are kept, and each spatial patch gets a Gaussian
+seeded random d of the 176 channels are kept (the paper's d = 100; training's default is
+min(100, training images // 2), detectors.padim_dims: 35 under the seed protocol's 70, and
+run.json records the chosen channels), and each spatial patch gets a Gaussian
 (mean, covariance + 0.01 I). The anomaly map is the Mahalanobis distance per patch; the
 image score is the mean of the map at feature resolution (the runtime upsamples only for
 overlays).
@@ -179,6 +181,15 @@ class PaDiMModel(nn.Module):
         return anomaly_map.mean(dim=(1, 2)), anomaly_map
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The head's index buffers (order, gather*) are built from `channels` in __init__ and
+        # are not saved: loading other channels over them would score with the wrong weights.
+        saved = state_dict.get(prefix + "channels")
+        if saved is not None and not torch.equal(saved.long().cpu(), self.channels.cpu()):
+            raise ValueError(
+                f"model.pt: its PaDiM channels ({saved.numel()}: {saved.tolist()[:6]}...) differ from the "
+                f"ones run.json gives ({self.channels.numel()}: {self.channels.tolist()[:6]}...), e.g. a run "
+                "without run.json 'channels' whose seeded choice this PyTorch version draws differently; "
+                "add model.pt's channel list to run.json as \"channels\", or re-train the run")
         # Runs saved before the blocked head hold `mean` (P, D) and `whiten` (P, D, D) = C^-T
         # in `channels` order: the covariance is (whiten whiten^T)^-1, so they still load.
         mean, whiten = state_dict.pop(prefix + "mean", None), state_dict.pop(prefix + "whiten", None)
@@ -217,6 +228,8 @@ def select_channels(seed: int, dims: int = DEFAULT_DIMS) -> torch.Tensor:
 @torch.no_grad()
 def extract(model_embed, images: torch.Tensor, batch_size: int = 16, desc: str = "features") -> torch.Tensor:
     """Run `model_embed` over images in batches with a progress bar; concatenates the outputs."""
+    if not len(images):  # torch.cat of nothing says only "expected a non-empty list"
+        raise ValueError(f"{desc}: no images to process")
     outs = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
         outs.append(model_embed(images[i:i + batch_size]))

@@ -29,13 +29,17 @@ from edge.decision import aggregate_maps
 from edge.images import DEFAULT_INTERPOLATION
 
 from . import calibrate
-from .backbone import load_backbone
+from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
 from .data import LoadedImages, Split, SplitCounts, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
 from .padim import extract
+from .runfiles import read_run_json, require, retrain_hint
 
 log = logging.getLogger(__name__)
 __all__ = ["DETECTORS", "build_model", "evaluate", "load_run", "predict", "train"]
+MIN_IMAGE_SIZE = 32  # the stride-16 tap is then 2x2 patches
+RUN_KEYS = ("image_size", "normal_class")  # run.json keys every run needs, beside the detector's own
+SPLIT_KEYS = ("normal_class", "layout", "seed", "calibration", "test")  # split.json keys evaluate reads
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
@@ -44,9 +48,23 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a training run (no run.json); create one with "
                                 "`linegate train DATA --normal-class NAME --out RUN`")
-    meta = json.loads(meta_path.read_text())
-    model = build_model(meta)
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    meta = read_run_json(meta_path, RUN_KEYS)
+    meta.setdefault("detector", "padim")  # runs from before the key were PaDiM (build_model's default)
+    try:
+        detector = get_detector(meta["detector"])
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: {exc}") from None
+    for key in detector.keys:  # the detector's shape, named if missing
+        require(meta, key, meta_path)
+    model_path = run_dir / "model.pt"
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no such file; {retrain_hint(run_dir)}")
+    state = read_state_dict(model_path, "model")
+    try:
+        model = build_model(meta)
+        model.load_state_dict(state)
+    except ValueError as exc:  # run.json and model.pt disagree; the detector says how
+        raise ValueError(f"{run_dir}: {exc}") from None
     return model.eval(), meta
 
 
@@ -91,9 +109,23 @@ def image_scores(graph_scores: np.ndarray, maps: np.ndarray, aggregate: str) -> 
     return graph_scores if aggregate == "mean" else aggregate_maps(maps, aggregate)
 
 
-def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, int], normal: str,
-               batch_size: int, name: str, interpolation: str) -> Scored:
+def readable_images(items: list[tuple[str, str]], size: tuple[int, int], interpolation: str, name: str,
+                    split_file: str | Path = "split.json") -> LoadedImages:
+    """load_images, refusing a set with no readable image (an empty batch fails deep in torch)."""
     images = load_images(items, size, interpolation)
+    if not images.paths:
+        if not items:
+            raise ValueError(f"{split_file}: the {name} set lists no images; re-train the run to write a new split")
+        shown = ", ".join(p for p, _ in items[:3]) + (", ..." if len(items) > 3 else "")
+        raise ValueError(f"none of the {len(items)} {name} images in {split_file} can be read ({shown}); "
+                         "restore the dataset at those paths (a run copied to another machine needs its "
+                         "dataset at the same place) or re-train the run on the data where it is")
+    return images
+
+
+def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, int], normal: str,
+               batch_size: int, name: str, interpolation: str, split_file: str | Path = "split.json") -> Scored:
+    images = readable_images(items, size, interpolation, name, split_file)
     graph_scores, maps = predict(model, images.tensors, batch_size, desc=f"scoring {name}")
     return Scored(images, graph_scores, maps, normal)
 
@@ -120,12 +152,13 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "youden") -
 
 
 def _evaluate(model: nn.Module, split: Split, size: tuple[int, int], normal: str, batch_size: int,
-              aggregate: str, method: str, interpolation: str) -> tuple[dict, list[dict], dict[str, Scored]]:
+              aggregate: str, method: str, interpolation: str,
+              split_file: str | Path = "split.json") -> tuple[dict, list[dict], dict[str, Scored]]:
     """Calibrate on the calibration set, then (only then) score and evaluate the test set."""
-    cal = _score_set(model, split.calibration, size, normal, batch_size, "calibration", interpolation)
+    cal = _score_set(model, split.calibration, size, normal, batch_size, "calibration", interpolation, split_file)
     calibration = calibrate_on(cal, aggregate, method)
     threshold = calibration["threshold"]
-    test = _score_set(model, split.test, size, normal, batch_size, "test", interpolation)
+    test = _score_set(model, split.test, size, normal, batch_size, "test", interpolation, split_file)
     test.scores = image_scores(test.graph_scores, test.maps, calibration["aggregate"])
     test_metrics = {
         **calibrate.binary_metrics(test.scores, test.anomalous, threshold),
@@ -162,6 +195,23 @@ def _check_choices(aggregate: str, threshold: str) -> None:
     calibrate.parse_threshold_method(threshold)
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(image_size: int = MIN_IMAGE_SIZE, batch_size: int = 1, dims: int | None = None) -> None:
+    """Out-of-range numbers fail before any work, naming the option."""
+    total = sum(TAP_CHANNELS.values())
+    if not _whole(image_size) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"--image-size {image_size}: must be an integer of at least {MIN_IMAGE_SIZE} "
+                         "(the backbone's stride-16 features need a 2x2 map), e.g. 224")
+    if not _whole(batch_size) or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: must be an integer of at least 1, e.g. 16")
+    if dims is not None and (not _whole(dims) or not 1 <= dims <= total):
+        raise ValueError(f"--dims {dims}: must be an integer in 1..{total} (the backbone's tapped channels); "
+                         "leave it out for min(100, training images // 2)")
+
+
 def _detector_options(model: str, given: dict) -> dict:
     detector = get_detector(model)
     wrong = [k for k, v in given.items() if v is not None and k not in detector.options]
@@ -180,6 +230,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json)."""
     detector = get_detector(model)
     _check_choices(aggregate, threshold)
+    _check_numbers(image_size, batch_size, dims)
     options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims})
     started = time.time()
     torch.manual_seed(seed)
@@ -190,7 +241,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     size = (image_size, image_size)
     log.info("split: %d train (+%d outlier exposure), %d calibration, %d test images (seed %d)",
              len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed)
-    train_set = load_images(split.train, size, DEFAULT_INTERPOLATION)
+    train_set = readable_images(split.train, size, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
     outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size, DEFAULT_INTERPOLATION)
     backbone = load_backbone(weights, image_size)
     fit_started = time.time()
@@ -205,7 +256,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     torch.save(fitted.state_dict(), run_dir / "model.pt")
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     metrics, rows, scored = _evaluate(fitted, split, size, normal_class, batch_size, aggregate, threshold,
-                                      DEFAULT_INTERPOLATION)
+                                      DEFAULT_INTERPOLATION, run_dir / "split.json")
     metrics = {"detector": model, **metrics}
     metrics["skipped"] = train_set.skipped + outliers.skipped + metrics["skipped"]
     metrics["split"] = split.to_json()
@@ -227,22 +278,40 @@ def evaluate(run_dir: str | Path, batch_size: int = 16, aggregate: str | None = 
     aggregate = aggregate or meta.get("aggregate", "mean")
     threshold = threshold or meta.get("threshold", "youden")
     _check_choices(aggregate, threshold)
-    if (aggregate, threshold) != (meta.get("aggregate"), meta.get("threshold")):
-        meta.update(aggregate=aggregate, threshold=threshold)
-        (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    split = Split.from_json(json.loads((run_dir / "split.json").read_text()))
+    _check_numbers(batch_size=batch_size)
+    changed = (aggregate, threshold) != (meta.get("aggregate"), meta.get("threshold"))
+    meta.update(aggregate=aggregate, threshold=threshold)
+    split_path = run_dir / "split.json"
+    split = Split.from_json(read_run_json(split_path, SPLIT_KEYS))
     metrics, rows, scored = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"],
-                                      batch_size, aggregate, threshold, run_interpolation(meta))
-    old_path = run_dir / "metrics.json"
-    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+                                      batch_size, aggregate, threshold, run_interpolation(meta), split_path)
+    old = _previous_metrics(run_dir / "metrics.json")
+    # training facts survive re-evaluation: the fit's timings, and the training images it skipped
+    trained_on = {p for p, _ in split.train + split.train_anomalous}
+    skipped = old.get("skipped") if isinstance(old.get("skipped"), list) else []
+    metrics["skipped"] = [p for p in skipped if p in trained_on] + metrics["skipped"]
     metrics = {"detector": meta["detector"], **metrics, "split": split.to_json()}
-    for key in ("fit_seconds", "train_seconds"):  # training facts survive re-evaluation
+    for key in ("fit_seconds", "train_seconds"):
         if key in old:
             metrics[key] = old[key]
     _write_results(run_dir, metrics, rows)
+    if changed:  # only now that the new calibration is written beside it
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     if report:
         _report(run_dir, meta, metrics, scored)
     return metrics
+
+
+def _previous_metrics(path: Path) -> dict:
+    """The metrics.json evaluate is about to replace ({} when missing or unreadable: rewriting it
+    is the cure, so a broken one must not stop evaluate)."""
+    if not path.is_file():
+        return {}
+    try:
+        return read_run_json(path)
+    except ValueError as exc:
+        log.warning("%s; its training timings and skipped training images are not carried over", exc)
+        return {}
 
 
 def _report(run_dir: Path, meta: dict, metrics: dict, scored: dict[str, Scored]) -> Path:
