@@ -6,9 +6,10 @@ so a TensorRT engine runs each layer in the type the graph gives it. The same fi
 ONNX Runtime, so one variant serves the CPU runtime and the TensorRT build alike.
 
 - FP16 (`model.fp16.onnx`): the backbone in FP16 with FP32 at the graph boundary (inputs and
-  outputs stay FP32, Casts inside). The distance head stays FP32: squared Mahalanobis
-  distances exceed FP16's range (65504) and the whitening amplifies any rounding of
-  (x - mean) by up to 1/sqrt(0.01) = 10 (the covariance regulariser).
+  outputs stay FP32, Casts inside). The detector head (head_nodes: everything after the
+  backbone) stays FP32: squared Mahalanobis distances, and FCDD's squared features, exceed
+  FP16's range (65504), and the whitening amplifies any rounding of (x - mean) by up to
+  1/sqrt(0.01) = 10 (the covariance regulariser).
 - INT8 (`model.int8.onnx`): explicit QuantizeLinear/DequantizeLinear nodes from ONNX
   Runtime's static quantization in QDQ format, calibrated on the run's calibration images
   (never test images). Symmetric INT8 activations and weights (zero point 0): the only
@@ -29,6 +30,7 @@ the ones that pass.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -57,6 +59,10 @@ HEAD_START_OPS = {"MatMul", "Gemm", "Einsum"}
 # walking back through these from the head start collects the rest of the head.
 HEAD_FEED_OPS = {"Gather", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Sub",
                  "Concat", "Resize", "Shape", "Slice", "Expand", "Identity"}
+# The exporter's record of the module each node came from (node metadata), and the
+# backbone's attribute name in every detector module (training/*.py: self.backbone).
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+BACKBONE_SCOPE = "backbone"
 # Ops run in FP16 in the FP16 variant (a conv net's own); anything else stays FP32.
 FP16_OPS = {"Conv", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "Concat", "Resize", "Pad",
             "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Transpose", "Flatten",
@@ -81,14 +87,31 @@ class Tolerance:
 
 # ---------------------------------------------------------------- graph analysis
 
+def _module_scope(node: onnx.NodeProto) -> str | None:
+    """The top-level submodule a node was exported from ("backbone", "head", "" for the
+    detector's own forward), as torch.onnx's exporter records it; None if not recorded."""
+    for prop in node.metadata_props:
+        if prop.key == SCOPE_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[1].split(".")[0] if len(scopes) > 1 else ""
+    return None
+
+
 def head_nodes(model: onnx.ModelProto) -> set[str]:
-    """Names of the nodes that form the distance head (kept FP32 in every variant); unnamed
+    """Names of the nodes that form the detector head (kept FP32 in every variant); unnamed
     nodes of `model` are named first.
 
-    The head is every node downstream of a MatMul/Gemm/Einsum, plus the data-movement and
-    elementwise nodes that feed it (channel selection, reshapes, x - mean). For PaDiM that is
-    the upsampling and concatenation of the taps, the channel gather, the whitening MatMul and
-    the distance, mean and score.
+    The head is every node downstream of a MatMul/Gemm/Einsum, and every node downstream of
+    the backbone that the exporter recorded outside the backbone module (a head made of
+    convolutions and elementwise maths has no MatMul: FCDD's 1x1 convolutions and its
+    pseudo-Huber map sqrt(x^2 + 1) - 1, whose square leaves FP16's range and whose INT8
+    version put scores below zero). Plus the data-movement and elementwise nodes that feed
+    it (channel selection, reshapes, x - mean). For PaDiM that is the upsampling and
+    concatenation of the taps, the channel gather, the whitening MatMul and the distance,
+    mean and score.
     """
     _unique_node_names(model)
     nodes = list(model.graph.node)
@@ -97,8 +120,11 @@ def head_nodes(model: onnx.ModelProto) -> set[str]:
     for n in nodes:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
+    backbone = {n.name for n in nodes if _module_scope(n) == BACKBONE_SCOPE}
+    after_backbone = [c for n in nodes if n.name in backbone for out in n.output
+                      for c in consumers.get(out, []) if c.name not in backbone]
     head: dict[str, onnx.NodeProto] = {}
-    stack = [n for n in nodes if n.op_type in HEAD_START_OPS]
+    stack = [n for n in nodes if n.op_type in HEAD_START_OPS] + after_backbone
     while stack:  # forward: everything after the head start
         n = stack.pop()
         if n.name in head:
@@ -274,8 +300,9 @@ def make_fp16(src: Path, dst: Path) -> dict:
     fp16 = sum(1 for n in converted.graph.node
                if any(o.endswith("__h") for o in n.output))
     return {"fp32_nodes": sorted(head), "fp16_nodes": fp16,
-            "fp32_reason": "distance head: squared Mahalanobis distances exceed the FP16 range "
-                           "and the whitening amplifies rounding of (x - mean)"}
+            "fp32_reason": "detector head (every node after the backbone): squared distances and "
+                           "squared features exceed the FP16 range, and PaDiM's whitening amplifies "
+                           "rounding of (x - mean)"}
 
 
 class _Batches:
@@ -354,8 +381,9 @@ def make_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str, ac
                              "weights": "int8 symmetric per channel, 7-bit range (reduce_range)",
                              "biases": "float", "calibration": "minmax",
                              "calibration_images": int(len(calibration)), "ops": INT8_OPS},
-            "fp32_reason": "distance head: int8 (x - mean) loses the precision the whitening needs; first "
-                           "feature tap (stem and stride-4 stage): its quantization noise reaches every tap",
+            "fp32_reason": "detector head (every node after the backbone): int8 (x - mean) loses the "
+                           "precision distances need; first feature tap (stem and stride-4 stage): its "
+                           "quantization noise reaches every tap",
             **facts}
 
 

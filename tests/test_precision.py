@@ -167,3 +167,28 @@ def test_int8_variant_is_qdq_measured_and_gated(pillqc_run, tmp_path):
     dev = entry["deviation"]
     assert again["decision_flips"] == dev["decision_flips"] and again["auroc"] == pytest.approx(dev["auroc"])
     assert dev["max_abs_score_error"] > 0  # it is a different computation, and the record says by how much
+
+
+def test_a_convolutional_head_stays_fp32_too(small_runs, tmp_path):
+    """FCDD's head has no MatMul: 1x1 convolutions, then sqrt(x^2 + 1) - 1. The exporter's
+    module scopes mark it, so FP16 and INT8 keep it FP32 like PaDiM's (the square leaves
+    FP16's range; in INT8 the corrected scores went below zero, 191% off on pillQC)."""
+    run = small_runs("fcdd")
+    model = onnx.load(str(run / "bundle" / "model.onnx"))
+    head = head_nodes(model)
+    scope = {n.name: [p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"] for n in model.graph.node}
+    head_convs = {n.name for n in model.graph.node if n.op_type == "Conv" and "'head'" in str(scope[n.name])}
+    backbone = {n.name for n in model.graph.node if "'backbone" in str(scope[n.name])}
+    assert len(head_convs) == 3 and head_convs <= head
+    assert {n.name for n in model.graph.node if n.op_type in ("Sqrt", "ReduceMean")} <= head
+    assert backbone and not head & backbone
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(run / "bundle", bundle_dir)
+    wide_open = Tolerance(max_flips=100, max_auroc_drop=1.0)  # the gate is not under test here
+    add_variants(bundle_dir, ["fp16"], run_dir=run, tolerance=wide_open)
+    fp16 = onnx.load(str(bundle_dir / "model.fp16.onnx"))
+    weights = {t.name: t.data_type for t in fp16.graph.initializer}
+    head_weights = [n.input[1] for n in fp16.graph.node if n.name in head_convs]
+    assert all(weights[w] == TensorProto.FLOAT for w in head_weights)
+    assert TensorProto.FLOAT16 in weights.values()  # the backbone did go to FP16
