@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 from edge.frames import Frame
 
@@ -19,10 +20,13 @@ POLICIES = ("queue", "latest")
 class FrameQueue:
     """Where every source thread puts frames and the batcher takes them (thread-safe)."""
 
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(self, capacity: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
+        # Seconds, for enqueue times and every deadline here and in the Batcher (tests pass
+        # their own clock; waits still sleep in real time and then look at it again).
+        self.clock = clock
         self.dropped: dict[str, int] = {}  # camera_id -> frames lost to the "latest" policy
         self.ignored = 0  # frames put after close()
         # One Condition for everything: few threads, and notify_all keeps the logic obvious.
@@ -55,9 +59,9 @@ class FrameQueue:
             raise ValueError(f"unknown queue policy {policy!r}; expected one of {POLICIES}")
         with self._cond:
             if policy == "queue":
-                deadline = None if timeout is None else time.monotonic() + timeout
+                deadline = None if timeout is None else self.clock() + timeout
                 while len(self._items) >= self.capacity and not self._closed:
-                    left = None if deadline is None else deadline - time.monotonic()
+                    left = None if deadline is None else deadline - self.clock()
                     if left is not None and left <= 0:
                         return False
                     self._cond.wait(left)
@@ -73,7 +77,7 @@ class FrameQueue:
                 if len(self._items) >= self.capacity:  # full of other cameras' frames
                     self._count_drop(frame.camera_id, 1)
                     return False
-            frame.enqueue_mono = time.monotonic()
+            frame.enqueue_mono = self.clock()
             self._items.append(frame)  # appended last, so the queue stays ordered by enqueue_mono
             self._cond.notify_all()
             return True
@@ -134,11 +138,11 @@ class Batcher:
     def next_batch(self, poll_s: float = 0.1) -> list[Frame] | None:
         """The next batch; [] if poll_s passed with no frame; None at the end of the stream."""
         q = self.queue
-        poll_deadline = time.monotonic() + poll_s
+        poll_deadline = q.clock() + poll_s
         with q._cond:
             while True:
                 waiting = len(q._items)
-                now = time.monotonic()
+                now = q.clock()
                 if waiting:
                     # No more frames can come at the end of the stream: flush without waiting.
                     if waiting >= self.max_batch or q._ended():

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .decision import aggregate_maps
 from .images import INTERPOLATIONS
 from .overlay import UPSAMPLES
 
@@ -51,6 +55,15 @@ REQUIRED: dict[str, tuple[type, ...]] = {
     "files": (dict,),
 }
 
+
+# dotted key -> the one value the runtime implements (edge.images, edge.decision)
+RUNTIME_CONVENTIONS: dict[str, str] = {
+    "input.colour": "RGB",
+    "input.resize": "stretch",
+    "input.normalisation.where": "in_graph",
+    "decision.reject_if": "score >= threshold",
+    "outputs.score.aggregate": "mean",  # every exported graph's score; DecisionRule relies on it
+}
 
 KINDS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -102,13 +115,35 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
         if not isinstance(value, types) or isinstance(value, bool):
             names = " or ".join(t.__name__ for t in types)
             raise BundleError(f"{where}: key '{key}' should be {names}, got {type(value).__name__}")
+    # json reads NaN and Infinity: a NaN threshold would accept every part.
+    for key in ("decision.threshold", "decision.normalisation.min", "decision.normalisation.max"):
+        if not math.isfinite(_get(manifest, key)):
+            raise BundleError(f"{where}: key '{key}' is {_get(manifest, key)}; it must be a finite number "
+                              "(re-calibrate with `linegate evaluate RUN` and re-export)")
     lo, hi = manifest["decision"]["normalisation"]["min"], manifest["decision"]["normalisation"]["max"]
     if not hi > lo:
         raise BundleError(f"{where}: 'decision.normalisation' needs max > min (got {lo}, {hi})")
+    shown = manifest["display_range"]
+    if (len(shown) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in shown) or not shown[1] > shown[0]):
+        raise BundleError(f"{where}: key 'display_range' is {shown!r}; expected [low, high], two finite "
+                          "numbers with high > low (re-export with `linegate export onnx RUN`)")
     shape = manifest["input"]["shape"]
     if len(shape) != 4 or manifest["input"]["layout"] != "NCHW" or shape[1] != 3:
         raise BundleError(f"{where}: 'input.shape' {shape} / layout {manifest['input']['layout']!r} "
                           "not supported: expected NCHW with 3 channels")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape[2:]):
+        raise BundleError(f"{where}: 'input.shape' {shape}: height and width must be positive integers "
+                          "(the runtime resizes every frame to them)")
+    # What the runtime implements; a bundle that asks for anything else would run silently wrong.
+    for key, supported in RUNTIME_CONVENTIONS.items():
+        try:
+            value = _get(manifest, key)
+        except KeyError:
+            continue  # written by older exporters, which always meant the supported value
+        if value != supported:
+            raise BundleError(f"{where}: key '{key}' is {value!r}; this runtime only implements "
+                              f"{supported!r} (re-export with `linegate export onnx RUN`)")
     interpolation = manifest["input"].get("interpolation", "area")
     if interpolation not in INTERPOLATIONS:
         raise BundleError(f"{where}: key 'input.interpolation' is {interpolation!r}; expected one of "
@@ -117,6 +152,14 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
     if upsample not in UPSAMPLES:
         raise BundleError(f"{where}: key 'outputs.map.upsample' is {upsample!r}; expected one of "
                           f"{', '.join(UPSAMPLES)}")
+    try:
+        aggregate_maps(np.zeros((1, 1, 1), np.float32), manifest["decision"]["aggregate"])
+    except ValueError as exc:
+        raise BundleError(f"{where}: key 'decision.aggregate': {exc} (re-calibrate with "
+                          "`linegate evaluate RUN --aggregate ...` and re-export)") from None
+    if not manifest["files"]:
+        raise BundleError(f"{where}: key 'files' lists no model file; re-export the bundle with "
+                          "`linegate export onnx RUN`")
     for name, facts in manifest["files"].items():
         _validate_file_entry(name, facts, where)
 

@@ -21,6 +21,7 @@ commented example; the command-line flags of ``linegate run`` map onto the same 
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -179,8 +180,8 @@ def _check_value(value: Any, meta: dict, where: str, label: str) -> Any:
         if not ok or isinstance(value, bool):
             raise fail(f"should be {_KIND_NAMES[kind]}, got {_describe(value)}")
         value = float(value) if kind is float else value
-        if value != value:  # TOML allows nan
-            raise fail("must be a number, not nan")
+        if not math.isfinite(value):  # TOML allows nan and inf
+            raise fail(f"must be a finite number, not {value}")
         for bound, test, text in ((meta["ge"], lambda b: value >= b, ">="), (meta["gt"], lambda b: value > b, ">"),
                                   (meta["le"], lambda b: value <= b, "<=")):
             if bound is not None and not test(bound):

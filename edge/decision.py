@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # bundle validation imports overlay, which imports this modul
     from .bundle import Bundle
 
 ACCEPT, REJECT, ERROR = "accept", "reject", "error"
+NON_FINITE_SCORE = "the engine returned a non-finite score (NaN or inf) for this frame"
 
 
 @dataclass(slots=True)
@@ -32,9 +33,12 @@ def aggregate_maps(maps: np.ndarray, aggregate: str) -> np.ndarray:
     if aggregate == "max":
         return flat.max(axis=1)
     if aggregate.startswith("topk:"):
-        percent = float(aggregate[5:])
+        try:
+            percent = float(aggregate[5:])
+        except ValueError:
+            percent = float("nan")
         if not 0 < percent <= 100:
-            raise ValueError(f"aggregate {aggregate!r}: P must be in (0, 100]")
+            raise ValueError(f"aggregate {aggregate!r}: P must be a number in (0, 100]")
         k = max(1, int(round(flat.shape[1] * percent / 100)))
         return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
     raise ValueError(f"aggregate {aggregate!r}: use mean, max or topk:P")
@@ -44,6 +48,8 @@ class DecisionRule:
     def __init__(self, threshold: float, aggregate: str = "mean", norm_min: float = 0.0,
                  norm_max: float = 1.0, graph_aggregate: str = "mean"):
         aggregate_maps(np.zeros((1, 1, 1), np.float32), aggregate)  # validate the name early
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold {threshold}: must be a finite number")
         self.threshold = float(threshold)
         self.aggregate = aggregate
         self.norm_min, self.norm_span = float(norm_min), float(norm_max) - float(norm_min)
@@ -66,7 +72,10 @@ class DecisionRule:
         return aggregate_maps(maps, self.aggregate)
 
     def decide(self, graph_scores: np.ndarray, maps: np.ndarray) -> list[Decision]:
+        """One decision per image. A score that is not finite (an engine that overflowed, e.g.
+        in reduced precision) is an error, never an accept: `NaN >= threshold` is False."""
         scores = self.scores(graph_scores, maps)
         norm = (scores - self.norm_min) / self.norm_span
-        return [Decision(float(s), float(n), self.threshold, REJECT if s >= self.threshold else ACCEPT)
+        return [Decision(float(s), float(n), self.threshold,
+                         ERROR if not np.isfinite(s) else REJECT if s >= self.threshold else ACCEPT)
                 for s, n in zip(scores, norm)]

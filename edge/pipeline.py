@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 
 from .batcher import Batcher, FrameQueue
 from .bundle import Bundle
-from .decision import ACCEPT, ERROR, Decision, DecisionRule
+from .decision import ACCEPT, ERROR, NON_FINITE_SCORE, Decision, DecisionRule
 from .engine import Engine
 from .frames import Frame
 from .images import preprocess
@@ -93,6 +93,7 @@ class RunSummary:
     source_errors: dict[str, int] = field(default_factory=dict)
     bad_frames: dict[str, int] = field(default_factory=dict)
     discarded: int = 0  # frames still waiting for a batch when the stop timeout ran out
+    unqueued: int = 0  # frames a source had read when the stop closed the queue: not inspected
     fatal: str | None = None  # why the run ended on its own (repeated engine failure)
     timed_out: bool = False  # the stop timeout ran out before the batch in flight finished
 
@@ -265,6 +266,10 @@ class Pipeline:
                 "decision": decision.decision, "aggregate": self.rule.aggregate,
                 "source": frame.source_name, "label": frame.label, "batch": result.batch_id,
             }
+            if error is None and decision.decision == ERROR:
+                error = NON_FINITE_SCORE
+                log.warning("%s#%s: %s; check the engine and its precision", frame.camera_id,
+                            frame.frame_id, error)
             if error is not None:
                 header["error"] = error
             sent |= publish("decision", header)
@@ -286,9 +291,14 @@ class Pipeline:
         """Draw, encode and publish the oldest overlay still due."""
         frame, decision, amap, header = self._overlays_due.popleft()
         started = time.perf_counter()
-        image = render_overlay(frame.image, amap, self.bundle.display_range, decision,
-                               upsample=self.bundle.map_upsample)
-        jpeg = encode_jpeg(image, self.options.jpeg_quality)
+        try:
+            image = render_overlay(frame.image, amap, self.bundle.display_range, decision,
+                                   upsample=self.bundle.map_upsample)
+            jpeg = encode_jpeg(image, self.options.jpeg_quality)
+        except Exception as exc:  # noqa: BLE001 - the decision is out already; keep the line running
+            log.warning("%s#%s: overlay not drawn (%s: %s); the decision was published",
+                        frame.camera_id, frame.frame_id, type(exc).__name__, exc)
+            return
         self.publisher.publish("overlay", {**header, "encoding": "jpeg", "width": image.shape[1],
                                            "height": image.shape[0]}, jpeg)
         self.latency.add("overlay", time.perf_counter() - started)
@@ -454,8 +464,17 @@ class Pipeline:
         for t in threads:  # a source blocked in a camera read is a daemon thread: don't wait long
             t.join(timeout=max(0.0, joined_by - time.monotonic()))
         summary.dropped = dict(self._queue.dropped)
+        summary.unqueued = self._queue.ignored
         summary.source_errors = {s.camera_id: s.counters.get("errors", 0) for s in self.sources}
         summary.bad_frames = {s.camera_id: s.counters.get("bad_frames", 0) for s in self.sources}
+        # A source that died of an error (or a live camera that stopped without being asked)
+        # is a failure too: the service must exit non-zero so that systemd restarts it, not
+        # report a clean end of the stream.
+        for t in threads:
+            if self.fatal is None and t.error is not None:
+                self.fatal = f"source {t.source.camera_id} stopped by an error: {t.error}"
+            elif self.fatal is None and not t.source.finite and not self._stop.is_set():
+                self.fatal = f"live source {t.source.camera_id} ended without a stop request"
         summary.fatal = self.fatal
         self._publish_stats(summary, end, end - last_stats)
         self.publisher.close(linger_ms=int(linger_s * 1000))

@@ -31,6 +31,11 @@ TOPICS = ("decision", "overlay", "stats")
 RESERVED_KEYS = ("v", "topic", "seq", "publish_ts", "model_id")
 
 
+class EndpointInUse(RuntimeError):
+    """The endpoint is taken by another process: a state of the box, which may pass (the
+    instance before this one still closing), not an error in the configuration."""
+
+
 def _msgpack_default(obj: Any) -> Any:
     """Let numpy scalars and arrays (np.float32 scores, ...) through without importing numpy."""
     if hasattr(obj, "tolist"):  # numpy scalars and arrays: .tolist() gives Python types
@@ -87,10 +92,10 @@ class Publisher:
             if not isinstance(exc, zmq.ZMQError):
                 raise
             if exc.errno == zmq.EADDRINUSE:
-                hint = "another process (perhaps another linegate) uses it; stop it or pick another port"
-            else:
-                hint = "use e.g. tcp://*:5556, tcp://127.0.0.1:5556 or ipc:///tmp/linegate.sock"
-            raise ValueError(f"cannot publish on {endpoint!r}: {exc.strerror}; {hint}") from exc
+                raise EndpointInUse(f"cannot publish on {endpoint!r}: {exc.strerror}; another process "
+                                    "(perhaps another linegate) uses it; stop it or pick another port") from exc
+            raise ValueError(f"cannot publish on {endpoint!r}: {exc.strerror}; use e.g. tcp://*:5556, "
+                             "tcp://127.0.0.1:5556 or ipc:///tmp/linegate.sock") from exc
         self._sock: zmq.Socket | None = sock
         # "tcp://127.0.0.1:*" binds a random port; LAST_ENDPOINT is the address to connect to.
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -38,7 +38,9 @@ from .publisher import Publisher
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_STOP_TIMEOUT, EXIT_ENGINE_FAILED = 0, 1, 3
+# 2 (set by the CLI) is a configuration error, which systemd does not restart
+# (RestartPreventExitStatus=2): every other non-zero status is one a restart may cure.
+EXIT_OK, EXIT_STOP_TIMEOUT, EXIT_CONFIG, EXIT_RUN_FAILED = 0, 1, 2, 3
 
 
 class Notifier:
@@ -171,6 +173,9 @@ def run_service(config: Config, notifier: Notifier | None = None) -> int:
     previous = install_signal_handlers(pipeline.stop)
     try:
         summary = pipeline.run()
+    except Exception as exc:  # noqa: BLE001 - a bug or a resource gone mid-run is not a config error
+        log.exception("the run failed: %s", exc)
+        return EXIT_RUN_FAILED
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -178,10 +183,11 @@ def run_service(config: Config, notifier: Notifier | None = None) -> int:
     log.info("done: %d frames, %d rejects, %d errors, %.1f frames/s; dropped %s, bad frames %s%s",
              summary.frames, summary.rejects, summary.errors, summary.fps, summary.dropped or "none",
              {k: v for k, v in summary.bad_frames.items() if v} or "none",
-             f", {summary.discarded} discarded at the stop timeout" if summary.discarded else "")
+             (f", {summary.discarded} discarded at the stop timeout" if summary.discarded else "")
+             + (f", {summary.unqueued} read after the stop and not inspected" if summary.unqueued else ""))
     if summary.fatal:
-        log.error("exiting with status %d: %s", EXIT_ENGINE_FAILED, summary.fatal)
-        return EXIT_ENGINE_FAILED
+        log.error("exiting with status %d: %s", EXIT_RUN_FAILED, summary.fatal)
+        return EXIT_RUN_FAILED
     if summary.timed_out:
         return EXIT_STOP_TIMEOUT
     return EXIT_OK

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -133,8 +134,22 @@ def format_decision(header: dict[str, Any]) -> str:
 
 
 def _overlay_name(header: dict[str, Any]) -> str:
-    name = f"{header.get('camera_id', 'cam')}_{header.get('frame_id', 'x')}_{header.get('decision', 'x')}.jpg"
+    """CAMERA_CAPTURETIME_FRAMEID_DECISION.jpg. Frame ids start again at 0 whenever linegate
+    restarts, so the capture time (UTC, ms) keeps a long-running logger from overwriting the
+    evidence of earlier runs, and makes a folder listing chronological per camera."""
+    ts = header.get("capture_ts")
+    when = "unknown-time"
+    if isinstance(ts, (int, float)) and math.isfinite(ts):
+        when = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+    name = f"{header.get('camera_id', 'cam')}_{when}_{header.get('frame_id', 'x')}_{header.get('decision', 'x')}.jpg"
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)  # camera ids may hold "/" or ":"
+
+
+def json_line(header: dict[str, Any]) -> str:
+    """A header as strict JSON: an `error` decision's NaN score becomes null (bare NaN, which
+    Python's json writes by default, is rejected by most other parsers)."""
+    safe = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in header.items()}
+    return json.dumps(safe, default=str, allow_nan=False)
 
 
 def _report_gaps(sub: Subscriber, reported: dict[str, int], msg: Message) -> None:
@@ -199,7 +214,7 @@ def _watch_loop(sub: Subscriber, json_lines: bool, count: int | None, overlay_di
         if msg.topic == "decision" and not done:
             seen += 1
             last_decided, last_frame_id[camera] = (camera, frame_id), frame_id
-            print(json.dumps(msg.header, default=str) if json_lines else format_decision(msg.header),
+            print(json_line(msg.header) if json_lines else format_decision(msg.header),
                   file=out, flush=True)
             if overlay_dir is not None and count is not None and seen >= count:
                 # Overlays of the frames just printed may still be on their way

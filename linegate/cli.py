@@ -331,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         # Expected failures (bad data, bad bundle, bad endpoint) get one clear line, no trace.
         log.debug("details", exc_info=True)
         print(f"linegate {args.command}: error: {exc}", file=sys.stderr)
+        # Under systemd, 2 means "fix the configuration" and is not restarted. A port still
+        # held by the instance before (closing) may pass: `run` exits with a status systemd
+        # retries. (No TensorRT here is not such a state: `--engine auto` is the setting for a
+        # box that may come up without it.)
+        from edge.publisher import EndpointInUse
+
+        if args.command == "run" and isinstance(exc, EndpointInUse):
+            return 3
         return 2
 
 

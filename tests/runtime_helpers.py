@@ -119,3 +119,24 @@ class Collector(threading.Thread):
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}")
             time.sleep(0.05)
+
+
+class GatedEngine:
+    """The real ONNX Runtime engine, except that the second batch of real frames never comes
+    back until the test opens the gate: an engine call that hangs. No real engine hangs on
+    cue, so this wrapper stands in for one; the warm-up (all-zero batches) and the first
+    batch of frames go straight to the real session."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.batch_sizes: list[int] = []  # real frames' batches, in order
+        self.entered = threading.Event()  # the hung call has begun
+        self.gate = threading.Event()
+
+    def infer(self, batch):
+        if batch.any():  # frames, not the warm-up's zeros
+            self.batch_sizes.append(len(batch))
+            if len(self.batch_sizes) == 2:
+                self.entered.set()
+                self.gate.wait()
+        return self.engine.infer(batch)

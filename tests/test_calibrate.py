@@ -57,6 +57,16 @@ def test_aggregates_and_decision_rule():
     assert [x.decision for x in d] == ["reject", "accept"]
 
 
+def test_a_score_that_is_not_a_number_is_an_error_never_an_accept():
+    # NaN >= threshold is False: a bare comparison would accept a part the engine could not judge
+    scores = np.array([np.nan, np.inf, -np.inf, 0.49, 0.5], np.float32)
+    d = DecisionRule(threshold=0.5).decide(scores, np.zeros((5, 2, 2), np.float32))
+    assert [x.decision for x in d] == ["error", "error", "error", "accept", "reject"]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            DecisionRule(threshold=bad)
+
+
 # The same calibration set as test_youden_threshold_hand_computed:
 # normal 0.1 0.2 0.3 0.6 ; anomalous 0.5 0.7 0.8 0.9 (reject if score >= threshold)
 HAND_SCORES = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.8, 0.9])

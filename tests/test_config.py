@@ -117,6 +117,8 @@ def test_check_config_cli_reports_bad_files_clearly(tiny_bundle, tmp_path):
     out = check(good(tiny_bundle, batching={"max_batch": -2}))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{tmp_path / 'linegate.toml'}: key 'batching.max_batch': must be >= 1" in out.stderr
+    out = check(good(tiny_bundle, decision={"threshold": float("inf")}))  # TOML's inf: never rejects
+    assert out.returncode == 2 and "key 'decision.threshold': must be a finite number, not inf" in out.stderr
     out = check(good(tiny_bundle, source=[{"uri": f"folder:{tmp_path / 'nowhere'}"}]))
     assert out.returncode == 2 and "[[source]] #1, key 'uri'" in out.stderr and "nowhere" in out.stderr
     out = check(good(tiny_bundle, publisher={"curve": {"secret_key": str(tmp_path / "none.key_secret"),

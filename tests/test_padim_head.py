@@ -43,6 +43,7 @@ def test_head_layouts_match_textbook(size, groups):
     np.testing.assert_allclose(score.numpy(), expected.mean(axis=(1, 2)), rtol=1e-4)
 
 
+@pytest.mark.pillqc
 def test_fast_head_matches_textbook_on_pillqc(pillqc_run):
     """The trained pillQC run, as saved (load_run) and as exported (ONNX Runtime), against
     the straightforward formula fitted on the run's own training images, on held-back
