@@ -10,26 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _in_backbone(node) -> bool:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":  # the dynamo exporter's module path
-            return "'backbone" in prop.value
-    return False
+from export.scopes import in_backbone
 
 
 def _backbone_nodes(model) -> tuple[list, list[str]]:
     """The backbone's nodes (graph order) and the names of the tensors where the detector head
     begins. Backbone = the nodes under the `backbone` module scope and everything they depend
     on (input normalisation, quantize/dequantize nodes); head = the rest. Graphs without the
-    exporter's scopes fall back to the convolutions and their ancestors."""
+    exporter's scopes are refused: guessing (say, every convolution) would count a head made
+    of convolutions, FCDD's, as backbone and report a model/backbone ratio near 1."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    seeds = [n for n in graph.node if _in_backbone(n)]
+    seeds = [n for n in graph.node if in_backbone(n)]
     if not seeds:
-        seeds = [n for n in graph.node if "Conv" in n.op_type]
-    if not seeds:
-        raise ValueError("no backbone in the graph (no node in a `backbone` scope, no convolution)")
+        raise ValueError("no node in a `backbone` module scope (the graph lost the exporter's metadata, or "
+                         "was not exported by `linegate export onnx`): the backbone alone is not measured")
     inside: set[int] = set()
     todo = list(seeds)
     while todo:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.bench import usable_cores
 from edge.bundle import Bundle, load_bundle
 from edge.decision import DecisionRule
 from edge.images import preprocess
@@ -211,7 +211,7 @@ def _throughput_only(models: Path, batches: list[int], args: argparse.Namespace)
 
 
 def _machine() -> dict:
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_flags": _cpu_flags(),
+    return {"cpu": _cpu_name(), "cores": usable_cores(), "cpu_flags": _cpu_flags(),
             "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 

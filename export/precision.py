@@ -30,7 +30,6 @@ the ones that pass.
 """
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge.bundle import Bundle, load_bundle, write_manifest
 from edge.decision import DecisionRule
 from edge.engine import OnnxRuntimeEngine
+from export.scopes import in_backbone
 from training.calibrate import binary_metrics
 from training.data import LoadedImages, Split, load_images
 
@@ -59,10 +59,6 @@ HEAD_START_OPS = {"MatMul", "Gemm", "Einsum"}
 # walking back through these from the head start collects the rest of the head.
 HEAD_FEED_OPS = {"Gather", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Sub",
                  "Concat", "Resize", "Shape", "Slice", "Expand", "Identity"}
-# The exporter's record of the module each node came from (node metadata), and the
-# backbone's attribute name in every detector module (training/*.py: self.backbone).
-SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-BACKBONE_SCOPE = "backbone"
 # Ops run in FP16 in the FP16 variant (a conv net's own); anything else stays FP32.
 FP16_OPS = {"Conv", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "Concat", "Resize", "Pad",
             "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Transpose", "Flatten",
@@ -87,19 +83,6 @@ class Tolerance:
 
 # ---------------------------------------------------------------- graph analysis
 
-def _module_scope(node: onnx.NodeProto) -> str | None:
-    """The top-level submodule a node was exported from ("backbone", "head", "" for the
-    detector's own forward), as torch.onnx's exporter records it; None if not recorded."""
-    for prop in node.metadata_props:
-        if prop.key == SCOPE_KEY:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return None
-            return scopes[1].split(".")[0] if len(scopes) > 1 else ""
-    return None
-
-
 def head_nodes(model: onnx.ModelProto) -> set[str]:
     """Names of the nodes that form the detector head (kept FP32 in every variant); unnamed
     nodes of `model` are named first.
@@ -120,7 +103,7 @@ def head_nodes(model: onnx.ModelProto) -> set[str]:
     for n in nodes:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
-    backbone = {n.name for n in nodes if _module_scope(n) == BACKBONE_SCOPE}
+    backbone = {n.name for n in nodes if in_backbone(n)}
     after_backbone = [c for n in nodes if n.name in backbone for out in n.output
                       for c in consumers.get(out, []) if c.name not in backbone]
     head: dict[str, onnx.NodeProto] = {}

@@ -327,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:  # an optional part (training, bench) not installed here
+        extra = "bench" if args.command == "bench" else "train"
+        print(f"linegate {args.command}: error: needs the Python package {exc.name!r}, which this install "
+              f"lacks; pip install 'linegate[{extra}]' (see README)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Expected failures (bad data, bad bundle, bad endpoint) get one clear line, no trace.
         log.debug("details", exc_info=True)
