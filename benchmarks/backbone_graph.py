@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.scopes import in_backbone
-
 
 def _backbone_nodes(model) -> tuple[list, list[str]]:
     """The backbone's nodes (graph order) and the names of the tensors where the detector head
@@ -19,6 +17,8 @@ def _backbone_nodes(model) -> tuple[list, list[str]]:
     on (input normalisation, quantize/dequantize nodes); head = the rest. Graphs without the
     exporter's scopes are refused: guessing (say, every convolution) would count a head made
     of convolutions, FCDD's, as backbone and report a model/backbone ratio near 1."""
+    from export.scopes import in_backbone  # here: `linegate run`'s parser imports this module
+
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     seeds = [n for n in graph.node if in_backbone(n)]
