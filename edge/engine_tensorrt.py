@@ -142,9 +142,17 @@ class PinnedIO:
         return tuple(self.host[name][:n].astype(np.float32) for name in names)
 
     def free(self) -> None:
+        """Release every buffer and the stream now, with the context that made them current:
+        pycuda frees page-locked memory and streams through that context, and once it is
+        detached their own cleanup fails silently (the memory stays pinned). Idempotent."""
         for dev in self.device.values():
             dev.free()
         self.device.clear()
+        for host in self.host.values():
+            if host.base is not None and hasattr(host.base, "free"):
+                host.base.free()  # the HostAllocation behind pagelocked_empty
+        self.host.clear()
+        self.stream = None
 
 
 class TensorRTEngine:
@@ -161,8 +169,11 @@ class TensorRTEngine:
         self.outputs = [score_name, map_name]
         self.max_batch = int(model.facts["tensorrt"]["batch_profile"]["max"])
         self._lock = threading.Lock()  # one stream and one set of buffers: one batch at a time
+        self._io: PinnedIO | None = None
+        self._closed = False
         self._ctx = cuda.Device(device).retain_primary_context()
         self._ctx.push()
+        loaded = False
         try:
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
@@ -176,6 +187,13 @@ class TensorRTEngine:
             if missing:
                 raise BundleError(f"{engine_path}: the engine has no tensor {missing} (it has {names}); "
                                   "rebuild it from this bundle with `linegate export tensorrt BUNDLE`")
+            # The engine's own profile, not only the manifest's word for it: set_input_shape
+            # returns False (it does not raise) for a batch beyond it.
+            profile_max = int(self._engine.get_tensor_profile_shape(input_name, 0)[2][0])
+            if profile_max != self.max_batch:
+                raise BundleError(f"{engine_path}: its optimisation profile's max batch is {profile_max}, the "
+                                  f"manifest says {self.max_batch}; rebuild it with `linegate export tensorrt "
+                                  "BUNDLE`")
             tensors = {}
             for name in names:
                 shape = tuple(self._engine.get_tensor_shape(name))
@@ -186,8 +204,13 @@ class TensorRTEngine:
             self._io = PinnedIO(cuda, tensors, self.max_batch)
             for name in names:
                 self._context.set_tensor_address(name, self._io.address(name))
+            loaded = True
         finally:
+            if not loaded and self._io is not None:
+                self._io.free()
             self._ctx.pop()
+            if not loaded:  # release the primary context retained above: a failed load leaks nothing
+                self._ctx.detach()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, model: ModelFile, **kwargs) -> TensorRTEngine:
@@ -202,12 +225,18 @@ class TensorRTEngine:
             parts = [self.infer(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         n = len(batch)
+        if n == 0:
+            raise ValueError("TensorRT engine: empty batch")
         io = self._io
         with self._lock:
+            if self._closed:
+                raise RuntimeError("TensorRT engine: closed")
             self._ctx.push()
             try:
                 io.upload(self.input_name, batch)
-                self._context.set_input_shape(self.input_name, (n, *io.item_shape[self.input_name]))
+                if not self._context.set_input_shape(self.input_name, (n, *io.item_shape[self.input_name])):
+                    raise RuntimeError(f"TensorRT refused input shape {(n, *io.item_shape[self.input_name])} "
+                                       f"(profile max batch {self.max_batch})")
                 if not self._context.execute_async_v3(io.stream.handle):
                     raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
                 return io.download(self.outputs, n)
@@ -215,7 +244,12 @@ class TensorRTEngine:
                 self._ctx.pop()
 
     def close(self) -> None:
+        """Free the buffers, the stream, the context and the engine, then release the primary
+        context (in that order: pycuda frees through the context). A second call does nothing."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._ctx.push()
             try:
                 self._io.free()

@@ -51,9 +51,11 @@ def engine_file(precision: str) -> str:
     return f"model.{precision}.engine"
 
 
-def default_timing_cache() -> Path:
+def default_timing_cache(tensorrt_version: str, compute_capability: str) -> Path:
+    """One cache per TensorRT version and GPU architecture: a cache from another is refused by
+    TensorRT (or not even readable), so sharing one file would throw the timings away."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "linegate" / "tensorrt-timing.cache"
+    return base / "linegate" / f"tensorrt-{tensorrt_version}-sm{compute_capability.replace('.', '')}.timing-cache"
 
 
 def parser_errors(parser: Any) -> str:
@@ -136,7 +138,8 @@ def build_engine(bundle_dir: str | Path, precision: str = "fp16", max_batch: int
         gpu, cc = device_facts(cuda)
         log.info("building a %s TensorRT %s engine for %s (compute capability %s) from %s, batch 1..%d (opt %d)",
                  precision, trt.__version__, gpu, cc, source.name, max_batch, opt_batch)
-        plan, cache_path = _build(trt, bundle, source, max_batch, opt_batch, workspace_gib, timing_cache)
+        cache = Path(timing_cache) if timing_cache else default_timing_cache(trt.__version__, cc)
+        plan, cache_path = _build(trt, bundle, source, max_batch, opt_batch, workspace_gib, cache)
     finally:
         cuda_ctx.pop()
         cuda_ctx.detach()
@@ -166,7 +169,7 @@ def build_engine(bundle_dir: str | Path, precision: str = "fp16", max_batch: int
 
 
 def _build(trt: Any, bundle: Bundle, source: ModelFile, max_batch: int, opt_batch: int, workspace_gib: float,
-           timing_cache: str | Path | None) -> tuple[bytes, Path]:
+           cache_path: Path) -> tuple[bytes, Path]:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # Strongly typed: required on TensorRT 10.x for Q/DQ and FP16 graphs, the only mode on 11.x.
@@ -181,22 +184,28 @@ def _build(trt: Any, bundle: Bundle, source: ModelFile, max_batch: int, opt_batc
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         item = tuple(tensor.shape)[1:]
+        if any(d < 0 for d in item):
+            raise TensorRTBuildError(f"{path}: input {tensor.name!r} has dynamic axes {tuple(tensor.shape)} beyond "
+                                     "the batch axis; export the bundle with a fixed image size")
         profile.set_shape(tensor.name, (1, *item), (opt_batch, *item), (max_batch, *item))
     config.add_optimization_profile(profile)
     monitor = _progress_monitor(trt)
     if monitor is not None:
         config.progress_monitor = monitor
-    cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("timing cache %s was made by another TensorRT or GPU; starting a new one", cache_path)
+    # create_timing_cache may return None for bytes it cannot read (a truncated file, another
+    # version's format): then a fresh cache, not a failed build
+    cache = config.create_timing_cache(cache_bytes) if cache_bytes else None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        if cache_bytes:
+            log.warning("timing cache %s is unreadable or from another TensorRT or GPU; starting a new one",
+                        cache_path)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise TensorRTBuildError(f"{path}: TensorRT could not build an engine (see its log above)")
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(cache_path.name + ".tmp")
+    tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # two builds at once: own files
     tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     os.replace(tmp, cache_path)
     return bytes(plan), cache_path
