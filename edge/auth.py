@@ -45,9 +45,45 @@ def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
         if path.exists():
             raise ValueError(f"{path} exists; remove it first or pick another --name")
     directory.mkdir(parents=True, exist_ok=True)
-    public_file, secret_file = zmq.auth.create_certificates(directory, name)
+    old_umask = os.umask(0o077)  # the secret is never readable by others, not even briefly
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old_umask)
     os.chmod(secret_file, 0o600)
+    os.chmod(public_file, 0o644)
     return Path(public_file), Path(secret_file)
+
+
+def _check_z85(key: bytes | None, path: Path, what: str) -> None:
+    """A key pyzmq read from a certificate file is 40 Z85 characters, or the file is damaged
+    (setting a bad key on a socket fails later, far from the file)."""
+    try:
+        ok = key is not None and len(key) == Z85_KEY_LENGTH and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: its {what} key is not 40 Z85 characters (the file is damaged); "
+                         "make a new pair with `linegate keys DIR --name NAME`")
+
+
+def _read_certificate(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except PermissionError:
+        raise ValueError(f"{path}: not readable by user {_user()}; the service runs as that user: give its "
+                         "group read access (chgrp linegate FILE; chmod 640 FILE for a secret key)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a ZeroMQ certificate ({exc})") from exc
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
 
 
 def load_secret_key(path: str | Path) -> tuple[bytes, bytes]:
@@ -55,12 +91,13 @@ def load_secret_key(path: str | Path) -> tuple[bytes, bytes]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such key file; make a pair with `linegate keys DIR --name NAME`")
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a ZeroMQ certificate ({exc})") from exc
+    public, secret = _read_certificate(path)
     if secret is None:
         raise ValueError(f"{path}: holds only a public key; give the matching .key_secret file")
+    _check_z85(public, path, "public")
+    _check_z85(secret, path, "secret")
+    if path.stat().st_mode & 0o004:
+        log.warning("%s: the secret key is readable by every user on this box; chmod o-r it", path)
     return public, secret
 
 
@@ -77,10 +114,9 @@ def load_public_key(text_or_path: str | Path) -> bytes:
     if not path.is_file():
         raise ValueError(f"{path}: no such key file (give the publisher's .key file or its 40-character "
                          "public key)")
-    try:
-        return zmq.auth.load_certificate(path)[0]
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a ZeroMQ certificate ({exc})") from exc
+    public = _read_certificate(path)[0]
+    _check_z85(public, path, "public")
+    return public
 
 
 def allowed_keys(directory: str | Path) -> list[bytes]:
@@ -89,6 +125,8 @@ def allowed_keys(directory: str | Path) -> list[bytes]:
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory; it must hold the allowed subscribers' "
                          "public .key files")
+    for path in sorted(directory.glob("*.key")):  # pyzmq's reader raises bare OSErrors
+        _check_z85(_read_certificate(path)[0], path, "public")
     keys = list(zmq.auth.load_certificates(directory))
     if not keys:
         raise ValueError(f"{directory}: no *.key files; copy each allowed subscriber's public key "
@@ -116,12 +154,20 @@ class CurveServer:
         """
         count = self.validate()
         public, secret = load_secret_key(self.secret_key)
+        try:  # the socket's keys first: a key the socket refuses must not leave a ZAP thread behind
+            socket.curve_secretkey = secret
+            socket.curve_publickey = public
+            socket.curve_server = True
+        except zmq.ZMQError as exc:
+            raise ValueError(f"{self.secret_key}: ZeroMQ refused the key pair ({exc}); make a new pair "
+                             "with `linegate keys DIR --name NAME`") from None
         auth = ThreadAuthenticator(context, log=logging.getLogger("edge.auth.zap"))
         auth.start()
-        auth.configure_curve(domain="*", location=str(self.allowed_keys))
-        socket.curve_secretkey = secret
-        socket.curve_publickey = public
-        socket.curve_server = True
+        try:
+            auth.configure_curve(domain="*", location=str(self.allowed_keys))
+        except Exception:
+            auth.stop()
+            raise
         log.info("CURVE on: %d allowed subscriber key(s) from %s", count, self.allowed_keys)
         return auth
 

@@ -100,20 +100,24 @@ class ServiceMonitor:
         self.frame_stall_s = frame_stall_s
         self.ready = False
         self.watchdog_pings = 0
+        self._ready_at = 0.0
         self._next_ping = 0.0
         self._starving_logged = False
 
     def tick(self, pipeline: Any, now: float) -> None:
         if not self.ready and pipeline.first_frame_seen():
             self.ready = True
+            self._ready_at = now
             self.notifier.notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=running: first frame received")
             log.info("ready: engine loaded, first frame received%s",
                      " (told systemd)" if self.notifier.enabled else "")
         watchdog = self.notifier.watchdog_s
         if not self.ready or watchdog is None or now < self._next_ping or pipeline.stopping:
             return
-        last = pipeline.last_decision_mono
-        if last is not None and now - last <= self.frame_stall_s:
+        # the first decision may still be in the engine when READY goes out: until it comes,
+        # the stall counts from READY
+        last = pipeline.last_decision_mono if pipeline.last_decision_mono is not None else self._ready_at
+        if now - last <= self.frame_stall_s:
             self.notifier.notify("WATCHDOG=1")
             self.watchdog_pings += 1
             self._next_ping = now + watchdog / 2

@@ -83,7 +83,8 @@ class Source(ABC):
 
 
 class FolderSource(Source):
-    """Every image file in a folder, in name order. Unreadable files are skipped, not fatal."""
+    """Every image file in a folder, in name order. An unreadable file is not fatal and not
+    skipped: it is a frame of its own that gets an `error` decision naming the file."""
 
     def __init__(self, path: str | Path, camera_id: str = "cam0") -> None:
         super().__init__(camera_id)
@@ -103,9 +104,14 @@ class FolderSource(Source):
             try:
                 image = read_image(file)
             except (ImageReadError, cv2.error) as exc:
-                # One bad file on a line must not stop the inspection of the others.
+                # One bad file on a line must not stop the inspection of the others, nor vanish:
+                # it is a frame (its own frame_id, in order) that gets an `error` decision.
                 self.counters["errors"] += 1
-                log.warning("%s: skipped %s: %s", self.camera_id, file.name, exc)
+                # logged where every marked frame is (SourceThread: once per run of bad frames)
+                log.debug("%s: %s cannot be inspected: %s", self.camera_id, file.name, exc)
+                frame = self._stamp(np.zeros((1, 1, 3), np.uint8), source_name=file.name)  # no pixels to show
+                frame.error = str(exc)
+                yield frame
                 continue
             yield self._stamp(image, source_name=file.name)
         self.state = "ended"
@@ -139,10 +145,17 @@ class VideoSource(Source):
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         cap = self._open()
         self.state = "running"
+        declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # the container's count; 0: unknown
         try:
             for raw in _read_frames(cap, stop):
                 yield self._stamp_raw(raw, f"{self.path.name} frame {self.counters['frames']}",
                                       source_name=self.path.name)
+            read = self.counters["frames"]
+            if not stop.is_set() and 0 < read < declared:  # a cut-off or damaged file ends early, quietly
+                self.counters["errors"] += 1
+                log.warning("%s: %s ended after %d of the %d frames its header declares (truncated or "
+                            "damaged at frame %d?); the rest were not inspected", self.camera_id,
+                            self.path.name, read, declared, read)
         finally:
             cap.release()
             self.state = "ended"

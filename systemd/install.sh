@@ -5,8 +5,11 @@
 #   sudo systemd/install.sh BUNDLE_DIR [CONFIG.toml]
 #
 # Paths: /opt/linegate/venv (the runtime), /var/lib/linegate/bundle (the model),
-# /etc/linegate/linegate.toml (settings; an existing one is kept), /etc/linegate/linegate.env,
-# /etc/linegate/keys (CURVE keys, readable by the service only), the unit in /etc/systemd/system.
+# /etc/linegate/linegate.toml (settings; an existing one is kept, or backed up when CONFIG
+# replaces it), /etc/linegate/linegate.env, /etc/linegate/keys (CURVE keys, readable by the
+# service only: make them with `umask 077; linegate keys /etc/linegate/keys --name server`, then
+# `chgrp linegate /etc/linegate/keys/server.key_secret; chmod 640 ...`), the unit in
+# /etc/systemd/system.
 set -euo pipefail
 bundle=${1:?usage: install.sh BUNDLE_DIR [CONFIG.toml]  (BUNDLE_DIR made by linegate export onnx RUN)}
 config=${2:-}
@@ -28,13 +31,17 @@ python3 -m venv "$prefix/venv"
 install -d -m 0755 /var/lib/linegate /etc/linegate
 install -d -m 0750 -o root -g linegate /etc/linegate/keys /etc/linegate/keys/allowed
 rm -rf /var/lib/linegate/bundle.new
-cp -r "$bundle" /var/lib/linegate/bundle.new
+cp -rL "$bundle" /var/lib/linegate/bundle.new   # -L: a bundle given as a symlink is copied, not linked
 chmod -R a+rX,go-w /var/lib/linegate/bundle.new
 rm -rf /var/lib/linegate/bundle.old
 [ ! -d /var/lib/linegate/bundle ] || mv /var/lib/linegate/bundle /var/lib/linegate/bundle.old
 mv /var/lib/linegate/bundle.new /var/lib/linegate/bundle
 
 if [ -n "$config" ]; then
+    if [ -f /etc/linegate/linegate.toml ] && ! cmp -s "$config" /etc/linegate/linegate.toml; then
+        cp -p /etc/linegate/linegate.toml "/etc/linegate/linegate.toml.$(date +%Y%m%d-%H%M%S).bak"
+        echo "install.sh: the previous /etc/linegate/linegate.toml is kept as linegate.toml.*.bak"
+    fi
     install -m 0640 -o root -g linegate "$config" /etc/linegate/linegate.toml
 elif [ ! -f /etc/linegate/linegate.toml ]; then
     install -m 0640 -o root -g linegate "$here/linegate.toml" /etc/linegate/linegate.toml

@@ -92,3 +92,35 @@ def test_curve_key_errors_are_clear(tmp_path):
         watch("tcp://127.0.0.1:1", server_key=str(server_public))
     with pytest.raises(ValueError, match="missing.key: no such key file"):
         CurveClient.load(tmp_path / "missing.key", server_secret)
+
+
+@pytest.mark.timeout(60)  # a ZAP thread left behind made the publisher's context block forever
+def test_damaged_or_unreadable_key_files_are_named_and_leave_nothing_running(tmp_path):
+    import os
+    import threading
+
+    server_public, server_secret = make_keys(tmp_path / "k", "server")
+    client_public, _ = make_keys(tmp_path / "c", "client")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes(client_public.read_bytes())
+    assert os.stat(server_secret).st_mode & 0o777 == 0o600
+
+    # one character too many in the secret key line: refused when read, naming the file
+    damaged = tmp_path / "damaged.key_secret"
+    damaged.write_text(server_secret.read_text().replace('secret-key = "', 'secret-key = "x'))
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match=r"damaged.key_secret: its secret key is not 40 Z85 characters"):
+        Publisher("tcp://127.0.0.1:*", curve=CurveServer(damaged, allowed))
+    assert threading.active_count() == threads  # no ZAP thread left behind
+
+    # a dangling link in the allow-list: a ValueError naming it (pyzmq raises a bare OSError)
+    (allowed / "gone.key").symlink_to(tmp_path / "nowhere.key")
+    with pytest.raises(ValueError, match="gone.key: not a ZeroMQ certificate"):
+        CurveServer(server_secret, allowed).validate()
+    (allowed / "gone.key").unlink()
+
+    if os.geteuid() != 0:  # root reads any file: the permission case needs another user
+        server_secret.chmod(0)
+        with pytest.raises(ValueError, match="not readable by user"):
+            CurveServer(server_secret, allowed).validate()

@@ -51,15 +51,19 @@ def test_linegate_run_folder_publishes_one_decision_per_image(tiny_bundle, tmp_p
                                              f"folder:{tmp_path / 'parts'}", "--publish", endpoint,
                                              "--max-batch", "4", "--wait-subscribers", "2"),
                                 stderr=subprocess.PIPE, text=True)
-        msgs = _collect(sub, want=len(levels) + sum(v / 255 >= 0.5 for v in levels))
+        msgs = _collect(sub, want=len(levels) + 1 + sum(v / 255 >= 0.5 for v in levels))
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "part005b.jpg" in stderr  # the corrupt file is reported by name
-    decisions = [m.header for m in msgs if m.topic == "decision"]
+    everything = [m.header for m in msgs if m.topic == "decision"]
     overlays = [m for m in msgs if m.topic == "overlay"]
-    assert [d["source"] for d in decisions] == names  # every good image, once, in order
-    assert [d["seq"] for d in decisions] == list(range(len(names)))
-    assert [d["frame_id"] for d in decisions] == list(range(len(names)))
+    files = names[:6] + ["part005b.jpg"] + names[6:]  # name order: part005.png, part005b.jpg, part006.png
+    assert [d["source"] for d in everything] == files  # every file, once, in order
+    assert [d["seq"] for d in everything] == list(range(len(files)))
+    assert [d["frame_id"] for d in everything] == list(range(len(files)))
+    corrupt = everything[6]  # a file that cannot be read is not lost: it gets an error decision
+    assert corrupt["decision"] == "error" and "not a decodable image" in corrupt["error"]
+    decisions = everything[:6] + everything[7:]
     expected = ["reject" if v / 255 >= 0.5 else "accept" for v in levels]
     assert [d["decision"] for d in decisions] == expected
     for d, level in zip(decisions, levels):
@@ -149,24 +153,25 @@ def test_bad_frames_get_error_decisions_and_good_frames_lose_nothing(tiny_bundle
     run = RunProcess(config, tmp_path / "run.log")
     try:
         assert run.wait(timeout=60) == 0, run.log()
-        # sent before the exit, maybe not arrived yet: six good frames and the wrong-sized one
-        sub.wait_for(lambda: len(sub.decisions()) >= 7, 30, "seven decisions")
+        # sent before the exit, maybe not arrived yet: six good frames, the corrupt and the wrong-sized one
+        sub.wait_for(lambda: len(sub.decisions()) >= 8, 30, "eight decisions")
     finally:
         run.kill()
         sub.stop()
     log = run.log()
     decisions = sub.decisions()
     names = [d["source"] for d in decisions]
-    assert names == ["p0_good.png", "p1_good.png", "p2_good.png", "p3_good.png", "p4_good.png",
-                     "p4_wrong_size.png", "p5_good.png"]  # every frame, in order; the corrupt file is no frame
-    assert [d["frame_id"] for d in decisions] == list(range(7))
-    bad = decisions[5]
+    assert names == ["p0_good.png", "p1_good.png", "p2_corrupt.jpg", "p2_good.png", "p3_good.png", "p4_good.png",
+                     "p4_wrong_size.png", "p5_good.png"]  # every file, in order, the bad ones included
+    assert [d["frame_id"] for d in decisions] == list(range(8))
+    corrupt, bad = decisions[2], decisions[6]
+    assert corrupt["decision"] == "error" and "not a decodable image" in corrupt["error"]
     assert bad["decision"] == "error" and "30x30" in bad["error"] and "46x40" in bad["error"]
-    for d in decisions[:5] + decisions[6:]:
+    for d in decisions[:2] + decisions[3:6] + decisions[7:]:
         # the ROI crop holds only the dark half: accept, with the dark half's score
         assert d["decision"] == "accept" and abs(d["score"] - 0 / 255) < 1e-5 and "error" not in d
     assert "p2_corrupt.jpg" in log and "not a decodable image" in log
-    assert "cam0 frame 5: frame is 30x30" in log
+    assert "cam0 frame 6: frame is 30x30" in log
 
 
 class ArraySource(Source):

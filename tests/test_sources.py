@@ -76,22 +76,24 @@ def collect(source, n: int | None = None, stop: threading.Event | None = None) -
 
 # -- folder ------------------------------------------------------------------------------------
 
-def test_folder_source_yields_good_images_in_order_and_skips_corrupt(image_folder: Path, caplog) -> None:
+def test_folder_source_yields_images_in_order_and_marks_a_corrupt_one(image_folder: Path, caplog) -> None:
     src = FolderSource(image_folder, camera_id="line1")
     with caplog.at_level(logging.WARNING, logger="edge.sources"):
         frames = collect(src)
     assert [f.source_name for f in frames] == ["a_red.png", "b_photo.jpg", "c_gray.png", "d_rgba.png",
-                                               "f_odd.png"]
-    assert [f.frame_id for f in frames] == list(range(5))
+                                               "e_corrupt.jpg", "f_odd.png"]
+    assert [f.frame_id for f in frames] == list(range(6))
+    corrupt = frames.pop(4)  # a frame of its own, marked: it will get an error decision naming the file
+    assert "e_corrupt.jpg" in corrupt.error and "not a decodable image" in corrupt.error
+    assert all(f.error is None for f in frames) and src.counters["errors"] == 1
     for f in frames:
         assert f.camera_id == "line1" and f.image.dtype == np.uint8
         assert f.image.ndim == 3 and f.image.shape[2] == 3
     assert tuple(frames[0].image[0, 0]) == (255, 0, 0)  # red in RGB order
     assert tuple(frames[3].image[0, 0]) == (0, 0, 255)  # RGBA blue -> RGB blue
     assert frames[4].image.shape == (37, 53, 3)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "e_corrupt.jpg" in warnings[0] and "remove" in warnings[0]
-    assert src.counters["errors"] == 1 and src.counters["frames"] == 5
+    assert "remove the file" in corrupt.error  # the decision says what to do
+    assert src.counters["errors"] == 1 and src.counters["frames"] == 6
     assert src.finite and src.default_policy == "queue"
 
 
@@ -102,15 +104,36 @@ def test_folder_source_missing_folder(tmp_path: Path) -> None:
 
 # -- video -------------------------------------------------------------------------------------
 
-def test_video_source_reads_every_frame_in_order(video_file: Path) -> None:
+def test_video_source_reads_every_frame_in_order(video_file: Path, caplog) -> None:
     src = VideoSource(video_file)
-    frames = collect(src)
+    with caplog.at_level(logging.WARNING, logger="edge.sources"):
+        frames = collect(src)
+    assert not caplog.records and src.counters["errors"] == 0  # a whole file: nothing to report
     assert len(frames) == N_VIDEO
     assert [f.frame_id for f in frames] == list(range(N_VIDEO))
     for i, f in enumerate(frames):
         r, g, b = f.image.reshape(-1, 3).mean(axis=0)
         assert abs(b - i * LEVEL) < 8 and r < 8, (i, r, g, b)  # order kept, BGR -> RGB
     assert src.finite and src.default_policy == "queue"
+
+
+def test_a_truncated_video_says_where_it_ended(tmp_path: Path, caplog) -> None:
+    """A video cut off in the middle decodes what is left and ends; without a word the run
+    would end as cleanly as a whole file. Its header still declares every frame."""
+    path, n = tmp_path / "cut.avi", 60
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(n):
+        writer.write(np.full((48, 64, 3), (i * 4, 0, 0), np.uint8))
+    writer.release()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    src = VideoSource(path)
+    with caplog.at_level(logging.WARNING, logger="edge.sources"):
+        frames = collect(src)
+    assert 0 < len(frames) < n
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"cut.avi ended after {len(frames)} of the {n} frames" in w for w in warnings), warnings
+    assert src.counters["errors"] == 1
 
 
 def test_video_source_that_cannot_be_opened(tmp_path: Path) -> None:
@@ -229,8 +252,11 @@ def test_source_thread_preprocesses_and_ends_the_stream(image_folder: Path) -> N
         frames.extend(batch)
     thread.join(timeout=2)
     assert batch is None and not thread.is_alive() and thread.error is None
-    assert [f.frame_id for f in frames] == list(range(5)) and q.dropped == {}
+    assert [f.frame_id for f in frames] == list(range(6)) and q.dropped == {}
     for f in frames:
+        if f.source_name == "e_corrupt.jpg":  # nothing to preprocess: it travels marked
+            assert f.tensor is None and f.error
+            continue
         assert f.tensor is not None and f.tensor.shape == (3, 32, 32) and f.tensor.dtype == np.float32
 
 
@@ -241,10 +267,10 @@ def test_stream_waits_for_a_source_thread_not_started_yet(image_folder: Path) ->
     first.start()
     first.join(timeout=5)
     batcher = Batcher(q, max_batch=8, max_wait_ms=1)
-    assert len(batcher.next_batch()) == 5
+    assert len(batcher.next_batch()) == 6
     assert batcher.next_batch(poll_s=0.05) == []  # not None: the second source is still to come
     second.start()
-    assert [f.camera_id for f in drain_all(batcher)] == ["cam1"] * 5
+    assert [f.camera_id for f in drain_all(batcher)] == ["cam1"] * 6
 
 
 def drain_all(batcher: Batcher) -> list[Frame]:
@@ -267,9 +293,10 @@ def test_source_thread_marks_frames_it_cannot_preprocess_and_goes_on(image_folde
     assert not thread.is_alive() and thread.error is None
     frames = drain_all(Batcher(q, max_wait_ms=1))
     # every frame is still there, in order, marked: each will get an error decision
-    assert [f.frame_id for f in frames] == list(range(5))
-    assert all(f.error == "preprocessing failed: model input mismatch" and f.tensor is None for f in frames)
-    assert src.counters["bad_frames"] == 5
+    assert [f.frame_id for f in frames] == list(range(6))
+    decoded = [f for f in frames if f.source_name != "e_corrupt.jpg"]
+    assert all(f.error == "preprocessing failed: model input mismatch" and f.tensor is None for f in decoded)
+    assert src.counters["bad_frames"] == 6 and "not a decodable image" in frames[4].error
     warnings = [r.getMessage() for r in caplog.records
                 if r.levelno == logging.WARNING and "model input mismatch" in r.getMessage()]
     assert len(warnings) == 1 and "cam9 frame 0" in warnings[0]  # one line per run of bad frames
@@ -289,7 +316,7 @@ def test_source_thread_logs_a_dying_source_and_still_ends_the_stream(image_folde
         thread.join(timeout=5)
     assert not thread.is_alive() and isinstance(thread.error, OSError)
     assert any("cam8" in r.getMessage() and "disk gone" in r.getMessage() for r in caplog.records)
-    assert len(drain_all(Batcher(q, max_wait_ms=1))) == 5  # what it read before dying still counts
+    assert len(drain_all(Batcher(q, max_wait_ms=1))) == 6  # what it read before dying still counts
 
 
 def test_source_thread_stops_a_live_source_on_stop(caplog) -> None:
