@@ -317,6 +317,12 @@ def _synthetic_options(text: str) -> dict:
         except ValueError:
             raise ValueError(f"synthetic source option {key}={value!r}: not a valid "
                              f"{_SYNTHETIC_KEYS[key].__name__}") from None
+    # (test, what it says): a bad rate or count must not quietly run unpaced or produce nothing
+    checks = {"count": (lambda v: v >= 1, "at least 1"), "fps": (lambda v: v > 0, "above 0"),
+              "defect_rate": (lambda v: 0 <= v <= 1, "between 0 and 1"), "size": (lambda v: v >= 16, "at least 16")}
+    for key, (ok, what) in checks.items():
+        if options.get(key) is not None and not ok(options[key]):  # nan fails every test
+            raise ValueError(f"synthetic source option {key}={options[key]!r}: must be {what}")
     return options
 
 

@@ -237,6 +237,11 @@ def test_parse_source_rejects_bad_synthetic_options() -> None:
         parse_source("synthetic:speed=3")
     with pytest.raises(ValueError, match="fps"):
         parse_source("synthetic:fps=fast")
+    # values that would quietly run unpaced, produce nothing or draw nonsense
+    for option, what in (("fps=-1", "above 0"), ("fps=nan", "above 0"), ("count=0", "at least 1"),
+                         ("defect_rate=1.5", "between 0 and 1"), ("size=8", "at least 16")):
+        with pytest.raises(ValueError, match=f"synthetic source option {option.split('=')[0]}=.*must be {what}"):
+            parse_source(f"synthetic:{option}")
 
 
 # -- SourceThread --------------------------------------------------------------------------------
