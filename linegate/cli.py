@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = "bench" if args.command == "bench" else "train"
         print(f"linegate {args.command}: error: needs the Python package {exc.name!r}, which this install "
               f"lacks; pip install 'linegate[{extra}]' (see README)", file=sys.stderr)
-        return 2
+        return 2  # an install to complete: not something a restart cures
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Expected failures (bad data, bad bundle, bad endpoint) get one clear line, no trace.
         log.debug("details", exc_info=True)
@@ -341,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         # retries. (No TensorRT here is not such a state: `--engine auto` is the setting for a
         # box that may come up without it.)
         from edge.publisher import EndpointInUse
+        from edge.service import EXIT_CONFIG, EXIT_RUN_FAILED
 
         if args.command == "run" and isinstance(exc, EndpointInUse):
-            return 3
-        return 2
+            return EXIT_RUN_FAILED
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

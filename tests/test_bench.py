@@ -189,3 +189,17 @@ def test_precision_throughput_only_times_saved_variants(tiny_bundle, tmp_path):
         assert r["ratio_vs_fp32"] == pytest.approx(r["fps_median"] / rows[(b, "fp32")]["fps_median"])
     md = written.with_suffix(".md").read_text()
     assert "Throughput only" in md and "| 2 | int8-u8 |" in md
+
+
+def test_bench_without_its_optional_packages_says_what_to_install(tiny_bundle, tmp_path):
+    """On a runtime-only box (no onnx, matplotlib or tqdm): one line naming the package and the
+    extra, exit 2, no traceback. sys.modules[name] = None is how Python spells "not installed"."""
+    import sys
+
+    code = ("import sys; sys.modules['tqdm'] = None\n"
+            "from linegate.cli import main\n"
+            f"sys.exit(main(['bench', {str(tiny_bundle)!r}, '--out', {str(tmp_path / 'b')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs the Python package 'tqdm'" in proc.stderr and "linegate[bench]" in proc.stderr
+    assert "Traceback" not in proc.stderr
