@@ -547,14 +547,15 @@ def _paced_engine_ms(engine, x: np.ndarray, rate: float, count: int) -> np.ndarr
 
 
 def _soak(bench: Bench, target: Target, batch: int, rate: float, seconds: float) -> dict:
-    samples: list[tuple[float, float]] = []  # (s since the start, RSS MB) while the pipeline runs
-    t0 = time.monotonic()
+    wall: list[tuple[float, float]] = []  # (time.time(), RSS MB) while the pipeline runs
     before = rss_mb()
     rec = bench.pipeline(target.engine, batch, max(10, int(rate * seconds)), fps=rate,
-                         during=lambda: samples.append((time.monotonic() - t0, rss_mb())))
+                         during=lambda: wall.append((time.time(), rss_mb())))
     after = rss_mb()
-    if not samples:
-        samples.append((time.monotonic() - t0, after))
+    # time from the first decision, not from the call: warm-up and waiting for the subscriber
+    # are not minutes of the soak
+    t0 = float(rec["receipt_ts"].min()) if len(rec["receipt_ts"]) else (wall[0][0] if wall else time.time())
+    samples = [(t - t0, mb) for t, mb in wall if t >= t0] or [(time.time() - t0, after)]
     # "start" is after the first minute (or a sixth of a shorter soak): allocators and caches
     # settle; "end" is the last sample while frames still flowed
     settle = min(60.0, seconds / 6)

@@ -58,11 +58,18 @@ def gaussian_upsample(maps: np.ndarray, size: tuple[int, int], sigma: float | No
     maps = maps[None] if squeeze else maps
     height, width = int(size[0]), int(size[1])
     sigma = UPSAMPLE_SIGMA_224 * min(height, width) / 224 if sigma is None else float(sigma)
-    rows = _spread_matrix(height, maps.shape[1], sigma)
-    cols = _spread_matrix(width, maps.shape[2], sigma)
-    weight = np.maximum(np.outer(rows.sum(axis=1), cols.sum(axis=1)), 1e-12)  # the spread of ones
-    out = rows @ maps @ cols.T / weight
+    rows, cols, inverse_weight = _spread(height, width, maps.shape[1], maps.shape[2], sigma)
+    out = rows @ maps @ cols.T * inverse_weight
     return out[0] if squeeze else out
+
+
+@lru_cache(maxsize=16)
+def _spread(height: int, width: int, h: int, w: int, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two spread matrices and 1 / the spread of a map of ones, per frame and map size:
+    the same for every frame of a camera, and the outer product alone took 0.3 ms a frame."""
+    rows, cols = _spread_matrix(height, h, sigma), _spread_matrix(width, w, sigma)
+    weight = np.maximum(np.outer(rows.sum(axis=1), cols.sum(axis=1)), 1e-12)
+    return rows, cols, (1.0 / weight).astype(np.float32)
 
 
 def upsample_map(anomaly_map: np.ndarray, size: tuple[int, int], how: str = "bilinear") -> np.ndarray:
