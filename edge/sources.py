@@ -169,12 +169,18 @@ class CameraSource(Source):
     GStreamer pipeline ending in appsink. ``state`` is "connected" while frames arrive, "lost"
     just after they stopped, "down" while reopening fails; ``outage_s`` adds up the time
     spent not connected since the first connection (the start-up is not an outage).
+
+    A read that blocks is reported, not only a read that fails: OpenCV bounds reads of URL
+    streams (io_timeout_s, then "lost" and a reconnect), but a GStreamer pipeline or a device
+    can block in read() with nothing to time it out. status() then says "stalled" (and the
+    frame's age) once no frame came for ``stall_s`` (default io_timeout_s), and logs it once.
     """
 
     finite = False
 
     def __init__(self, target: int | str, camera_id: str = "cam0", backoff_s: float = 0.5,
-                 backoff_max_s: float | None = None, io_timeout_s: float = 5.0, gstreamer: bool = False) -> None:
+                 backoff_max_s: float | None = None, io_timeout_s: float = 5.0, gstreamer: bool = False,
+                 stall_s: float | None = None) -> None:
         super().__init__(camera_id)
         if backoff_max_s is None:
             backoff_max_s = max(10.0, backoff_s)
@@ -186,9 +192,12 @@ class CameraSource(Source):
         self.backoff_max_s = backoff_max_s
         self.io_timeout_s = io_timeout_s  # bounds a blocked open/read on streams, so stop is honoured
         self.gstreamer = gstreamer
+        self.stall_s = io_timeout_s if stall_s is None else stall_s
         self.counters.update(lost=0)
         self._outage_s = 0.0
         self._down_since: float | None = None  # monotonic; set when a connected feed is lost
+        self._last_frame: float | None = None  # monotonic; the last frame handed over
+        self._stall_logged = False
 
     @property
     def outage_s(self) -> float:
@@ -196,7 +205,18 @@ class CameraSource(Source):
         return self._outage_s + (time.monotonic() - since if since is not None else 0.0)
 
     def status(self) -> dict:
-        return {**super().status(), "outage_s": round(self.outage_s, 3)}
+        out = {**super().status(), "outage_s": round(self.outage_s, 3)}
+        last = self._last_frame
+        age = None if last is None else time.monotonic() - last
+        if out["state"] == "connected" and age is not None and age > self.stall_s:
+            out["state"] = "stalled"  # the reader is blocked in read(): it cannot say so itself
+            if not self._stall_logged:
+                self._stall_logged = True
+                log.warning("%s: no frame from %s for %.1f s, the read is blocked (the camera or its "
+                            "pipeline hangs; a URL stream would time out after io_timeout_s)",
+                            self.camera_id, self.target, age)
+        out["frame_age_s"] = None if age is None else round(age, 3)
+        return out
 
     def _open(self) -> cv2.VideoCapture | None:
         try:
@@ -240,6 +260,10 @@ class CameraSource(Source):
                             self._connected(attempts)
                             delay, attempts = self.backoff_s, 1
                         got += 1
+                        self._last_frame = time.monotonic()
+                        if self._stall_logged:
+                            self._stall_logged = False
+                            log.info("%s: frames arrive again from %s", self.camera_id, self.target)
                         yield self._stamp_raw(raw, what)
             except cv2.error as exc:
                 log.debug("%s: reading %s raised %s", self.camera_id, self.target, exc)

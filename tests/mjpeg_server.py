@@ -2,7 +2,8 @@
 on 127.0.0.1, as IP cameras do. OpenCV's FFmpeg backend reads it like any http:// stream.
 
 stop() closes the listening socket and every open stream (the camera "goes away");
-start() again serves on the same port (the camera comes back).
+start() again serves on the same port (the camera comes back); `paused` keeps the streams
+open but sends nothing (a camera that hangs).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class MjpegServer:
         self.port = 0
         self.served = 0  # JPEG parts written, over all connections
         self._running = threading.Event()
+        self.paused = threading.Event()  # set: connections stay open and silent (a hung camera)
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -48,6 +50,10 @@ class MjpegServer:
                 next_t = time.monotonic()
                 try:
                     while outer._running.is_set():
+                        if outer.paused.is_set():
+                            time.sleep(0.02)
+                            next_t = time.monotonic()
+                            continue
                         data = outer._jpeg()
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
                                          + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")

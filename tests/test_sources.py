@@ -365,6 +365,45 @@ def test_gstreamer_source_needs_an_opencv_with_gstreamer() -> None:
             parse_source("gst:videotestsrc ! videoconvert ! appsink")
 
 
+@pytest.mark.timeout(120)
+def test_a_camera_whose_read_blocks_is_reported_stalled_and_recovers(caplog) -> None:
+    """A real MJPEG camera that keeps the connection open and stops sending: the reader is
+    blocked inside cap.read() (the read timeout here, 60 s, stands for a GStreamer or device
+    read that has none), so only status(), called from the stats thread, can tell."""
+    from mjpeg_server import MjpegServer
+
+    camera = MjpegServer(level=60, fps=25).start()
+    src = CameraSource(camera.url, "hung", io_timeout_s=60.0, stall_s=0.5)
+    stop = threading.Event()
+    frames: list[Frame] = []
+
+    def read() -> None:
+        for f in src.frames(stop):
+            frames.append(f)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="edge.sources"):
+            reader.start()
+            wait_until(lambda: len(frames) >= 5, "frames from the camera")
+            assert src.status()["state"] == "connected" and src.status()["frame_age_s"] < 0.5
+            camera.paused.set()
+            wait_until(lambda: src.status()["state"] == "stalled", "the stall to show in status()")
+            status = src.status()
+            assert status["frame_age_s"] > 0.5 and src.state == "connected"  # the thread itself cannot tell
+            n = len(frames)
+            camera.paused.clear()
+            wait_until(lambda: len(frames) > n + 3, "frames again")
+            assert src.status()["state"] == "connected"
+    finally:
+        stop.set()
+        camera.stop()
+        reader.join(timeout=10)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("the read is blocked" in m for m in messages) == 1  # once per stall, not per stats message
+    assert any("frames arrive again" in m for m in messages)
+
+
 def test_camera_options_apply_to_cameras_only(image_folder: Path) -> None:
     cam = parse_source("rtsp://10.0.0.5/x", "c", backoff_s=0.2, backoff_max_s=3.0, io_timeout_s=1.0)
     assert (cam.backoff_s, cam.backoff_max_s, cam.io_timeout_s) == (0.2, 3.0, 1.0)
