@@ -3,7 +3,8 @@
 It stays connected to one endpoint for the whole bench (each pipeline run binds a fresh
 publisher there; ZeroMQ reconnects and re-subscribes by itself) and, when asked, collects the
 messages of one run, recognised by the publisher's model_id tag. Per decision it keeps the
-capture, publish and receipt times and the batch it was inferred in; it counts overlays and keeps the stats messages.
+capture, publish and receipt times and the batch it was inferred in; it counts overlays
+and keeps the stats messages.
 Imports only the runtime's subscriber client, so it starts fast.
 
     python -m benchmarks.receiver ENDPOINT FD   (FD: one end of a socketpair, see bench.py)
@@ -67,7 +68,8 @@ def _collect(sub: Any, tag: str, expected: int, timeout_s: float) -> dict:
         elif msg.topic == "stats":
             stats.append(msg.header)
     return {"capture_ts": np.asarray(capture), "publish_ts": np.asarray(publish),
-            "receipt_ts": np.asarray(receipt), "batch": np.asarray(batch, np.int64), "overlays": overlays, "overlay_bytes": overlay_bytes,
+            "receipt_ts": np.asarray(receipt), "batch": np.asarray(batch, np.int64),
+            "overlays": overlays, "overlay_bytes": overlay_bytes,
             "rejects": rejects, "gaps": sum(sub.gaps.values()) - gaps0, "stats": stats,
             "timed_out": len(receipt) < expected}
 

@@ -125,9 +125,11 @@ def allowed_keys(directory: str | Path) -> list[bytes]:
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory; it must hold the allowed subscribers' "
                          "public .key files")
-    for path in sorted(directory.glob("*.key")):  # pyzmq's reader raises bare OSErrors
-        _check_z85(_read_certificate(path)[0], path, "public")
-    keys = list(zmq.auth.load_certificates(directory))
+    keys = []
+    for path in sorted(directory.glob("*.key")):  # what zmq.auth.load_certificates reads, each named on error
+        public = _read_certificate(path)[0]
+        _check_z85(public, path, "public")
+        keys.append(public)
     if not keys:
         raise ValueError(f"{directory}: no *.key files; copy each allowed subscriber's public key "
                          "(made by `linegate keys`) into it")

@@ -117,8 +117,8 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
             raise BundleError(f"{where}: key '{key}' should be {names}, got {type(value).__name__}")
     # json reads NaN and Infinity: a NaN threshold would accept every part.
     for key in ("decision.threshold", "decision.normalisation.min", "decision.normalisation.max"):
-        if not math.isfinite(_get(manifest, key)):
-            raise BundleError(f"{where}: key '{key}' is {_get(manifest, key)}; it must be a finite number "
+        if not math.isfinite(value := _get(manifest, key)):
+            raise BundleError(f"{where}: key '{key}' is {value}; it must be a finite number "
                               "(re-calibrate with `linegate evaluate RUN` and re-export)")
     lo, hi = manifest["decision"]["normalisation"]["min"], manifest["decision"]["normalisation"]["max"]
     if not hi > lo:
