@@ -40,7 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     weights = None if args.weights == "random" else args.weights
     metrics = train(args.data, args.out, args.normal_class, args.model, args.seed, weights,
                     args.image_size, args.split, aggregate=args.aggregate, threshold=args.threshold,
-                    epochs=args.epochs, coreset_ratio=args.coreset_ratio, dims=args.dims)
+                    epochs=args.epochs, coreset_ratio=args.coreset_ratio, dims=args.dims,
+                    augment=args.augment)
     _print_metrics(metrics)
     print(f"report: {args.out}/report/report.html")
     if metrics["skipped"]:
@@ -233,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PatchCore memory bank size as a fraction of the training patches (default 0.1)")
     p.add_argument("--dims", type=int, default=None,
                    help="PaDiM random feature dimensions (default: 100, at most half the training images)")
+    p.add_argument("--augment", default=None,
+                   help="PaDiM and PatchCore: add mirrored copies of the normal training images: hflip, "
+                        "vflip or hflip,vflip. Only where a mirrored part looks normal (e.g. lit from above: "
+                        "hflip); a part fitted the wrong way round would then pass. Default: none")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/bundle")
     p.set_defaults(func=cmd_train)
 

@@ -44,6 +44,8 @@ class Detector:
     options: dict  # option name -> default (the CLI flags that apply to this detector)
     keys: tuple[str, ...] = ()  # run.json keys build() cannot do without (checked on load)
     uses_outliers: bool = False
+    # whether `--augment` (mirrored normal training images, training/augment.py) applies
+    mirrors: bool = True
     # how an overlay brings the feature-resolution map to the image: "bilinear", or FCDD's
     # "gaussian" (edge.overlay.gaussian_upsample)
     upsample: str = "bilinear"
@@ -51,7 +53,7 @@ class Detector:
 
 def padim_dims(n_train: int) -> int:
     """PaDiM's random feature dimensions d when not given: the paper's 100, but at most half
-    the number of training images, so each patch's sample covariance is estimated from more
+    the number of training images (mirrored copies included, training/augment.py), so each patch's sample covariance is estimated from more
     images than it has dimensions (with 70 images and d = 100 it is singular, and the 0.01 I
     regulariser, not the data, sets the distance along the missing directions). On pillQC
     (seed protocol, seeds 0-4) every d from 20 to 60 had a higher calibration AUROC than 100."""
@@ -99,7 +101,7 @@ DETECTORS: dict[str, Detector] = {
         shape=lambda m: {"map_size": list(m.map_size), "channels": m.head.conv1.in_channels,
                          "hidden": m.head.conv1.out_channels},
         build=_fcdd_build, options={"epochs": DEFAULT_EPOCHS}, uses_outliers=True, upsample="gaussian",
-        keys=("channels", "hidden", "map_size")),
+        keys=("channels", "hidden", "map_size"), mirrors=False),
     "patchcore": Detector(
         "patchcore",
         fit=lambda f: fit_patchcore(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,

@@ -30,6 +30,7 @@ from edge.images import DEFAULT_INTERPOLATION
 
 from . import calibrate
 from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
+from .augment import parse_augment, with_mirrors
 from .data import LoadedImages, Split, SplitCounts, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
 from .padim import extract
@@ -226,11 +227,17 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           seed: int = 0, weights: str | None = "imagenet", image_size: int = 224,
           counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean",
           threshold: str = "youden", epochs: int | None = None, coreset_ratio: float | None = None,
-          dims: int | None = None, report: bool = True) -> dict:
-    """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json)."""
+          dims: int | None = None, augment: str | None = None, report: bool = True) -> dict:
+    """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json).
+    `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of the normal training
+    images (training/augment.py); calibration and test images are never mirrored."""
     detector = get_detector(model)
     _check_choices(aggregate, threshold)
     _check_numbers(image_size, batch_size, dims)
+    mirrors = parse_augment(augment)
+    if mirrors and not detector.mirrors:
+        raise ValueError(f"--augment applies to {', '.join(d.name for d in DETECTORS.values() if d.mirrors)} "
+                         f"only: {model} already trains with random flips and turns")
     options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims})
     started = time.time()
     torch.manual_seed(seed)
@@ -243,13 +250,18 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
              len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed)
     train_set = readable_images(split.train, size, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
     outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size, DEFAULT_INTERPOLATION)
+    normal = with_mirrors(torch.from_numpy(train_set.tensors), mirrors)
+    if mirrors:
+        log.info("training on %d normal images: %d and their mirrors (%s)", len(normal), len(train_set.paths),
+                 ", ".join(mirrors))
     backbone = load_backbone(weights, image_size)
     fit_started = time.time()
-    fitted = detector.fit(FitInput(backbone, torch.from_numpy(train_set.tensors),
+    fitted = detector.fit(FitInput(backbone, normal,
                                    torch.from_numpy(outliers.tensors), seed, batch_size, options))
     fit_seconds = time.time() - fit_started
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
             "interpolation": DEFAULT_INTERPOLATION, **detector.shape(fitted), "options": options,
+            "augment": list(mirrors), "train_images": len(normal),
             "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
