@@ -16,7 +16,8 @@ commented example; the command-line flags of ``linegate run`` map onto the same 
                  stats_interval_s; [publisher.curve] secret_key, allowed_keys
     [service]    stop_timeout_s, max_engine_failures, frame_stall_s
     [logging]    level
-    [[source]]   uri (required), id, policy, roi, size, backoff_s, backoff_max_s, io_timeout_s
+    [[source]]   uri (required), id, policy, roi, size, backoff_s, backoff_max_s, io_timeout_s,
+                 reopen_after_s
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from .auth import allowed_keys, load_secret_key
 from .batcher import POLICIES
 from .bundle import Bundle, load_bundle
 from .decision import aggregate_maps
-from .sources import Source, parse_source
+from .sources import CAMERA_OPTIONS, Source, parse_source
 
 ENGINE_KINDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -131,10 +132,10 @@ class SourceConfig:
     backoff_s: float | None = _key(None, float, gt=0, optional=True)
     backoff_max_s: float | None = _key(None, float, gt=0, optional=True)
     io_timeout_s: float | None = _key(None, float, gt=0, optional=True)
+    reopen_after_s: float | None = _key(None, float, gt=0, optional=True)
 
     def camera_options(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("backoff_s", "backoff_max_s", "io_timeout_s")
-                if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in CAMERA_OPTIONS if getattr(self, k) is not None}
 
 
 SECTIONS = {"engine": EngineConfig, "batching": BatchingConfig, "decision": DecisionConfig,

@@ -9,6 +9,7 @@ size or channel count, ROI outside it) is not dropped: it goes on, in order, mar
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -29,7 +30,7 @@ SOURCE_FORMS = ("folder:PATH", "video:PATH", "camera:INDEX", "camera:/dev/videoN
                 "camera:ANY_STRING_OPENCV_OPENS", "rtsp://... / http://... (or another stream URL)",
                 "gst:GSTREAMER_PIPELINE (ending in appsink; needs OpenCV built with GStreamer)",
                 "synthetic", "synthetic:count=200,fps=30,defect_rate=0.3,seed=1,size=224")
-CAMERA_OPTIONS = ("backoff_s", "backoff_max_s", "io_timeout_s")
+CAMERA_OPTIONS = ("backoff_s", "backoff_max_s", "io_timeout_s", "reopen_after_s")
 
 
 class Source(ABC):
@@ -127,6 +128,60 @@ def _read_frames(cap: cv2.VideoCapture, stop: threading.Event) -> Iterator[np.nd
         yield image
 
 
+class _Reader(threading.Thread):
+    """Reads one capture in a thread of its own, so that the camera's source can give up on a
+    read that blocks: it stops waiting, reconnects, and leaves this thread behind. The
+    thread releases its capture when its read returns (or never, if it never does: a
+    capture cannot be released safely while another thread is inside read())."""
+
+    def __init__(self, cap: cv2.VideoCapture, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.cap = cap
+        self.frames: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2)  # None: the stream ended
+        self.abandoned = threading.Event()  # set by the source: stop reading, drop what comes
+        self.timed_out = False  # read() gave up waiting for a frame
+
+    def run(self) -> None:
+        try:
+            for image in _read_frames(self.cap, self.abandoned):
+                if not self._offer(image):
+                    break
+        except cv2.error as exc:
+            log.debug("%s: read raised %s", self.name, exc)
+        finally:
+            self.cap.release()
+            self._offer(None)
+
+    def _offer(self, item: np.ndarray | None) -> bool:
+        """Hand over one item, waiting in short steps; False once abandoned."""
+        while not self.abandoned.is_set():
+            try:
+                self.frames.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read(self, stop: threading.Event, timeout_s: float) -> Iterator[np.ndarray]:
+        """Frames until the stream ends, stop is set, or none came for timeout_s (timed_out:
+        the caller reconnects). Waits in short steps, so that stop is honoured within 0.2 s."""
+        while not stop.is_set():
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    image = self.frames.get(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                    break
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    if time.monotonic() >= deadline:
+                        self.timed_out = True
+                        return
+            if image is None:
+                return
+            yield image
+
+
 class VideoSource(Source):
     """Every frame of a video file, in order."""
 
@@ -174,19 +229,27 @@ class CameraSource(Source):
     streams (io_timeout_s, then "lost" and a reconnect), but a GStreamer pipeline or a device
     can block in read() with nothing to time it out. status() then says "stalled" (and the
     frame's age) once no frame came for ``stall_s`` (default io_timeout_s), and logs it once.
+    With ``reopen_after_s``, reads run in a thread of their own (_Reader) and a read that has
+    not returned a frame for that long counts as lost: the camera is reopened and the blocked
+    thread left to end when its read does. Off by default: a triggered camera on a stopped
+    line sends nothing for as long as the line stands, and reopening a device whose old
+    handle is still inside read() can fail ("busy") until that read returns.
     """
 
     finite = False
 
     def __init__(self, target: int | str, camera_id: str = "cam0", backoff_s: float = 0.5,
                  backoff_max_s: float | None = None, io_timeout_s: float = 5.0, gstreamer: bool = False,
-                 stall_s: float | None = None) -> None:
+                 stall_s: float | None = None, reopen_after_s: float | None = None) -> None:
         super().__init__(camera_id)
         if backoff_max_s is None:
             backoff_max_s = max(10.0, backoff_s)
         if not backoff_s > 0 or backoff_max_s < backoff_s or not io_timeout_s > 0:
             raise ValueError(f"{camera_id}: need 0 < backoff_s <= backoff_max_s and io_timeout_s > 0 "
                              f"(got {backoff_s}, {backoff_max_s}, {io_timeout_s})")
+        if reopen_after_s is not None and not reopen_after_s > 0:
+            raise ValueError(f"{camera_id}: reopen_after_s must be > 0 seconds, or left out (got {reopen_after_s})")
+        self.reopen_after_s = reopen_after_s
         self.target = target
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -252,10 +315,15 @@ class CameraSource(Source):
             if attempts:
                 self.counters["reconnects"] += 1
             attempts += 1
-            cap, got = self._open(), 0
+            cap, got, reader = self._open(), 0, None
+            if cap is not None and self.reopen_after_s is not None:
+                reader = _Reader(cap, f"read-{self.camera_id}")
+                reader.start()
+                cap = None  # the reader thread owns and releases it
             try:
-                if cap is not None:
-                    for raw in _read_frames(cap, stop):
+                if cap is not None or reader is not None:
+                    raws = reader.read(stop, self.reopen_after_s) if reader else _read_frames(cap, stop)
+                    for raw in raws:
                         if got == 0:  # connected means frames arrive, not merely that open() worked
                             self._connected(attempts)
                             delay, attempts = self.backoff_s, 1
@@ -270,8 +338,13 @@ class CameraSource(Source):
             finally:
                 if cap is not None:
                     cap.release()
+                if reader is not None:  # its thread ends when (if) its read returns
+                    reader.abandoned.set()
             if stop.is_set():
                 return
+            if reader is not None and reader.timed_out:
+                log.warning("%s: no frame from %s for %.3g s (reopen_after_s): reopening it; the blocked "
+                            "read is left to end on its own", self.camera_id, self.target, self.reopen_after_s)
             # One log line per state change; repeated failed attempts only at DEBUG.
             if got:
                 self.counters["lost"] += 1
@@ -361,7 +434,7 @@ def has_gstreamer() -> bool:
 def parse_source(spec: str, camera_id: str | None = None, **camera_options: float) -> Source:
     """A Source from its command-line form; ValueError listing the accepted forms otherwise.
 
-    ``camera_options`` (backoff_s, backoff_max_s, io_timeout_s) apply to cameras and streams
+    ``camera_options`` (CAMERA_OPTIONS) apply to cameras and streams
     only; giving them for another kind of source is an error, not silently ignored.
     """
     camera_id = camera_id or "cam0"

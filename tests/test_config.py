@@ -39,7 +39,7 @@ def test_defaults_and_values(tiny_bundle, tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(toml_text(good(tiny_bundle, batching={"max_wait_ms": 2}, source=[
         {"uri": "synthetic", "roi": [2, 4, 20, 10], "size": [64, 48], "policy": "queue"},
-        {"id": "line2", "uri": "camera:0", "backoff_s": 0.2, "backoff_max_s": 1}])))
+        {"id": "line2", "uri": "camera:0", "backoff_s": 0.2, "backoff_max_s": 1, "reopen_after_s": 30}])))
     config = load_config(path)
     assert config.batching.max_batch == 8 and config.batching.max_wait_ms == 2.0
     assert isinstance(config.batching.max_wait_ms, float)  # an integer is fine where a number goes
@@ -48,6 +48,7 @@ def test_defaults_and_values(tiny_bundle, tmp_path):
     assert sources[0].roi == (2, 4, 20, 10) and sources[0].expect_size == (64, 48)
     assert sources[0].policy == "queue" and sources[1].policy is None
     assert sources[1].backoff_s == 0.2 and sources[1].backoff_max_s == 1.0
+    assert sources[1].reopen_after_s == 30.0
 
 
 BAD = [

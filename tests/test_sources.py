@@ -404,9 +404,55 @@ def test_a_camera_whose_read_blocks_is_reported_stalled_and_recovers(caplog) -> 
     assert any("frames arrive again" in m for m in messages)
 
 
+@pytest.mark.timeout(120)
+def test_a_camera_whose_read_blocks_is_reopened_after_reopen_after_s(caplog) -> None:
+    """The same hung camera with reopen_after_s: the source stops waiting for the blocked read,
+    counts the feed as lost and reopens it; frames flow again once the camera sends, and the
+    thread left inside the old read ends when that read returns (no thread is leaked)."""
+    from mjpeg_server import MjpegServer
+
+    camera = MjpegServer(level=60, fps=25).start()
+    src = CameraSource(camera.url, "hung", io_timeout_s=60.0, reopen_after_s=0.5, backoff_s=0.1)
+    stop = threading.Event()
+    frames: list[Frame] = []
+
+    def read() -> None:
+        for f in src.frames(stop):
+            frames.append(f)
+
+    def readers() -> int:
+        return sum(t.name == "read-hung" and t.is_alive() for t in threading.enumerate())
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="edge.sources"):
+            reader.start()
+            wait_until(lambda: len(frames) >= 5, "frames from the camera")
+            camera.paused.set()
+            wait_until(lambda: src.counters["lost"] >= 1, "the blocked read to be given up")
+            assert src.state in ("lost", "down")  # not "connected": it said so itself, no status() needed
+            n = len(frames)
+            camera.paused.clear()
+            wait_until(lambda: len(frames) > n + 3 and src.state == "connected", "frames after the reopen")
+            assert src.counters["reconnects"] >= 1
+            wait_until(lambda: readers() == 1, "the abandoned read's thread to end once its read returned")
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+        camera.stop()
+    wait_until(lambda: readers() == 0, "the last read thread to end after the stop")
+    assert not reader.is_alive()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("(reopen_after_s): reopening it" in m for m in messages)
+
+
 def test_camera_options_apply_to_cameras_only(image_folder: Path) -> None:
-    cam = parse_source("rtsp://10.0.0.5/x", "c", backoff_s=0.2, backoff_max_s=3.0, io_timeout_s=1.0)
-    assert (cam.backoff_s, cam.backoff_max_s, cam.io_timeout_s) == (0.2, 3.0, 1.0)
+    cam = parse_source("rtsp://10.0.0.5/x", "c", backoff_s=0.2, backoff_max_s=3.0, io_timeout_s=1.0,
+                       reopen_after_s=4.0)
+    assert (cam.backoff_s, cam.backoff_max_s, cam.io_timeout_s, cam.reopen_after_s) == (0.2, 3.0, 1.0, 4.0)
+    assert parse_source("camera:0", "c").reopen_after_s is None  # off unless asked for
+    with pytest.raises(ValueError, match=r"c: reopen_after_s must be > 0 seconds"):
+        parse_source("camera:0", "c", reopen_after_s=0.0)
     with pytest.raises(ValueError, match="apply to cameras and streams only"):
         parse_source(f"folder:{image_folder}", backoff_s=1.0)
     with pytest.raises(ValueError, match="backoff_s <= backoff_max_s"):
