@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.detectors import get_detector
 from training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,8 @@ def markdown(result: dict) -> str:
               "| detector | seed | calibration AUROC | test AUROC | test accuracy | confusion [[tn, fp], [fn, tp]] | "
               "aggregate (auto) | test AUROC with mean | fit | train |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['detector']} | {r['seed']} | {r['calibration_auroc']:.4f} | {r['test_auroc']:.4f} | {r['test_accuracy']:.4f} | "
+        lines.append(f"| {r['detector']} | {r['seed']} | {r['calibration_auroc']:.4f} | {r['test_auroc']:.4f} | "
+                     f"{r['test_accuracy']:.4f} | "
                      f"{r['test_confusion']} | {r['aggregate']} | {r['test_aggregate_auroc'].get('mean', float('nan')):.4f} | "
                      f"{r['fit_seconds']:.0f} s | {r['train_seconds']:.0f} s |")
     lines += ["", "\"test AUROC with mean\" is for the record only: the aggregate is chosen on the calibration "
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"== {det} seed {seed}", flush=True)
             runs.append(_run(data, workdir, det, seed, args.aggregate, args.threshold, args.dims,
-                             args.augment if det != "fcdd" else None))
+                             args.augment if get_detector(det).mirrors else None))
             r = runs[-1]
             print(f"   test AUROC {r['test_auroc']:.4f} accuracy {r['test_accuracy']:.4f} aggregate "
                   f"{r['aggregate']} train {r['train_seconds']:.0f} s", flush=True)

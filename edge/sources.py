@@ -31,6 +31,7 @@ SOURCE_FORMS = ("folder:PATH", "video:PATH", "camera:INDEX", "camera:/dev/videoN
                 "gst:GSTREAMER_PIPELINE (ending in appsink; needs OpenCV built with GStreamer)",
                 "synthetic", "synthetic:count=200,fps=30,defect_rate=0.3,seed=1,size=224")
 CAMERA_OPTIONS = ("backoff_s", "backoff_max_s", "io_timeout_s", "reopen_after_s")
+MAX_BLOCKED_READS = 2  # readers given up on (reopen_after_s) that may still hold a thread each
 
 
 class Source(ABC):
@@ -129,27 +130,31 @@ def _read_frames(cap: cv2.VideoCapture, stop: threading.Event) -> Iterator[np.nd
 
 
 class _Reader(threading.Thread):
-    """Reads one capture in a thread of its own, so that the camera's source can give up on a
-    read that blocks: it stops waiting, reconnects, and leaves this thread behind. The
-    thread releases its capture when its read returns (or never, if it never does: a
-    capture cannot be released safely while another thread is inside read())."""
+    """Opens and reads one capture in a thread of its own, so that the camera's source can give
+    up on an open or a read that blocks: it stops waiting, reconnects, and leaves this thread
+    behind. The thread releases its capture when its read returns (or never, if it never
+    does: a capture cannot be released safely while another thread is inside read())."""
 
-    def __init__(self, cap: cv2.VideoCapture, name: str) -> None:
+    def __init__(self, open_capture: Callable[[], cv2.VideoCapture | None], name: str) -> None:
         super().__init__(name=name, daemon=True)
-        self.cap = cap
+        self.open_capture = open_capture
         self.frames: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2)  # None: the stream ended
         self.abandoned = threading.Event()  # set by the source: stop reading, drop what comes
         self.timed_out = False  # read() gave up waiting for a frame
 
     def run(self) -> None:
+        cap = None
         try:
-            for image in _read_frames(self.cap, self.abandoned):
-                if not self._offer(image):
-                    break
+            cap = self.open_capture()
+            if cap is not None:
+                for image in _read_frames(cap, self.abandoned):
+                    if not self._offer(image):
+                        break
         except cv2.error as exc:
             log.debug("%s: read raised %s", self.name, exc)
         finally:
-            self.cap.release()
+            if cap is not None:
+                cap.release()
             self._offer(None)
 
     def _offer(self, item: np.ndarray | None) -> bool:
@@ -229,11 +234,12 @@ class CameraSource(Source):
     streams (io_timeout_s, then "lost" and a reconnect), but a GStreamer pipeline or a device
     can block in read() with nothing to time it out. status() then says "stalled" (and the
     frame's age) once no frame came for ``stall_s`` (default io_timeout_s), and logs it once.
-    With ``reopen_after_s``, reads run in a thread of their own (_Reader) and a read that has
-    not returned a frame for that long counts as lost: the camera is reopened and the blocked
-    thread left to end when its read does. Off by default: a triggered camera on a stopped
-    line sends nothing for as long as the line stands, and reopening a device whose old
-    handle is still inside read() can fail ("busy") until that read returns.
+    With ``reopen_after_s``, opens and reads run in a thread of their own (_Reader): no frame
+    for that long (the first one counted from the open) and the feed counts as lost: the
+    camera is reopened and the blocked thread left to end when its open or read does; while
+    MAX_BLOCKED_READS of them have not, no new one is started (the backoff applies). Off by
+    default: a triggered camera on a stopped line sends nothing for as long as the line
+    stands, and a device still held by a blocked read can refuse to reopen ("busy").
     """
 
     finite = False
@@ -250,6 +256,7 @@ class CameraSource(Source):
         if reopen_after_s is not None and not reopen_after_s > 0:
             raise ValueError(f"{camera_id}: reopen_after_s must be > 0 seconds, or left out (got {reopen_after_s})")
         self.reopen_after_s = reopen_after_s
+        self._blocked: list[_Reader] = []  # readers given up on whose open or read has not returned
         self.target = target
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -299,6 +306,23 @@ class CameraSource(Source):
         cap.release()
         return None
 
+    def _start_reader(self) -> _Reader | None:
+        """A reader thread for a fresh open, or None while MAX_BLOCKED_READS earlier ones are
+        still blocked (each holds a thread and maybe a device: they must not pile up)."""
+        self._blocked = [r for r in self._blocked if r.is_alive()]
+        if len(self._blocked) >= MAX_BLOCKED_READS:
+            log.log(logging.WARNING if self.state != "down" else logging.DEBUG,
+                    "%s: %d earlier opens or reads of %s are still blocked; not reopening it until one "
+                    "returns", self.camera_id, len(self._blocked), self.target)
+            return None
+        reader = _Reader(self._open, f"read-{self.camera_id}")
+        try:
+            reader.start()
+        except RuntimeError as exc:  # no thread to be had: a failed attempt, retried after the backoff
+            log.warning("%s: cannot start a reader thread for %s (%s)", self.camera_id, self.target, exc)
+            return None
+        return reader
+
     def _connected(self, attempts: int) -> None:
         log.info("%s: connected to %s%s", self.camera_id, self.target,
                  f" after {attempts - 1} retries" if attempts > 1 else "")
@@ -315,11 +339,11 @@ class CameraSource(Source):
             if attempts:
                 self.counters["reconnects"] += 1
             attempts += 1
-            cap, got, reader = self._open(), 0, None
-            if cap is not None and self.reopen_after_s is not None:
-                reader = _Reader(cap, f"read-{self.camera_id}")
-                reader.start()
-                cap = None  # the reader thread owns and releases it
+            cap, got, reader = None, 0, None
+            if self.reopen_after_s is None:
+                cap = self._open()
+            else:
+                reader = self._start_reader()
             try:
                 if cap is not None or reader is not None:
                     raws = reader.read(stop, self.reopen_after_s) if reader else _read_frames(cap, stop)
@@ -338,17 +362,21 @@ class CameraSource(Source):
             finally:
                 if cap is not None:
                     cap.release()
-                if reader is not None:  # its thread ends when (if) its read returns
+                if reader is not None:  # its thread ends when (if) its open or read returns
                     reader.abandoned.set()
+                    if reader.timed_out:
+                        self._blocked.append(reader)
             if stop.is_set():
                 return
             if reader is not None and reader.timed_out:
-                log.warning("%s: no frame from %s for %.3g s (reopen_after_s): reopening it; the blocked "
-                            "read is left to end on its own", self.camera_id, self.target, self.reopen_after_s)
+                log.log(logging.WARNING if got else logging.DEBUG,
+                        "%s: no frame from %s for %.3g s (reopen_after_s): reopening it; the blocked "
+                        "open or read is left to end on its own", self.camera_id, self.target,
+                        self.reopen_after_s)
             # One log line per state change; repeated failed attempts only at DEBUG.
             if got:
+                self.state = "lost"  # before the counter: a reader of both sees them agree
                 self.counters["lost"] += 1
-                self.state = "lost"
                 self._down_since = time.monotonic()
                 log.warning("%s: lost %s after %d frames; reconnecting in %.2g s",
                             self.camera_id, self.target, got, delay)

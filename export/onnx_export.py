@@ -121,6 +121,9 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
                      "aggregate_auroc": cal.get("aggregate_auroc", {})},
         "display_range": cal["display_range"],
         "classes": {"normal": meta["normal_class"], "anomalous": meta["anomalous_classes"]},
+        # what the model learned "normal" from: mirrored training images mean a mirrored part passes
+        "training": {"seed": meta.get("seed"), "augment": meta.get("augment", []),
+                     "train_images": meta.get("train_images")},
         "calibration_metrics": {k: cal[k] for k in ("auroc", "accuracy", "precision", "recall",
                                                     "specificity", "f1", "fpr", "fnr", "confusion")},
         "test_metrics": {k: metrics["test"][k] for k in ("auroc", "accuracy", "f1")},

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import read_json
+from export.onnx_export import export_onnx
 from training.augment import parse_augment, with_mirrors
 from training.data import SplitCounts
 from training.detectors import padim_dims
@@ -40,7 +41,7 @@ def test_augment_names(spec, expected):
     assert parse_augment(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["rot90", "hflip,hflip", "hflip,x"])
+@pytest.mark.parametrize("spec", ["rot90", "hflip,hflip", "hflip,x", " , ", "hflip,"])
 def test_unknown_augment_is_refused_naming_it(spec):
     with pytest.raises(ValueError, match=rf"--augment '{spec}': give hflip, vflip or hflip,vflip"):
         parse_augment(spec)
@@ -76,6 +77,10 @@ def test_hflip_makes_a_mirrored_good_part_normal(tmp_path, model):
     train(data, mirrored, model=model, image_size=SIZE, counts=COUNTS, augment="hflip", report=False)
     meta = read_json(mirrored / "run.json")
     assert meta["augment"] == ["hflip"] and meta["train_images"] == 2 * COUNTS.train_normal
+    if model == "padim":  # the bundle says so too: a mirrored part passes this model
+        export_onnx(mirrored)
+        training = read_json(mirrored / "bundle" / "manifest.json")["training"]
+        assert training == {"seed": 0, "augment": ["hflip"], "train_images": 2 * COUNTS.train_normal}
     assert read_json(plain / "run.json")["augment"] == []
     if model == "padim":  # d follows the images it was fitted on, mirrors included
         assert meta["dims"] == padim_dims(2 * COUNTS.train_normal) > read_json(plain / "run.json")["dims"]

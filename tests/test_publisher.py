@@ -359,12 +359,18 @@ def test_watch_saves_overlays(tmp_path: Path, order: list[tuple[str, str, int]])
 
 @pytest.mark.timeout(120)
 def test_watch_ctrl_c_ends_cleanly():
-    with Publisher(LOCAL) as pub:
-        timer = threading.Timer(0.2, signal.raise_signal, (signal.SIGINT,))  # Ctrl-C, 0.2 s in
-        timer.start()
-        # no count, no timeout: only Ctrl-C ends it (else it hangs until pytest-timeout)
-        assert watch(pub.endpoint, out=io.StringIO()) == 0
-        timer.join()
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
+    # jobs with SIGINT ignored, and then the signal below would never arrive
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Publisher(LOCAL) as pub:
+            timer = threading.Timer(0.2, signal.raise_signal, (signal.SIGINT,))  # Ctrl-C, 0.2 s in
+            timer.start()
+            # no count, no timeout: only Ctrl-C ends it (else it hangs until pytest-timeout)
+            assert watch(pub.endpoint, out=io.StringIO()) == 0
+            timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_watch_timeout_and_gap_report(capsys: pytest.CaptureFixture[str]):

@@ -407,12 +407,18 @@ def test_a_camera_whose_read_blocks_is_reported_stalled_and_recovers(caplog) -> 
 @pytest.mark.timeout(120)
 def test_a_camera_whose_read_blocks_is_reopened_after_reopen_after_s(caplog) -> None:
     """The same hung camera with reopen_after_s: the source stops waiting for the blocked read,
-    counts the feed as lost and reopens it; frames flow again once the camera sends, and the
-    thread left inside the old read ends when that read returns (no thread is leaked)."""
+    counts the feed as lost and reopens it. The reopen blocks too (the camera still hangs; the
+    60 s open timeout stands for an open without one): it is given up as well, and no more
+    than MAX_BLOCKED_READS threads are left behind however long the camera hangs. Frames flow
+    again once the camera sends; the threads end when their open or read returns; a stop is
+    honoured while the camera hangs."""
     from mjpeg_server import MjpegServer
 
+    from edge.sources import MAX_BLOCKED_READS
+
     camera = MjpegServer(level=60, fps=25).start()
-    src = CameraSource(camera.url, "hung", io_timeout_s=60.0, reopen_after_s=0.5, backoff_s=0.1)
+    src = CameraSource(camera.url, "hung", io_timeout_s=60.0, reopen_after_s=0.3, backoff_s=0.1,
+                       backoff_max_s=0.2)
     stop = threading.Event()
     frames: list[Frame] = []
 
@@ -429,21 +435,32 @@ def test_a_camera_whose_read_blocks_is_reopened_after_reopen_after_s(caplog) -> 
             reader.start()
             wait_until(lambda: len(frames) >= 5, "frames from the camera")
             camera.paused.set()
-            wait_until(lambda: src.counters["lost"] >= 1, "the blocked read to be given up")
-            assert src.state in ("lost", "down")  # not "connected": it said so itself, no status() needed
+            wait_until(lambda: src.counters["lost"] == 1 and src.state in ("lost", "down"),
+                       "the blocked read to be given up")
+            wait_until(lambda: src.state == "down", "the blocked reopen to be given up too")
+            most = 0
+            for _ in range(150):  # 1.5 s of a hung camera: attempts go on, threads do not pile up
+                most = max(most, readers())
+                time.sleep(0.01)
+            assert 1 <= most <= MAX_BLOCKED_READS + 1 and src.counters["errors"] >= 2
             n = len(frames)
             camera.paused.clear()
             wait_until(lambda: len(frames) > n + 3 and src.state == "connected", "frames after the reopen")
-            assert src.counters["reconnects"] >= 1
-            wait_until(lambda: readers() == 1, "the abandoned read's thread to end once its read returned")
+            assert src.counters["reconnects"] >= 2
+            wait_until(lambda: readers() == 1, "the abandoned threads to end once their open or read returned")
+            camera.paused.set()  # hung again, and now the service stops
+            wait_until(lambda: src.counters["lost"] == 2, "the second hang to be given up")
+            stop.set()
+            reader.join(timeout=2)
+            assert not reader.is_alive(), "stop not honoured while the camera hangs"
     finally:
         stop.set()
+        camera.paused.clear()
         reader.join(timeout=10)
         camera.stop()
-    wait_until(lambda: readers() == 0, "the last read thread to end after the stop")
-    assert not reader.is_alive()
+    wait_until(lambda: readers() == 0, "every read thread to end once the camera is gone")
     messages = [r.getMessage() for r in caplog.records]
-    assert any("(reopen_after_s): reopening it" in m for m in messages)
+    assert sum("(reopen_after_s): reopening it" in m for m in messages) == 2  # at WARNING once per lost feed
 
 
 def test_camera_options_apply_to_cameras_only(image_folder: Path) -> None:

@@ -21,9 +21,8 @@ def parse_augment(spec: str | None) -> tuple[str, ...]:
     """"hflip", "vflip", "hflip,vflip" (or None / "" / "none") -> the mirrors, in a fixed order."""
     if spec is None or spec.strip().lower() in ("", "none"):
         return ()
-    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(MIRRORS))
-    if unknown or len(set(names)) != len(names):
+    names = [s.strip().lower() for s in spec.split(",")]
+    if not set(names) <= set(MIRRORS) or len(set(names)) != len(names):
         raise ValueError(f"--augment {spec!r}: give hflip, vflip or hflip,vflip (each once), or none")
     return tuple(m for m in MIRRORS if m in names)
 

@@ -53,9 +53,10 @@ class Detector:
 
 def padim_dims(n_train: int) -> int:
     """PaDiM's random feature dimensions d when not given: the paper's 100, but at most half
-    the number of training images (mirrored copies included, training/augment.py), so each patch's sample covariance is estimated from more
-    images than it has dimensions (with 70 images and d = 100 it is singular, and the 0.01 I
-    regulariser, not the data, sets the distance along the missing directions). On pillQC
+    the number of training images (mirrored copies included, training/augment.py), so each
+    patch's sample covariance is estimated from more images than it has dimensions (with 70
+    images and d = 100 it is singular, and the 0.01 I regulariser, not the data, sets the
+    distance along the missing directions). On pillQC
     (seed protocol, seeds 0-4) every d from 20 to 60 had a higher calibration AUROC than 100."""
     return max(2, min(DEFAULT_DIMS, n_train // 2))
 

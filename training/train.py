@@ -29,8 +29,8 @@ from edge.decision import aggregate_maps
 from edge.images import DEFAULT_INTERPOLATION
 
 from . import calibrate
-from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
 from .augment import parse_augment, with_mirrors
+from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
 from .data import LoadedImages, Split, SplitCounts, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
 from .padim import extract
