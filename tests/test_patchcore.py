@@ -35,6 +35,23 @@ def test_greedy_coreset_picks_the_farthest_point_each_step():
         assert nearest[chosen[i]] == pytest.approx(float(nearest.max()), rel=1e-5)
 
 
+def test_greedy_coreset_picks_what_the_textbook_update_picks():
+    """The in-place distance update picks exactly the indices of the plain expression it
+    replaced (`x_sq - 2 * x @ c + c_sq`, which copied the features every step)."""
+    from training.coreset import _greedy
+
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(3000, 32)).astype(np.float32))
+    x_sq = (x * x).sum(dim=1)
+    fast = _greedy(x, x_sq, 200, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    plain = [int(torch.randint(len(x), (1,), generator=gen))]
+    nearest = x_sq - 2 * x @ x[plain[0]] + x_sq[plain[0]]
+    for _ in range(199):
+        plain.append(int(torch.argmax(nearest)))
+        nearest = torch.minimum(nearest, x_sq - 2 * x @ x[plain[-1]] + x_sq[plain[-1]])
+    assert fast.tolist() == plain
+
+
 def test_greedy_coreset_hand_case():
     points = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
     chosen = greedy_coreset(points, 3, seed=0).tolist()
