@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / f"{args.name}.json"
     runs = []
     if args.resume and json_path.is_file():
-        runs = json.loads(json_path.read_text())["runs"]
+        earlier = json.loads(json_path.read_text())
+        for key, value in (("aggregate", args.aggregate), ("threshold", args.threshold),
+                           ("padim_dims", args.dims), ("augment", args.augment)):
+            if earlier.get(key) != value:  # resumed runs must have been made the same way
+                parser.error(f"--resume: {json_path} was made with {key} = {earlier.get(key)!r}, "
+                             f"not {value!r}; use another --name or drop --resume")
+        runs = earlier["runs"]
     result = {"seeds": seeds, "detectors": detectors, "aggregate": args.aggregate, "threshold": args.threshold,
               "padim_dims": args.dims, "augment": args.augment,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             result["summary"] = summarise(runs, detectors)
             json_path.write_text(json.dumps(result, indent=2) + "\n")
             (out / f"{args.name}.md").write_text(markdown(result))
+    result["summary"] = summarise(runs, detectors)  # also when every run was resumed
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

@@ -30,6 +30,8 @@ def parse_augment(spec: str | None) -> tuple[str, ...]:
 def with_mirrors(images: torch.Tensor, mirrors: tuple[str, ...]) -> torch.Tensor:
     """The images followed by their mirrors: (N, 3, H, W) -> (k N, 3, H, W), k = 2 for one
     mirror, 4 for both (the images, each mirror, and both at once: a half turn)."""
+    if not mirrors:
+        return images
     out = [images]
     for name in mirrors:
         out = out + [torch.flip(x, dims=MIRRORS[name]) for x in out]

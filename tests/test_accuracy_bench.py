@@ -1,0 +1,40 @@
+"""benchmarks/accuracy_pillqc.py's bookkeeping (no training here: every run is resumed from a
+JSON written by the test): a resumed sweep must have been made with the same settings, and a
+sweep whose runs are all resumed still writes its table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.accuracy_pillqc import main
+
+RUN = {"detector": "padim", "seed": 0, "test_auroc": 0.99, "test_accuracy": 0.95, "test_f1": 0.96,
+       "test_confusion": [[48, 1], [9, 138]], "calibration_auroc": 1.0, "aggregate": "mean",
+       "aggregate_requested": "auto", "threshold_method": "youden", "threshold": 1.5,
+       "calibration_aggregate_auroc": {"mean": 1.0}, "test_aggregate_auroc": {"mean": 0.99},
+       "fit_seconds": 8.0, "train_seconds": 17.0}
+
+
+def _earlier(out: Path, **settings) -> None:
+    base = {"aggregate": "auto", "threshold": "youden", "padim_dims": None, "augment": None}
+    (out / "acc.json").write_text(json.dumps({**base, **settings, "runs": [RUN]}))
+
+
+def test_resume_refuses_a_sweep_made_another_way(pillqc, tmp_path, capsys):
+    _earlier(tmp_path, augment="hflip")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(pillqc), "--seeds", "0", "--detectors", "padim", "--out", str(tmp_path),
+              "--name", "acc", "--resume"])
+    assert exit_.value.code == 2
+    assert "was made with augment = 'hflip', not None" in capsys.readouterr().err
+
+
+def test_a_fully_resumed_sweep_writes_its_table(pillqc, tmp_path):
+    _earlier(tmp_path, augment="hflip")
+    assert main(["--data", str(pillqc), "--seeds", "0", "--detectors", "padim", "--out", str(tmp_path),
+                 "--name", "acc", "--resume", "--augment", "hflip"]) == 0
+    table = (tmp_path / "acc.md").read_text()
+    assert "| padim | 0.9900 | 0.9900 | >= 0.995 (NOT met) | 0.9500 |" in table
+    assert "`--augment hflip` for PaDiM and PatchCore" in table
