@@ -77,13 +77,14 @@ def test_hflip_makes_a_mirrored_good_part_normal(tmp_path, model):
     train(data, mirrored, model=model, image_size=SIZE, counts=COUNTS, augment="hflip", report=False)
     meta = read_json(mirrored / "run.json")
     assert meta["augment"] == ["hflip"] and meta["train_images"] == 2 * COUNTS.train_normal
-    if model == "padim":  # the bundle says so too: a mirrored part passes this model
+    assert read_json(plain / "run.json")["augment"] == []
+    if model == "padim":
+        # d follows the images it was fitted on, mirrors included
+        assert meta["dims"] == padim_dims(2 * COUNTS.train_normal) > read_json(plain / "run.json")["dims"]
+        # and the bundle says what it learned from: a mirrored part passes this model
         export_onnx(mirrored)
         training = read_json(mirrored / "bundle" / "manifest.json")["training"]
         assert training == {"seed": 0, "augment": ["hflip"], "train_images": 2 * COUNTS.train_normal}
-    assert read_json(plain / "run.json")["augment"] == []
-    if model == "padim":  # d follows the images it was fitted on, mirrors included
-        assert meta["dims"] == padim_dims(2 * COUNTS.train_normal) > read_json(plain / "run.json")["dims"]
     good = cv2.imread(str(data / "normal" / "normal00.png"))
     flipped = np.ascontiguousarray(good[:, ::-1])
     # without mirrors the bar on the wrong side is far from normal (PaDiM 3.6x, PatchCore 1.5x the
