@@ -74,14 +74,16 @@ def test_hflip_makes_a_mirrored_good_part_normal(tmp_path, model):
     data = _marked(tmp_path / "data")
     plain, mirrored = tmp_path / "plain", tmp_path / "mirrored"
     train(data, plain, model=model, image_size=SIZE, counts=COUNTS, report=False)
-    train(data, mirrored, model=model, image_size=SIZE, counts=COUNTS, augment="hflip", report=False)
+    train(data, mirrored, model=model, image_size=SIZE, counts=COUNTS, augment="hflip", report=model == "padim")
     meta = read_json(mirrored / "run.json")
     assert meta["augment"] == ["hflip"] and meta["train_images"] == 2 * COUNTS.train_normal
     assert read_json(plain / "run.json")["augment"] == []
     if model == "padim":
         # d follows the images it was fitted on, mirrors included
         assert meta["dims"] == padim_dims(2 * COUNTS.train_normal) > read_json(plain / "run.json")["dims"]
-        # and the bundle says what it learned from: a mirrored part passes this model
+        # the report and the bundle say what it learned from: a mirrored part passes this model
+        assert ("fitted on 20 normal images including mirrors (hflip): a mirrored part counts as normal"
+                in (mirrored / "report" / "report.html").read_text())
         export_onnx(mirrored)
         training = read_json(mirrored / "bundle" / "manifest.json")["training"]
         assert training == {"seed": 0, "augment": ["hflip"], "train_images": 2 * COUNTS.train_normal}

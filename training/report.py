@@ -128,6 +128,15 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
+def _augment_text(meta: dict) -> str:
+    """The report says when the model learned from mirrored images: a mirrored part passes it."""
+    mirrors = meta.get("augment") or []
+    if not mirrors:
+        return ""
+    return (f", fitted on {meta.get('train_images')} normal images including mirrors "
+            f"({html.escape(', '.join(mirrors))}): a mirrored part counts as normal")
+
+
 def _html(meta: dict, metrics: dict, shown: list[dict]) -> str:
     cal, test = metrics["calibration"], metrics["test"]
     rows = "".join(f"<tr><th>{k}</th><td>{_fmt(cal.get(k))}</td><td>{_fmt(test.get(k))}</td></tr>"
@@ -155,7 +164,7 @@ figure{{display:inline-block;margin:6px}} img{{max-width:100%}} .ov img{{width:2
 figcaption{{font-size:12px;text-align:center}}</style></head><body>
 <h1>linegate evaluation: {html.escape(meta['detector'])}</h1>
 <p>data {html.escape(str(meta.get('data', '')))}, seed {meta.get('seed')}, normal class
-{html.escape(meta['normal_class'])}, input {meta['image_size'][0]}x{meta['image_size'][1]}.
+{html.escape(meta['normal_class'])}, input {meta['image_size'][0]}x{meta['image_size'][1]}{_augment_text(meta)}.
 Score = <b>{html.escape(cal['aggregate'])}</b> of the anomaly map (requested: {html.escape(cal['aggregate_requested'])});
 threshold {cal['threshold']:.6g} by <b>{html.escape(cal['method'])}</b> on the calibration set
 (reject if score &ge; threshold); normalisation min/max {cal['normalisation']['min']:.4g} /
