@@ -8,7 +8,7 @@ and the training time (fit_seconds: the detector's own fitting; train_seconds: t
 sweep resumes where it stopped (--resume).
 
     python -m benchmarks.accuracy_pillqc [--seeds 0,1,2,3,4] [--detectors padim,patchcore,fcdd]
-        [--aggregate auto] [--threshold youden] [--data ../shared/datasets/pillqc]
+        [--aggregate auto] [--threshold binormal] [--data ../shared/datasets/pillqc]
         [--workdir /tmp/linegate-accuracy] [--out benchmarks/results] [--resume]
         [--dims D --name accuracy_pillqc_padim_dD]   # PaDiM with another d, into another file
         [--augment hflip --detectors padim,patchcore --name accuracy_pillqc_hflip]  # mirrored normals
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--detectors", default="padim,patchcore,fcdd")
     parser.add_argument("--aggregate", default="auto")
-    parser.add_argument("--threshold", default="youden")
+    parser.add_argument("--threshold", default="binormal")
     parser.add_argument("--workdir", default="/tmp/linegate-accuracy", help="where the runs go (not the repo)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--resume", action="store_true", help="keep finished runs from an earlier JSON")

@@ -2,9 +2,11 @@
 next to what the held-back test set says, for the runs of an accuracy sweep.
 
 The Youden point is an interval: every threshold between the calibration score just below
-the optimum and the optimum itself has the same TPR - FPR. `linegate` places the threshold
-at its midpoint (training/calibrate.py). This compares three placements, "low" (just above
-the lower end: catches more faint defects), "mid" and "high" (at the optimum):
+the optimum and the optimum itself has the same TPR - FPR. `--threshold youden` places the
+threshold at its midpoint (training/calibrate.py). This compares three placements, "low" (just
+above the lower end: catches more faint defects), "mid" and "high" (at the optimum), and
+"binormal" (`--threshold binormal`, the default: Youden's cutoff of normal distributions fitted
+to the Box-Cox transformed scores, which may fall outside the interval):
 - calibration only: 300 stratified half splits of each run's calibration set; the threshold
   is placed on one half and judged on the other (never the test set);
 - test: each run's test accuracy with the threshold placed on its whole calibration set,
@@ -22,7 +24,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_curve
 
-PLACEMENTS = ("low", "mid", "high")
+from training.calibrate import binormal_threshold
+
+PLACEMENTS = ("low", "mid", "high", "binormal")
 
 
 def youden_gap(scores: np.ndarray, anomalous: np.ndarray) -> tuple[float, float]:
@@ -35,7 +39,8 @@ def youden_gap(scores: np.ndarray, anomalous: np.ndarray) -> tuple[float, float]
 
 def place(scores: np.ndarray, anomalous: np.ndarray) -> dict[str, float]:
     lo, hi = youden_gap(scores, anomalous)
-    return {"low": lo + 1e-3 * (hi - lo), "mid": (lo + hi) / 2, "high": hi}
+    return {"low": lo + 1e-3 * (hi - lo), "mid": (lo + hi) / 2, "high": hi,
+            "binormal": binormal_threshold(scores, anomalous)}
 
 
 def _read(run: Path, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

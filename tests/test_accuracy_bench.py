@@ -12,13 +12,13 @@ from benchmarks.accuracy_pillqc import main
 
 RUN = {"detector": "padim", "seed": 0, "test_auroc": 0.99, "test_accuracy": 0.95, "test_f1": 0.96,
        "test_confusion": [[48, 1], [9, 138]], "calibration_auroc": 1.0, "aggregate": "mean",
-       "aggregate_requested": "auto", "threshold_method": "youden", "threshold": 1.5,
+       "aggregate_requested": "auto", "threshold_method": "binormal", "threshold": 1.5,
        "calibration_aggregate_auroc": {"mean": 1.0}, "test_aggregate_auroc": {"mean": 0.99},
        "fit_seconds": 8.0, "train_seconds": 17.0}
 
 
 def _earlier(out: Path, **settings) -> None:
-    base = {"aggregate": "auto", "threshold": "youden", "padim_dims": None, "augment": None}
+    base = {"aggregate": "auto", "threshold": "binormal", "padim_dims": None, "augment": None}
     (out / "acc.json").write_text(json.dumps({**base, **settings, "runs": [RUN]}))
 
 

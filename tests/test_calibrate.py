@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from edge.decision import DecisionRule, aggregate_maps
-from training.calibrate import (AGGREGATE_CANDIDATES, binary_metrics, choose_aggregate, cost_threshold, f1_threshold,
-                                fpr_threshold, parse_threshold_method, per_class_accuracy, pick_threshold, youden_threshold)
+from training.calibrate import (AGGREGATE_CANDIDATES, binary_metrics, binormal_cutoff, binormal_fit, choose_aggregate,
+                                cost_threshold, f1_threshold, fpr_threshold, parse_threshold_method, per_class_accuracy,
+                                pick_threshold, youden_threshold)
 
 
 def test_youden_threshold_hand_computed():
@@ -95,6 +96,85 @@ def test_fpr_threshold_hand_computed(rate, expected, false_rejects):
     assert m["confusion"][0][1] == false_rejects and m["fpr"] <= rate
 
 
+@pytest.mark.parametrize("normal, anomalous, expected", [
+    ((0.0, 1.0), (4.0, 1.0), 2.0),  # equal spreads: halfway
+    # N(0, 1) vs N(3, 2): the densities cross where t^2/2 - (t - 3)^2/8 = ln 2, i.e.
+    # 3t^2 + 6t - 9 - 8 ln 2 = 0 -> t = -1 + sqrt(1 + (9 + 8 ln 2) / 3) = 1.41834...
+    ((0.0, 1.0), (3.0, 2.0), -1 + np.sqrt(1 + (9 + 8 * np.log(2)) / 3)),
+    ((10.0, 0.5), (11.0, 0.5), 10.5),
+])
+def test_binormal_cutoff_hand_computed(normal, anomalous, expected):
+    assert binormal_cutoff(*normal, *anomalous) == pytest.approx(expected, rel=1e-6)
+
+
+def _spread_defects(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Good parts in a tight cluster, defects spread wide (as every detector scores pillQC)."""
+    rng = np.random.default_rng(seed)
+    scores = np.concatenate([np.exp(rng.normal(0.0, 0.05, 30)), np.exp(rng.normal(0.5, 0.2, 30))])
+    return scores, np.repeat([False, True], 30)
+
+
+def test_binormal_fit_agrees_with_the_closed_form_and_leans_toward_the_tight_class():
+    from scipy.special import inv_boxcox
+    from scipy.stats import boxcox
+
+    scores, anomalous = _spread_defects()
+    fit = binormal_fit(scores, anomalous)
+    # independently: scipy's lambda, then the crossing of the two fitted normals as a quadratic's root
+    x, lam = boxcox(scores)
+    mn, sn = x[~anomalous].mean(), x[~anomalous].std(ddof=1)
+    md, sd = x[anomalous].mean(), x[anomalous].std(ddof=1)
+    roots = np.roots([1 / sn**2 - 1 / sd**2, 2 * (md / sd**2 - mn / sn**2),
+                      mn**2 / sn**2 - md**2 / sd**2 + 2 * np.log(sn / sd)])
+    root = next(r.real for r in roots if mn < r.real < md)
+    assert fit.boxcox_lambda == pytest.approx(lam)
+    assert fit.threshold == pytest.approx(inv_boxcox(root, lam), rel=1e-6)
+    assert pick_threshold(scores, anomalous, "binormal") == fit.threshold
+    # the reason it exists: nearer the good parts than the middle of the gap youden takes
+    assert scores[~anomalous].max() < scores[anomalous].min()  # the classes do not overlap here
+    assert fit.threshold < youden_threshold(scores, anomalous)
+    # a change of score units moves the threshold with them (Box-Cox's lambda does not change)
+    assert binormal_fit(scores * 37.0, anomalous).threshold == pytest.approx(37.0 * fit.threshold, rel=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s, a: (s[[0, 1, 2, 3, 30, 31, 32, 33]], a[[0, 1, 2, 3, 30, 31, 32, 33]]), "at least 5 .* it has 4"),
+    (lambda s, a: (s - 1.0, a), "positive scores .* go down to -"),
+    (lambda s, a: (s, ~a), "do not score above"),
+])
+def test_binormal_fit_says_why_it_cannot_fit(change, message):
+    with pytest.raises(ValueError, match=message):
+        binormal_fit(*change(*_spread_defects()))
+
+
+def test_calibration_falls_back_to_youden_and_says_so_when_binormal_cannot_fit():
+    from types import SimpleNamespace
+
+    from training.train import calibrate_on
+
+    def calibration_set(scores: np.ndarray, anomalous: np.ndarray) -> SimpleNamespace:
+        maps = np.broadcast_to(scores[:, None, None], (len(scores), 4, 4)).astype(np.float32)
+        classes = ["dirt" if a else "normal" for a in anomalous]
+        return SimpleNamespace(anomalous=anomalous, maps=maps, graph_scores=scores.astype(np.float32),
+                               images=SimpleNamespace(classes=classes), normal="normal", scores=None)
+
+    scores, anomalous = _spread_defects()
+    fitted = calibrate_on(calibration_set(scores, anomalous))
+    assert fitted["method"] == fitted["method_requested"] == "binormal" and fitted["method_fallback"] is None
+    assert fitted["threshold"] == pytest.approx(binormal_fit(scores, anomalous).threshold, rel=1e-5)
+    assert fitted["threshold_fit"]["boxcox_lambda"] == pytest.approx(binormal_fit(scores, anomalous).boxcox_lambda,
+                                                                     rel=1e-4)
+    small = calibrate_on(calibration_set(HAND_SCORES, HAND_ANOMALOUS))  # 4 of each
+    assert small["method"] == "youden" and small["method_requested"] == "binormal"
+    assert "at least 5" in small["method_fallback"] and small["threshold_fit"] is None
+    assert set(small) == set(fitted)  # metrics.json keeps its keys either way
+    from training.report import _fallback_text  # the report says it too
+
+    assert "<b>binormal</b> was asked for" in _fallback_text(small) and "at least 5" in _fallback_text(small)
+    assert _fallback_text(fitted) == ""
+    assert small["threshold"] == pytest.approx(0.65)  # the hand-computed Youden point
+
+
 def test_threshold_methods_by_name():
     assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "youden") == pytest.approx(0.65)
     assert pick_threshold(HAND_SCORES, HAND_ANOMALOUS, "f1") == pytest.approx(0.4)
@@ -103,7 +183,7 @@ def test_threshold_methods_by_name():
     assert parse_threshold_method("cost:20@0.01") == ("cost", (20.0, 0.01))
     for bad in ("otsu", "fpr:", "fpr:x", "fpr:1.5", "fpr:-0.1", "cost:", "cost:5", "cost:0@0.1", "cost:5@1",
                 "cost:5@0", "cost:x@0.1", "cost:inf@0.5", "cost:nan@0.5", "cost:5@0.1@2"):
-        with pytest.raises(ValueError, match=r"youden, f1, fpr:RATE .* or cost:C@P"):
+        with pytest.raises(ValueError, match=r"binormal, youden, f1, fpr:RATE .* or cost:C@P"):
             parse_threshold_method(bad)
 
 
@@ -202,12 +282,13 @@ def test_threshold_placement_study_brackets_the_youden_midpoint(tmp_path):
 
     from benchmarks.threshold_placement import place, study, youden_gap
 
-    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.8, 0.9])
-    anomalous = np.array([0, 0, 0, 0, 1, 1, 1, 1], bool)
-    assert youden_gap(scores, anomalous) == (0.6, pytest.approx(0.7))
+    assert youden_gap(HAND_SCORES, HAND_ANOMALOUS) == (0.6, pytest.approx(0.7))
+    scores, anomalous = _spread_defects()
+    low, high = youden_gap(scores, anomalous)
     placed = place(scores, anomalous)
-    assert 0.6 < placed["low"] < placed["mid"] < placed["high"] == pytest.approx(0.7)
+    assert low < placed["low"] < placed["mid"] < placed["high"] == pytest.approx(high)
     assert placed["mid"] == pytest.approx(youden_threshold(scores, anomalous))
+    assert placed["binormal"] == pytest.approx(binormal_fit(scores, anomalous).threshold)
     rng = np.random.default_rng(1)
     run = tmp_path / "padim-seed0"
     run.mkdir()
@@ -215,11 +296,11 @@ def test_threshold_placement_study_brackets_the_youden_midpoint(tmp_path):
         out = csv.writer(fh)
         out.writerow(["set", "path", "class", "score", "decision"])
         for which, n in (("calibration", 20), ("test", 40)):
-            for cls, centre in (("normal", 0.0), ("dirt", 3.0)):
+            for cls, centre in (("normal", 5.0), ("dirt", 8.0)):  # positive, as Box-Cox needs
                 for i in range(n):
                     out.writerow([which, f"{cls}{i}.png", cls, rng.normal(centre), ""])
     result = study(run, splits=20)
     assert result["calibration_anomalous_fraction"] == 0.5
     for kind in ("calibration_cv_accuracy", "test_accuracy"):
-        assert set(result[kind]) == {"low", "mid", "high"}
+        assert set(result[kind]) == {"low", "mid", "high", "binormal"}
         assert all(0.8 < v <= 1.0 for v in result[kind].values())  # two well separated classes

@@ -30,7 +30,9 @@ def test_metrics_and_split_follow_the_seed_protocol(pillqc_run):
     (tn, fp), (fn, tp) = m["test"]["confusion"]
     assert tn + fp == 49 and fn + tp == 26 + 121  # the protocol's test counts
     assert set(m["test"]["per_class"]) == {"normal", "chip", "dirt"}
-    assert m["calibration"]["method"] == "youden" and m["calibration"]["auroc"] > 0.9
+    assert m["calibration"]["method"] == "binormal" and m["calibration"]["auroc"] > 0.9
+    fit = m["calibration"]["threshold_fit"]  # the default threshold fits a normal to each class
+    assert fit["normal_mean"] < fit["anomalous_mean"] and fit["threshold"] == m["calibration"]["threshold"]
     assert isinstance(m["calibration"]["threshold"], float)
     split = m["split"]
     assert (len(split["train"]), len(split["train_anomalous"]), len(split["calibration"])) == (70, 4, 60)

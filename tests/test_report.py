@@ -70,6 +70,7 @@ def test_every_detector_writes_the_same_metrics_keys(small_runs):
     for d in DETECTORS:
         assert _keys(metrics[d]) == reference, d
         assert metrics[d]["detector"] == d and metrics[d]["calibration"]["aggregate_requested"] == "auto"
+        assert metrics[d]["calibration"]["method_requested"] == "binormal"  # the default
         assert _keys(manifests[d]) == _keys(manifests["padim"]), d
         decision = manifests[d]["decision"]
         assert decision["aggregate"] == metrics[d]["calibration"]["aggregate"]

@@ -5,7 +5,12 @@ Convention everywhere (training, bundle, runtime): a part is rejected when its s
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import inv_boxcox
+from scipy.stats import boxcox, norm
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
 
 from edge.decision import aggregate_maps
@@ -13,7 +18,7 @@ from edge.decision import aggregate_maps
 # What `--aggregate auto` chooses from, in order of preference when calibration AUROCs tie
 # (mean first: the seeds' default).
 AGGREGATE_CANDIDATES = ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max")
-THRESHOLD_METHODS = ("youden, f1, fpr:RATE (RATE: the largest tolerated false-reject rate of good parts, 0..1) "
+THRESHOLD_METHODS = ("binormal, youden, f1, fpr:RATE (RATE: the largest tolerated false-reject rate of good parts, 0..1) "
                      "or cost:C@P (an escaped defect costs C false rejects; P: the line's defect rate, 0..1)")
 
 
@@ -83,6 +88,69 @@ def cost_threshold(scores: np.ndarray, anomalous: np.ndarray, escape_cost: float
     return _below(scores, thresholds[int(np.argmin(cost))])  # argmin: the first, highest threshold
 
 
+# Fewer calibration images of a class than this and the fitted normal is mostly noise.
+BINORMAL_MIN_PER_CLASS = 5
+
+
+@dataclass(frozen=True)
+class BinormalFit:
+    """Box-Cox lambda, each class's mean and SD after the transform, and the threshold."""
+    boxcox_lambda: float
+    normal_mean: float
+    normal_sd: float
+    anomalous_mean: float
+    anomalous_sd: float
+    threshold: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def binormal_fit(scores: np.ndarray, anomalous: np.ndarray) -> BinormalFit:
+    """Youden's cutoff estimated from fitted distributions instead of the calibration ROC:
+    the scores are Box-Cox transformed (one lambda for all, scipy's maximum likelihood), each
+    class is fitted with a normal distribution, and the threshold maximises TPR - FPR of the
+    fitted pair (the "normal method" of Fluss, Faraggi & Reiser, Biometrical Journal 2005).
+
+    Why: when the calibration classes do not overlap, every threshold in the gap between them
+    has the same empirical TPR - FPR, and `youden` takes the gap's middle whatever the spread
+    of each class. Good parts score in a tight cluster and defects spread wide, so the fitted
+    cutoff sits nearer the good parts, where the faint defects a small calibration set did not
+    show will fall. Raises ValueError (saying why) when it cannot be fitted."""
+    scores, anomalous = _checked(scores, anomalous)
+    few = min(int(anomalous.sum()), int((~anomalous).sum()))
+    if few < BINORMAL_MIN_PER_CLASS:
+        raise ValueError(f"threshold binormal needs at least {BINORMAL_MIN_PER_CLASS} calibration images "
+                         f"of each kind (normal, anomalous); it has {few}")
+    if not np.isfinite(scores).all():
+        raise ValueError("threshold binormal: a calibration score is not a finite number")
+    if scores.min() <= 0:
+        raise ValueError(f"threshold binormal needs positive scores (Box-Cox); the calibration scores "
+                         f"go down to {scores.min():.4g}")
+    transformed, lam = boxcox(scores)
+    normal, defect = transformed[~anomalous], transformed[anomalous]
+    mn, sn, md, sd = normal.mean(), normal.std(ddof=1), defect.mean(), defect.std(ddof=1)
+    if not (sn > 0 and sd > 0 and md > mn):
+        raise ValueError("threshold binormal: the anomalous calibration images do not score above the "
+                         "normal ones on average, or a class's scores are all equal")
+    return BinormalFit(float(lam), float(mn), float(sn), float(md), float(sd),
+                       float(inv_boxcox(binormal_cutoff(mn, sn, md, sd), lam)))
+
+
+def binormal_cutoff(normal_mean: float, normal_sd: float, anomalous_mean: float, anomalous_sd: float) -> float:
+    """The t between the two means with the largest TPR - FPR when normal scores follow
+    N(normal_mean, normal_sd) and anomalous ones N(anomalous_mean, anomalous_sd)."""
+    def minus_j(t: float) -> float:
+        return float(norm.cdf((t - anomalous_mean) / anomalous_sd) - norm.cdf((t - normal_mean) / normal_sd))
+
+    return float(minimize_scalar(minus_j, bounds=(normal_mean, anomalous_mean), method="bounded",
+                                 options={"xatol": 1e-9 * (anomalous_mean - normal_mean)}).x)
+
+
+def binormal_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:
+    return binormal_fit(scores, anomalous).threshold
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -91,9 +159,9 @@ def _number(text: str) -> float:
 
 
 def parse_threshold_method(method: str) -> tuple[str, tuple[float, ...]]:
-    """"youden" | "f1" | "fpr:RATE" | "cost:C@P" -> (name, parameters); a bad string raises
-    naming the choices."""
-    if method in ("youden", "f1"):
+    """"binormal" | "youden" | "f1" | "fpr:RATE" | "cost:C@P" -> (name, parameters); a bad string
+    raises naming the choices."""
+    if method in ("binormal", "youden", "f1"):
         return method, ()
     if method.startswith("fpr:"):
         rate = _number(method[4:])
@@ -106,8 +174,10 @@ def parse_threshold_method(method: str) -> tuple[str, tuple[float, ...]]:
     raise ValueError(f"threshold method {method!r}: use {THRESHOLD_METHODS}")
 
 
-def pick_threshold(scores: np.ndarray, anomalous: np.ndarray, method: str = "youden") -> float:
+def pick_threshold(scores: np.ndarray, anomalous: np.ndarray, method: str = "binormal") -> float:
     name, params = parse_threshold_method(method)
+    if name == "binormal":
+        return binormal_threshold(scores, anomalous)
     if name == "youden":
         return youden_threshold(scores, anomalous)
     if name == "f1":

@@ -2,7 +2,8 @@
 
 RUN/report/report.html shows the calibration and test metrics, the aggregate choice, a
 per-class accuracy table, and links these plots (all in RUN/report/):
-  histograms.png  image scores per class, calibration and test, with the threshold line
+  histograms.png  image scores per class, calibration and test, with the threshold line (and the
+                  fitted class densities of `--threshold binormal` on the calibration side)
   roc.png         ROC curves of the calibration and test sets with their AUC
   confusion.png   test confusion matrix (normal/anomalous x accept/reject) and per-class decisions
   overlays/       heatmap overlays of every test false positive and false negative, and a few
@@ -20,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy.special import boxcox  # noqa: E402
+from scipy.stats import norm  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 from edge.decision import ACCEPT, REJECT, Decision  # noqa: E402
@@ -33,7 +36,15 @@ EXAMPLES_PER_KIND = 4  # true positives and true negatives shown beside every er
 METRIC_KEYS = ("auroc", "accuracy", "mean_accuracy", "precision", "recall", "specificity", "f1", "fpr", "fnr")
 
 
-def _histograms(path: Path, scored: dict, threshold: float, normal: str) -> None:
+def _fitted_counts(x: np.ndarray, fit: dict, which: str, n: int, bin_width: float) -> np.ndarray:
+    """A binormal fit's density of one class on the score axis, as images per histogram bin:
+    the normal density of the Box-Cox transformed score times the transform's slope x^(lambda-1)."""
+    lam = fit["boxcox_lambda"]
+    z = (boxcox(x, lam) - fit[f"{which}_mean"]) / fit[f"{which}_sd"]
+    return norm.pdf(z) / fit[f"{which}_sd"] * x ** (lam - 1) * n * bin_width
+
+
+def _histograms(path: Path, scored: dict, threshold: float, normal: str, fit: dict | None = None) -> None:
     fig, axes = plt.subplots(1, len(scored), figsize=(6 * len(scored), 4), squeeze=False)
     for ax, (name, sc) in zip(axes[0], scored.items()):
         classes = np.asarray(sc.images.classes)
@@ -41,6 +52,12 @@ def _histograms(path: Path, scored: dict, threshold: float, normal: str) -> None
         order = [normal] + sorted(set(classes) - {normal})
         for cls in order:
             ax.hist(sc.scores[classes == cls], bins=bins, alpha=0.55, label=f"{cls} ({(classes == cls).sum()})")
+        if fit is not None and name == "calibration":  # what `--threshold binormal` fitted
+            x = np.linspace(max(bins[0], 1e-9), bins[-1], 400)
+            good = classes == normal
+            for which, n, style in (("normal", good.sum(), "-"), ("anomalous", (~good).sum(), ":")):
+                ax.plot(x, _fitted_counts(x, fit, which, int(n), bins[1] - bins[0]), color="k",
+                        linestyle=style, linewidth=1, label=f"fitted {which}")
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.4g}")
         ax.set_title(f"{name} set")
         ax.set_xlabel("image score")
@@ -137,6 +154,13 @@ def _augment_text(meta: dict) -> str:
             f"({html.escape(', '.join(mirrors))}): a mirrored part counts as normal")
 
 
+def _fallback_text(cal: dict) -> str:
+    if not cal.get("method_fallback"):
+        return ""
+    return (f" (<b>{html.escape(cal['method_requested'])}</b> was asked for and could not be used: "
+            f"{html.escape(cal['method_fallback'])})")
+
+
 def _html(meta: dict, metrics: dict, shown: list[dict]) -> str:
     cal, test = metrics["calibration"], metrics["test"]
     rows = "".join(f"<tr><th>{k}</th><td>{_fmt(cal.get(k))}</td><td>{_fmt(test.get(k))}</td></tr>"
@@ -167,7 +191,7 @@ figcaption{{font-size:12px;text-align:center}}</style></head><body>
 {html.escape(meta['normal_class'])}, input {meta['image_size'][0]}x{meta['image_size'][1]}{_augment_text(meta)}.
 Score = <b>{html.escape(cal['aggregate'])}</b> of the anomaly map (requested: {html.escape(cal['aggregate_requested'])});
 threshold {cal['threshold']:.6g} by <b>{html.escape(cal['method'])}</b> on the calibration set
-(reject if score &ge; threshold); normalisation min/max {cal['normalisation']['min']:.4g} /
+(reject if score &ge; threshold){_fallback_text(cal)}; normalisation min/max {cal['normalisation']['min']:.4g} /
 {cal['normalisation']['max']:.4g}; heatmap display range {cal['display_range'][0]:.4g} .. {cal['display_range'][1]:.4g}.</p>
 <h2>Metrics</h2>
 <table><tr><th></th><th>calibration ({cal['n']})</th><th>test ({test['n']})</th></tr>{rows}{conf}</table>
@@ -189,7 +213,7 @@ def write_report(folder: Path, meta: dict, metrics: dict, scored: dict) -> Path:
     folder.mkdir(parents=True)
     cal = metrics["calibration"]
     normal = meta["normal_class"]
-    _histograms(folder / "histograms.png", scored, cal["threshold"], normal)
+    _histograms(folder / "histograms.png", scored, cal["threshold"], normal, cal.get("threshold_fit"))
     _roc(folder / "roc.png", scored)
     _confusion(folder / "confusion.png", scored["test"], cal["threshold"], normal)
     shown = _overlays(folder / "overlays", scored["test"], cal, get_detector(meta["detector"]).upsample)

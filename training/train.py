@@ -131,7 +131,7 @@ def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, 
     return Scored(images, graph_scores, maps, normal)
 
 
-def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "youden") -> dict:
+def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "binormal") -> dict:
     """Everything the decision needs, from the calibration set alone."""
     anomalous = cal.anomalous
     if aggregate == "auto":
@@ -140,11 +140,21 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "youden") -
         candidates = tuple(dict.fromkeys((*calibrate.AGGREGATE_CANDIDATES, aggregate)))
         chosen, aurocs = aggregate, calibrate.aggregate_aurocs(cal.maps, anomalous, candidates)
     cal.scores = image_scores(cal.graph_scores, cal.maps, chosen)
-    threshold = calibrate.pick_threshold(cal.scores, anomalous, method)
+    # the same keys whatever the method: what was asked, why it was not used, binormal's fit
+    fitted = {"method_requested": method, "method_fallback": None, "threshold_fit": None}
+    if method == "binormal":
+        try:
+            fit = calibrate.binormal_fit(cal.scores, anomalous)
+            threshold, fitted["threshold_fit"] = fit.threshold, fit.to_json()
+        except ValueError as exc:  # a small or odd calibration set: the empirical Youden point
+            log.warning("%s; using --threshold youden instead", exc)
+            method, fitted["method_fallback"] = "youden", str(exc)
+    if method != "binormal":
+        threshold = calibrate.pick_threshold(cal.scores, anomalous, method)
     norm_min, norm_max = calibrate.normalisation_range(cal.scores)
     display = calibrate.display_range(cal.maps[~anomalous], cal.maps[anomalous])
     return {
-        "method": method, "aggregate": chosen, "aggregate_requested": aggregate, "aggregate_auroc": aurocs,
+        "method": method, **fitted, "aggregate": chosen, "aggregate_requested": aggregate, "aggregate_auroc": aurocs,
         "threshold": threshold, "normalisation": {"min": norm_min, "max": norm_max},
         "display_range": list(display),
         **calibrate.binary_metrics(cal.scores, anomalous, threshold),
@@ -226,7 +236,7 @@ def _detector_options(model: str, given: dict) -> dict:
 def train(data: str | Path, out: str | Path, normal_class: str = "normal", model: str = "padim",
           seed: int = 0, weights: str | None = "imagenet", image_size: int = 224,
           counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean",
-          threshold: str = "youden", epochs: int | None = None, coreset_ratio: float | None = None,
+          threshold: str = "binormal", epochs: int | None = None, coreset_ratio: float | None = None,
           dims: int | None = None, augment: str | None = None, report: bool = True) -> dict:
     """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json).
     `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of the normal training
