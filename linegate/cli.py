@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coreset-ratio", type=float, default=None,
                    help="PatchCore memory bank size as a fraction of the training patches (default 0.1)")
     p.add_argument("--dims", type=int, default=None,
-                   help="PaDiM random feature dimensions (default: 100, at most half the training images)")
+                   help="PaDiM random feature dimensions (default: the paper's 100)")
     p.add_argument("--augment", default=None,
                    help="PaDiM and PatchCore: add mirrored copies of the normal training images: hflip, "
                         "vflip or hflip,vflip. Only where a mirrored part looks normal (e.g. lit from above: "

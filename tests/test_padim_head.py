@@ -1,6 +1,7 @@
 """The fast PaDiM head (blocked whitening, no upsampling) equals the straightforward formula:
-upsample + concatenate + select the features, mean and covariance + 0.01 I per patch, and the
-Mahalanobis distance with an explicit inverse, in float64."""
+upsample + concatenate + select the features, mean and covariance per patch (the seed's
+covariance + 0.01 I, or training's Ledoit-Wolf), and the Mahalanobis distance with an explicit
+inverse, in float64."""
 import json
 
 import numpy as np
@@ -11,13 +12,18 @@ from training.backbone import load_backbone
 from training.padim import COV_EPS, PaDiMModel, extract, select_channels
 
 
-def straightforward_maps(train_emb: np.ndarray, test_emb: np.ndarray) -> np.ndarray:
+def straightforward_maps(train_emb: np.ndarray, test_emb: np.ndarray, ledoit: bool = False) -> np.ndarray:
     """(N, D, h, w) normal embeddings, (M, D, h, w) test embeddings -> (M, h, w) distances."""
+    from sklearn.covariance import ledoit_wolf
+
     n, d, h, w = train_emb.shape
     x = train_emb.reshape(n, d, h * w).transpose(2, 0, 1).astype(np.float64)  # (P, N, D)
     mean = x.mean(axis=1)
     centred = x - mean[:, None]
-    cov = np.einsum("pni,pnj->pij", centred, centred) / (n - 1) + COV_EPS * np.eye(d)
+    if ledoit:  # what fit_padim does
+        cov = np.stack([ledoit_wolf(patch)[0] for patch in x])
+    else:
+        cov = np.einsum("pni,pnj->pij", centred, centred) / (n - 1) + COV_EPS * np.eye(d)
     inv = np.linalg.inv(cov)
     diff = test_emb.reshape(len(test_emb), d, h * w).transpose(2, 0, 1) - mean[:, None]  # (P, M, D)
     return np.sqrt(np.einsum("pmi,pij,pmj->mp", diff, inv, diff)).reshape(-1, h, w)
@@ -63,7 +69,7 @@ def test_fast_head_matches_textbook_on_pillqc(pillqc_run):
         train_emb = extract(model.embed, torch.from_numpy(train), 16, desc="textbook features").numpy()
         test_emb = model.embed(torch.from_numpy(test)).numpy()
         score, amap = model(torch.from_numpy(test))
-    expected = straightforward_maps(train_emb, test_emb)
+    expected = straightforward_maps(train_emb, test_emb, ledoit=True)
     np.testing.assert_allclose(amap.numpy(), expected, rtol=1e-3)
     np.testing.assert_allclose(score.numpy(), expected.mean(axis=(1, 2)), rtol=1e-4)
     ort_scores, ort_maps = OnnxRuntimeEngine.from_bundle(load_bundle(pillqc_run / "bundle")).infer(test)

@@ -51,15 +51,6 @@ class Detector:
     upsample: str = "bilinear"
 
 
-def padim_dims(n_train: int) -> int:
-    """PaDiM's random feature dimensions d when not given: the paper's 100, but at most half
-    the number of training images (mirrored copies included, training/augment.py), so each
-    patch's sample covariance is estimated from more images than it has dimensions (with 70
-    images and d = 100 it is singular, and the 0.01 I regulariser, not the data, sets the
-    distance along the missing directions). On pillQC
-    (seed protocol, seeds 0-4) every d from 20 to 60 had a higher calibration AUROC than 100."""
-    return max(2, min(DEFAULT_DIMS, n_train // 2))
-
 
 def _padim_shape(model: PaDiMModel) -> dict:
     # The channel list itself, not just the seed: torch.randperm need not give the same
@@ -92,8 +83,7 @@ DETECTORS: dict[str, Detector] = {
     "padim": Detector(
         "padim",
         fit=lambda f: fit_padim(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
-                                dims=padim_dims(len(f.normal)) if f.options.get("dims") is None
-                                else f.options["dims"]),
+                                dims=DEFAULT_DIMS if f.options.get("dims") is None else f.options["dims"]),
         shape=_padim_shape, build=_padim_build, options={"dims": None}, keys=("seed", "dims", "map_size")),
     "fcdd": Detector(
         "fcdd",

@@ -2,11 +2,10 @@
 ResNet-18 Feature Embeddings", on EfficientNet-Lite0.
 
 Multi-scale features of a frozen backbone are concatenated at the stride-4 resolution, a
-seeded random d of the 176 channels are kept (the paper's d = 100; training's default is
-min(100, training images // 2), detectors.padim_dims: 35 under the seed protocol's 70, and
-run.json records the chosen channels), and each spatial patch gets a Gaussian
-(mean, covariance + 0.01 I). The anomaly map is the Mahalanobis distance per patch; the
-image score is the mean of the map at feature resolution (the runtime upsamples only for
+seeded random d of the 176 channels are kept (the paper's d = 100, training's default; run.json
+records the chosen channels), and each spatial patch gets a Gaussian: mean and Ledoit-Wolf
+covariance (the seed's is covariance + 0.01 I; see patch_covariances for why not). The anomaly
+map is the Mahalanobis distance per patch; the image score is the mean of the map at feature resolution (the runtime upsamples only for
 overlays).
 
 `PaDiMModel` is a plain nn.Module with no training state, so it exports to ONNX as is.
@@ -34,6 +33,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -246,8 +246,25 @@ def fit_padim(backbone: EfficientNetLite0, train_images: torch.Tensor, seed: int
     emb = extract(model.embed, train_images, batch_size, desc="PaDiM features")  # (N, D, h, w)
     n = emb.shape[0]
     x = emb.reshape(n, dims, -1).permute(2, 0, 1).double()  # (P, N, D)
-    mean = x.mean(dim=1)
-    centred = x - mean.unsqueeze(1)
-    cov = centred.transpose(1, 2) @ centred / (n - 1) + COV_EPS * torch.eye(dims, dtype=torch.float64)
-    model.set_gaussians(mean, cov)
+    model.set_gaussians(x.mean(dim=1), patch_covariances(x))
     return model
+
+
+def patch_covariances(x: torch.Tensor) -> torch.Tensor:
+    """(P, N, D) features of N training images at P patches -> (P, D, D) covariances,
+    each Ledoit-Wolf's (scikit-learn): the sample covariance shrunk toward a scaled identity
+    by the amount that minimises the expected error, which the data themselves estimate.
+
+    The seed adds a fixed 0.01 I instead. With 70 images and d = 100 a patch's sample
+    covariance is singular and that constant sets the distance along the missing directions;
+    Ledoit-Wolf scales the shrinkage to the data, so d can stay at the paper's 100. A patch
+    whose features never vary (a covariance still singular) gets the seed's 0.01 I on top."""
+    from sklearn.covariance import ledoit_wolf
+
+    xs = x.numpy()
+    cov = torch.from_numpy(np.stack([
+        ledoit_wolf(xs[p])[0] for p in tqdm(range(len(xs)), desc="PaDiM covariances", unit="patch",
+                                              leave=False, mininterval=0.5)]))
+    singular = torch.linalg.cholesky_ex(cov).info > 0
+    cov[singular] += COV_EPS * torch.eye(cov.shape[-1], dtype=cov.dtype)
+    return cov

@@ -220,7 +220,7 @@ def _check_numbers(image_size: int = MIN_IMAGE_SIZE, batch_size: int = 1, dims: 
         raise ValueError(f"--batch-size {batch_size}: must be an integer of at least 1, e.g. 16")
     if dims is not None and (not _whole(dims) or not 1 <= dims <= total):
         raise ValueError(f"--dims {dims}: must be an integer in 1..{total} (the backbone's tapped channels); "
-                         "leave it out for min(100, training images // 2)")
+                         "leave it out for the paper's 100")
 
 
 def _detector_options(model: str, given: dict) -> dict:
