@@ -102,6 +102,10 @@ def test_fpr_threshold_hand_computed(rate, expected, false_rejects):
     # 3t^2 + 6t - 9 - 8 ln 2 = 0 -> t = -1 + sqrt(1 + (9 + 8 ln 2) / 3) = 1.41834...
     ((0.0, 1.0), (3.0, 2.0), -1 + np.sqrt(1 + (9 + 8 * np.log(2)) / 3)),
     ((10.0, 0.5), (11.0, 0.5), 10.5),
+    # 20 SDs apart: TPR - FPR is 1 to float64 over most of the gap, yet the cutoff is still found
+    ((0.0, 1.0), (40.0, 1.0), 20.0),
+    # N(0, 1) vs N(40, 3): t^2/2 = (t - 40)^2/18 + ln 3 -> 8t^2 + 80t - 1600 - 18 ln 3 = 0
+    ((0.0, 1.0), (40.0, 3.0), (-80 + np.sqrt(80**2 + 32 * (1600 + 18 * np.log(3)))) / 16),
 ])
 def test_binormal_cutoff_hand_computed(normal, anomalous, expected):
     assert binormal_cutoff(*normal, *anomalous) == pytest.approx(expected, rel=1e-6)
@@ -133,8 +137,10 @@ def test_binormal_fit_agrees_with_the_closed_form_and_leans_toward_the_tight_cla
     # the reason it exists: nearer the good parts than the middle of the gap youden takes
     assert scores[~anomalous].max() < scores[anomalous].min()  # the classes do not overlap here
     assert fit.threshold < youden_threshold(scores, anomalous)
-    # a change of score units moves the threshold with them (Box-Cox's lambda does not change)
-    assert binormal_fit(scores * 37.0, anomalous).threshold == pytest.approx(37.0 * fit.threshold, rel=1e-5)
+    # a change of score units moves the threshold with them (Box-Cox's lambda does not change),
+    # however large or small the units
+    for units in (37.0, 1e12, 1e-9):
+        assert binormal_fit(scores * units, anomalous).threshold == pytest.approx(units * fit.threshold, rel=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -94,7 +94,11 @@ BINORMAL_MIN_PER_CLASS = 5
 
 @dataclass(frozen=True)
 class BinormalFit:
-    """Box-Cox lambda, each class's mean and SD after the transform, and the threshold."""
+    """The scores are divided by `scale` (their geometric mean: lambda does not depend on it,
+    and it keeps the transformed scores clear of float64's limits whatever the detector's
+    units), Box-Cox transformed with `boxcox_lambda`, and each class's transformed scores
+    fitted with a normal (mean, SD); `threshold` is on the original score scale."""
+    scale: float
     boxcox_lambda: float
     normal_mean: float
     normal_sd: float
@@ -127,24 +131,36 @@ def binormal_fit(scores: np.ndarray, anomalous: np.ndarray) -> BinormalFit:
     if scores.min() <= 0:
         raise ValueError(f"threshold binormal needs positive scores (Box-Cox); the calibration scores "
                          f"go down to {scores.min():.4g}")
-    transformed, lam = boxcox(scores)
+    scale = float(np.exp(np.mean(np.log(scores))))
+    transformed, lam = boxcox(scores / scale)
     normal, defect = transformed[~anomalous], transformed[anomalous]
     mn, sn, md, sd = normal.mean(), normal.std(ddof=1), defect.mean(), defect.std(ddof=1)
     if not (sn > 0 and sd > 0 and md > mn):
         raise ValueError("threshold binormal: the anomalous calibration images do not score above the "
                          "normal ones on average, or a class's scores are all equal")
-    return BinormalFit(float(lam), float(mn), float(sn), float(md), float(sd),
-                       float(inv_boxcox(binormal_cutoff(mn, sn, md, sd), lam)))
+    threshold = scale * float(inv_boxcox(binormal_cutoff(mn, sn, md, sd), lam))
+    if not (np.isfinite(threshold) and scores[~anomalous].min() < threshold <= scores[anomalous].max()):
+        raise ValueError(f"threshold binormal: the fitted cutoff ({threshold:.4g}) falls outside the "
+                         "calibration scores; the fit does not describe them")
+    return BinormalFit(scale, float(lam), float(mn), float(sn), float(md), float(sd), threshold)
 
 
 def binormal_cutoff(normal_mean: float, normal_sd: float, anomalous_mean: float, anomalous_sd: float) -> float:
     """The t between the two means with the largest TPR - FPR when normal scores follow
-    N(normal_mean, normal_sd) and anomalous ones N(anomalous_mean, anomalous_sd)."""
-    def minus_j(t: float) -> float:
-        return float(norm.cdf((t - anomalous_mean) / anomalous_sd) - norm.cdf((t - normal_mean) / normal_sd))
+    N(normal_mean, normal_sd) and anomalous ones N(anomalous_mean, anomalous_sd).
 
-    return float(minimize_scalar(minus_j, bounds=(normal_mean, anomalous_mean), method="bounded",
-                                 options={"xatol": 1e-9 * (anomalous_mean - normal_mean)}).x)
+    It minimises log(FPR + FNR) = log(1 - J), each rate from its own tail (logsf, logcdf):
+    for well separated classes 1 - J is far below float64's resolution near 1, and J itself
+    would be flat to the minimiser."""
+    span = anomalous_mean - normal_mean
+
+    def log_errors(u: float) -> float:  # u: 0 at the normal mean, 1 at the anomalous one
+        t = normal_mean + u * span
+        return float(np.logaddexp(norm.logsf((t - normal_mean) / normal_sd),
+                                  norm.logcdf((t - anomalous_mean) / anomalous_sd)))
+
+    u = minimize_scalar(log_errors, bounds=(0.0, 1.0), method="bounded", options={"xatol": 1e-10}).x
+    return float(normal_mean + u * span)
 
 
 def binormal_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:

@@ -38,10 +38,11 @@ METRIC_KEYS = ("auroc", "accuracy", "mean_accuracy", "precision", "recall", "spe
 
 def _fitted_counts(x: np.ndarray, fit: dict, which: str, n: int, bin_width: float) -> np.ndarray:
     """A binormal fit's density of one class on the score axis, as images per histogram bin:
-    the normal density of the Box-Cox transformed score times the transform's slope x^(lambda-1)."""
-    lam = fit["boxcox_lambda"]
-    z = (boxcox(x, lam) - fit[f"{which}_mean"]) / fit[f"{which}_sd"]
-    return norm.pdf(z) / fit[f"{which}_sd"] * x ** (lam - 1) * n * bin_width
+    the normal density of the transformed score boxcox(x / scale) times the transform's slope
+    (x / scale)^(lambda - 1) / scale."""
+    lam, scale, sd = fit["boxcox_lambda"], fit.get("scale", 1.0), fit[f"{which}_sd"]
+    z = (boxcox(x / scale, lam) - fit[f"{which}_mean"]) / sd
+    return norm.pdf(z) / sd * (x / scale) ** (lam - 1) / scale * n * bin_width
 
 
 def _histograms(path: Path, scored: dict, threshold: float, normal: str, fit: dict | None = None) -> None:
