@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from training.detectors import get_detector
+from training.padim import COVARIANCE as PADIM_COVARIANCE
 from training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,13 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and json_path.is_file():
         earlier = json.loads(json_path.read_text())
         for key, value in (("aggregate", args.aggregate), ("threshold", args.threshold),
-                           ("padim_dims", args.dims), ("augment", args.augment)):
+                           ("padim_dims", args.dims), ("padim_covariance", PADIM_COVARIANCE),
+                           ("augment", args.augment)):
             if earlier.get(key) != value:  # resumed runs must have been made the same way
                 parser.error(f"--resume: {json_path} was made with {key} = {earlier.get(key)!r}, "
                              f"not {value!r}; use another --name or drop --resume")
         runs = earlier["runs"]
     result = {"seeds": seeds, "detectors": detectors, "aggregate": args.aggregate, "threshold": args.threshold,
-              "padim_dims": args.dims, "augment": args.augment,
+              "padim_dims": args.dims, "padim_covariance": PADIM_COVARIANCE, "augment": args.augment,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"{platform.processor() or platform.platform()}",
               "date": time.strftime("%Y-%m-%d"),

@@ -39,8 +39,12 @@ def youden_gap(scores: np.ndarray, anomalous: np.ndarray) -> tuple[float, float]
 
 def place(scores: np.ndarray, anomalous: np.ndarray) -> dict[str, float]:
     lo, hi = youden_gap(scores, anomalous)
-    return {"low": lo + 1e-3 * (hi - lo), "mid": (lo + hi) / 2, "high": hi,
-            "binormal": binormal_threshold(scores, anomalous)}
+    mid = (lo + hi) / 2
+    try:
+        binormal = binormal_threshold(scores, anomalous)
+    except ValueError:  # what training does when the fit fails: youden's midpoint
+        binormal = mid
+    return {"low": lo + 1e-3 * (hi - lo), "mid": mid, "high": hi, "binormal": binormal}
 
 
 def _read(run: Path, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

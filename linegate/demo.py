@@ -50,7 +50,8 @@ def run_demo(workdir: str | Path = "demo-run", frames: int = 200, seed: int = 0)
     metrics = train(data, run, "normal", "padim", seed=seed, counts=DEMO_SPLIT, aggregate=DEMO_AGGREGATE)
     test = metrics["test"]
     print(f"held-back test set ({test['n']} parts): AUROC {test['auroc']:.3f}, accuracy "
-          f"{test['accuracy']:.3f}, threshold {metrics['calibration']['threshold']:.4g} (Youden, "
+          f"{test['accuracy']:.3f}, threshold {metrics['calibration']['threshold']:.4g} "
+          f"({metrics['calibration']['method']}, "
           f"score = {DEMO_AGGREGATE} of the anomaly map)")
 
     _step("3/4 exporting to ONNX (with a parity check against torch)")

@@ -18,17 +18,23 @@ RUN = {"detector": "padim", "seed": 0, "test_auroc": 0.99, "test_accuracy": 0.95
 
 
 def _earlier(out: Path, **settings) -> None:
-    base = {"aggregate": "auto", "threshold": "binormal", "padim_dims": None, "augment": None}
+    base = {"aggregate": "auto", "threshold": "binormal", "padim_dims": None, "padim_covariance": "ledoit-wolf",
+            "augment": None}
     (out / "acc.json").write_text(json.dumps({**base, **settings, "runs": [RUN]}))
 
 
-def test_resume_refuses_a_sweep_made_another_way(pillqc, tmp_path, capsys):
-    _earlier(tmp_path, augment="hflip")
+@pytest.mark.parametrize("settings, message", [
+    ({"augment": "hflip"}, "was made with augment = 'hflip', not None"),
+    # a sweep from before PaDiM's Ledoit-Wolf fit: the same options then meant another model
+    ({"padim_covariance": None}, "was made with padim_covariance = None, not 'ledoit-wolf'"),
+])
+def test_resume_refuses_a_sweep_made_another_way(pillqc, tmp_path, capsys, settings, message):
+    _earlier(tmp_path, **settings)
     with pytest.raises(SystemExit) as exit_:
         main(["--data", str(pillqc), "--seeds", "0", "--detectors", "padim", "--out", str(tmp_path),
               "--name", "acc", "--resume"])
     assert exit_.value.code == 2
-    assert "was made with augment = 'hflip', not None" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_fully_resumed_sweep_writes_its_table(pillqc, tmp_path):

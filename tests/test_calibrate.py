@@ -147,6 +147,7 @@ def test_binormal_fit_agrees_with_the_closed_form_and_leans_toward_the_tight_cla
     (lambda s, a: (s[[0, 1, 2, 3, 30, 31, 32, 33]], a[[0, 1, 2, 3, 30, 31, 32, 33]]), "at least 5 .* it has 4"),
     (lambda s, a: (s - 1.0, a), "positive scores .* go down to -"),
     (lambda s, a: (s, ~a), "do not score above"),
+    (lambda s, a: (np.where(a, s, 1.0), a), "all equal"),
 ])
 def test_binormal_fit_says_why_it_cannot_fit(change, message):
     with pytest.raises(ValueError, match=message):
@@ -172,8 +173,11 @@ def test_calibration_falls_back_to_youden_and_says_so_when_binormal_cannot_fit()
                                                                      rel=1e-4)
     small = calibrate_on(calibration_set(HAND_SCORES, HAND_ANOMALOUS))  # 4 of each
     assert small["method"] == "youden" and small["method_requested"] == "binormal"
-    assert "at least 5" in small["method_fallback"] and small["threshold_fit"] is None
-    assert set(small) == set(fitted)  # metrics.json keeps its keys either way
+    assert "at least 5" in small["method_fallback"]
+    assert set(small["threshold_fit"]) == set(fitted["threshold_fit"])  # metrics.json keeps its keys
+    assert set(small["threshold_fit"].values()) == {None} and set(small) == set(fitted)
+    youden = calibrate_on(calibration_set(scores, anomalous), method="youden")
+    assert youden["method"] == "youden" and set(youden["threshold_fit"].values()) == {None}
     from training.report import _fallback_text  # the report says it too
 
     assert "<b>binormal</b> was asked for" in _fallback_text(small) and "at least 5" in _fallback_text(small)
@@ -289,6 +293,8 @@ def test_threshold_placement_study_brackets_the_youden_midpoint(tmp_path):
     from benchmarks.threshold_placement import place, study, youden_gap
 
     assert youden_gap(HAND_SCORES, HAND_ANOMALOUS) == (0.6, pytest.approx(0.7))
+    hand = place(HAND_SCORES, HAND_ANOMALOUS)  # 4 of each: binormal cannot fit, training's fallback
+    assert hand["binormal"] == hand["mid"] == pytest.approx(0.65)
     scores, anomalous = _spread_defects()
     low, high = youden_gap(scores, anomalous)
     placed = place(scores, anomalous)

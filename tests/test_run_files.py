@@ -75,7 +75,7 @@ def _scores(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
 def test_run_json_holds_the_channels_model_pt_holds(run):
     meta = read_json(run / "run.json")
     state = torch.load(run / "model.pt", weights_only=True)
-    assert meta["dims"] == 12  # the --dims given, not the default (min(100, 8 // 2) = 4)
+    assert meta["dims"] == 12  # the --dims given, not the default (100)
     assert meta["channels"] == state["channels"].tolist()
 
 

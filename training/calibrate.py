@@ -5,7 +5,7 @@ Convention everywhere (training, bundle, runtime): a part is rejected when its s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -109,6 +109,11 @@ class BinormalFit:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def empty_json() -> dict:
+        """metrics.json's `threshold_fit` when there is no fit: the same keys, all null."""
+        return {f.name: None for f in fields(BinormalFit)}
+
 
 def binormal_fit(scores: np.ndarray, anomalous: np.ndarray) -> BinormalFit:
     """Youden's cutoff estimated from fitted distributions instead of the calibration ROC:
@@ -131,13 +136,16 @@ def binormal_fit(scores: np.ndarray, anomalous: np.ndarray) -> BinormalFit:
     if scores.min() <= 0:
         raise ValueError(f"threshold binormal needs positive scores (Box-Cox); the calibration scores "
                          f"go down to {scores.min():.4g}")
+    if np.ptp(scores[~anomalous]) == 0 or np.ptp(scores[anomalous]) == 0:
+        raise ValueError("threshold binormal: one kind's calibration scores are all equal; there is no "
+                         "spread to fit")
     scale = float(np.exp(np.mean(np.log(scores))))
     transformed, lam = boxcox(scores / scale)
     normal, defect = transformed[~anomalous], transformed[anomalous]
     mn, sn, md, sd = normal.mean(), normal.std(ddof=1), defect.mean(), defect.std(ddof=1)
     if not (sn > 0 and sd > 0 and md > mn):
         raise ValueError("threshold binormal: the anomalous calibration images do not score above the "
-                         "normal ones on average, or a class's scores are all equal")
+                         "normal ones on average")
     threshold = scale * float(inv_boxcox(binormal_cutoff(mn, sn, md, sd), lam))
     if not (np.isfinite(threshold) and scores[~anomalous].min() < threshold <= scores[anomalous].max()):
         raise ValueError(f"threshold binormal: the fitted cutoff ({threshold:.4g}) falls outside the "

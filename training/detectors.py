@@ -51,7 +51,6 @@ class Detector:
     upsample: str = "bilinear"
 
 
-
 def _padim_shape(model: PaDiMModel) -> dict:
     # The channel list itself, not just the seed: torch.randperm need not give the same
     # permutation in another PyTorch version, and the head's index buffers are built from it.

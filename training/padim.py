@@ -42,6 +42,7 @@ from tqdm import tqdm
 from .backbone import TAP_BLOCKS, TAP_CHANNELS, EfficientNetLite0
 
 COV_EPS = 0.01  # the seed's regulariser: covariance + 0.01 I
+COVARIANCE = "ledoit-wolf"  # how fit_padim estimates a patch's covariance (benchmarks record it)
 DEFAULT_DIMS = 100
 TAPS = tuple(TAP_BLOCKS)  # order of backbone.features(): stride4, stride8, stride16
 # Output groups per tap in the head, coarse tap first. More groups skip more of the zero

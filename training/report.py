@@ -53,7 +53,7 @@ def _histograms(path: Path, scored: dict, threshold: float, normal: str, fit: di
         order = [normal] + sorted(set(classes) - {normal})
         for cls in order:
             ax.hist(sc.scores[classes == cls], bins=bins, alpha=0.55, label=f"{cls} ({(classes == cls).sum()})")
-        if fit is not None and name == "calibration":  # what `--threshold binormal` fitted
+        if fit and fit.get("threshold") is not None and name == "calibration":  # `--threshold binormal`
             x = np.linspace(max(bins[0], 1e-9), bins[-1], 400)
             good = classes == normal
             for which, n, style in (("normal", good.sum(), "-"), ("anomalous", (~good).sum(), ":")):

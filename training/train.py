@@ -141,7 +141,8 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "binormal")
         chosen, aurocs = aggregate, calibrate.aggregate_aurocs(cal.maps, anomalous, candidates)
     cal.scores = image_scores(cal.graph_scores, cal.maps, chosen)
     # the same keys whatever the method: what was asked, why it was not used, binormal's fit
-    fitted = {"method_requested": method, "method_fallback": None, "threshold_fit": None}
+    fitted = {"method_requested": method, "method_fallback": None,
+              "threshold_fit": calibrate.BinormalFit.empty_json()}
     if method == "binormal":
         try:
             fit = calibrate.binormal_fit(cal.scores, anomalous)
