@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", default="binormal",
                    help="binormal (default: the cutoff with the best TPR - FPR between normal distributions "
                         "fitted to each class's Box-Cox transformed calibration scores; youden's point when "
-                        "it cannot be fitted), youden (seed: the same criterion on the calibration ROC; when the "
-                        "classes do not overlap, the middle of the gap between them), f1, fpr:RATE (largest tolerated false-reject "
-                        "rate of good parts on the calibration set, e.g. fpr:0.02) or cost:C@P (least expected cost on a line "
+                        "it cannot be fitted), youden (seed: the same criterion on the calibration ROC; when "
+                        "the classes do not overlap, the middle of the gap between them), f1, fpr:RATE "
+                        "(largest tolerated false-reject rate of good parts on the calibration set, e.g. "
+                        "fpr:0.02) or cost:C@P (least expected cost on a line "
                         "where P of the parts are defective and an escape costs C false rejects, e.g. "
                         "cost:20@0.01)")
     p.add_argument("--epochs", type=int, default=None, help="FCDD training epochs (default 200, the seed's)")

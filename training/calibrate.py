@@ -18,8 +18,8 @@ from edge.decision import aggregate_maps
 # What `--aggregate auto` chooses from, in order of preference when calibration AUROCs tie
 # (mean first: the seeds' default).
 AGGREGATE_CANDIDATES = ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max")
-THRESHOLD_METHODS = ("binormal, youden, f1, fpr:RATE (RATE: the largest tolerated false-reject rate of good parts, 0..1) "
-                     "or cost:C@P (an escaped defect costs C false rejects; P: the line's defect rate, 0..1)")
+THRESHOLD_METHODS = ("binormal, youden, f1, fpr:RATE (RATE: the largest tolerated false-reject rate of good "
+                     "parts, 0..1) or cost:C@P (an escaped defect costs C false rejects; P: the line's defect rate, 0..1)")
 
 
 def _checked(scores: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

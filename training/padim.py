@@ -5,8 +5,8 @@ Multi-scale features of a frozen backbone are concatenated at the stride-4 resol
 seeded random d of the 176 channels are kept (the paper's d = 100, training's default; run.json
 records the chosen channels), and each spatial patch gets a Gaussian: mean and Ledoit-Wolf
 covariance (the seed's is covariance + 0.01 I; see patch_covariances for why not). The anomaly
-map is the Mahalanobis distance per patch; the image score is the mean of the map at feature resolution (the runtime upsamples only for
-overlays).
+map is the Mahalanobis distance per patch; the image score is the mean of the map at feature
+resolution (the runtime upsamples only for overlays).
 
 `PaDiMModel` is a plain nn.Module with no training state, so it exports to ONNX as is.
 `embed()` is the textbook feature extraction (upsample, concatenate, select) used to fit;
