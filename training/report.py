@@ -40,7 +40,7 @@ def _fitted_counts(x: np.ndarray, fit: dict, which: str, n: int, bin_width: floa
     """A binormal fit's density of one class on the score axis, as images per histogram bin:
     the normal density of the transformed score boxcox(x / scale) times the transform's slope
     (x / scale)^(lambda - 1) / scale."""
-    lam, scale, sd = fit["boxcox_lambda"], fit.get("scale", 1.0), fit[f"{which}_sd"]
+    lam, scale, sd = fit["boxcox_lambda"], fit["scale"], fit[f"{which}_sd"]
     z = (boxcox(x / scale, lam) - fit[f"{which}_mean"]) / sd
     return norm.pdf(z) / sd * (x / scale) ** (lam - 1) / scale * n * bin_width
 
