@@ -12,6 +12,7 @@ sweep resumes where it stopped (--resume).
         [--workdir /tmp/linegate-accuracy] [--out benchmarks/results] [--resume]
         [--dims D --name accuracy_pillqc_padim_dD]   # PaDiM with another d, into another file
         [--augment hflip --detectors padim,patchcore --name accuracy_pillqc_hflip]  # mirrored normals
+        [--neighbourhood 1 --detectors padim --name accuracy_pillqc_padim_raw]  # the paper's raw features
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 
 from training.detectors import get_detector
 from training.padim import COVARIANCE as PADIM_COVARIANCE
+from training.padim import DEFAULT_NEIGHBOURHOOD
 from training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +38,10 @@ TARGET_FCDD_SECONDS = 15 * 60
 
 
 def _run(data: Path, workdir: Path, detector: str, seed: int, aggregate: str, threshold: str,
-         dims: int | None = None, augment: str | None = None) -> dict:
+         dims: int | None = None, augment: str | None = None, neighbourhood: int | None = None) -> dict:
     metrics = train(data, workdir / f"{detector}-seed{seed}", "normal", detector, seed=seed,
-                    aggregate=aggregate, threshold=threshold, dims=dims, augment=augment, report=False)
+                    aggregate=aggregate, threshold=threshold, dims=dims, augment=augment, report=False,
+                    neighbourhood=neighbourhood)
     cal, test = metrics["calibration"], metrics["test"]
     return {"detector": detector, "seed": seed, "test_auroc": test["auroc"], "test_accuracy": test["accuracy"],
             "test_f1": test["f1"], "test_confusion": test["confusion"], "calibration_auroc": cal["auroc"],
@@ -75,6 +78,8 @@ def markdown(result: dict) -> str:
              f"Aggregate `{result['aggregate']}` (chosen on each calibration set), threshold "
              f"`{result['threshold']}`"
              + (f"; PaDiM with d = {result['padim_dims']}" if result.get("padim_dims") else "")
+             + (f"; PaDiM's features averaged over {n} x {n} neighbourhoods"
+                if (n := result.get("padim_neighbourhood") or 1) > 1 else "")
              + (f"; `--augment {result['augment']}` for PaDiM and PatchCore" if result.get("augment") else "")
              + f"; test metrics on held-back images. {result['machine']}, "
              f"{result['date']}. Command: `{result['command']}`.", "",
@@ -115,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--resume", action="store_true", help="keep finished runs from an earlier JSON")
     parser.add_argument("--dims", type=int, default=None, help="PaDiM feature dimensions (default: its rule)")
+    parser.add_argument("--neighbourhood", type=int, default=DEFAULT_NEIGHBOURHOOD,
+                        help=f"PaDiM's feature neighbourhood (default {DEFAULT_NEIGHBOURHOOD}; "
+                             "1: the paper's raw features)")
     parser.add_argument("--augment", default=None,
                         help="mirrored normal training images for PaDiM and PatchCore (hflip, vflip)")
     parser.add_argument("--name", default="accuracy_pillqc", help="output file name, without .json/.md")
@@ -131,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(json_path.read_text())
         for key, value in (("aggregate", args.aggregate), ("threshold", args.threshold),
                            ("padim_dims", args.dims), ("padim_covariance", PADIM_COVARIANCE),
+                           ("padim_neighbourhood", args.neighbourhood),
                            ("augment", args.augment)):
             if earlier.get(key) != value:  # resumed runs must have been made the same way
                 parser.error(f"--resume: {json_path} was made with {key} = {earlier.get(key)!r}, "
                              f"not {value!r}; use another --name or drop --resume")
         runs = earlier["runs"]
     result = {"seeds": seeds, "detectors": detectors, "aggregate": args.aggregate, "threshold": args.threshold,
-              "padim_dims": args.dims, "padim_covariance": PADIM_COVARIANCE, "augment": args.augment,
+              "padim_dims": args.dims, "padim_covariance": PADIM_COVARIANCE,
+              "padim_neighbourhood": args.neighbourhood, "augment": args.augment,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"{platform.processor() or platform.platform()}",
               "date": time.strftime("%Y-%m-%d"),
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"== {det} seed {seed}", flush=True)
             runs.append(_run(data, workdir, det, seed, args.aggregate, args.threshold, args.dims,
-                             args.augment if get_detector(det).mirrors else None))
+                             args.augment if get_detector(det).mirrors else None,
+                             args.neighbourhood if det == "padim" else None))
             r = runs[-1]
             print(f"   test AUROC {r['test_auroc']:.4f} accuracy {r['test_accuracy']:.4f} aggregate "
                   f"{r['aggregate']} train {r['train_seconds']:.0f} s", flush=True)

@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(args.data, args.out, args.normal_class, args.model, args.seed, weights,
                     args.image_size, args.split, aggregate=args.aggregate, threshold=args.threshold,
                     epochs=args.epochs, coreset_ratio=args.coreset_ratio, dims=args.dims,
-                    augment=args.augment)
+                    augment=args.augment, neighbourhood=args.neighbourhood)
     _print_metrics(metrics)
     print(f"report: {args.out}/report/report.html")
     if metrics["skipped"]:
@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PatchCore memory bank size as a fraction of the training patches (default 0.1)")
     p.add_argument("--dims", type=int, default=None,
                    help="PaDiM random feature dimensions (default: the paper's 100)")
+    p.add_argument("--neighbourhood", type=int, default=None,
+                   help="PaDiM: average each backbone feature map over an NxN neighbourhood before the "
+                        "Gaussians (odd N; default 3, locally aware features as in PatchCore; 1: the "
+                        "paper's raw features)")
     p.add_argument("--augment", default=None,
                    help="PaDiM and PatchCore: add mirrored copies of the normal training images: hflip, "
                         "vflip or hflip,vflip. Only where a mirrored part looks normal (e.g. lit from above: "

@@ -19,7 +19,7 @@ RUN = {"detector": "padim", "seed": 0, "test_auroc": 0.99, "test_accuracy": 0.95
 
 def _earlier(out: Path, **settings) -> None:
     base = {"aggregate": "auto", "threshold": "binormal", "padim_dims": None, "padim_covariance": "ledoit-wolf",
-            "augment": None}
+            "padim_neighbourhood": 3, "augment": None}
     (out / "acc.json").write_text(json.dumps({**base, **settings, "runs": [RUN]}))
 
 
@@ -27,6 +27,8 @@ def _earlier(out: Path, **settings) -> None:
     ({"augment": "hflip"}, "was made with augment = 'hflip', not None"),
     # a sweep from before PaDiM's Ledoit-Wolf fit: the same options then meant another model
     ({"padim_covariance": None}, "was made with padim_covariance = None, not 'ledoit-wolf'"),
+    # and one from before its locally aware features
+    ({"padim_neighbourhood": None}, "was made with padim_neighbourhood = None, not 3"),
 ])
 def test_resume_refuses_a_sweep_made_another_way(pillqc, tmp_path, capsys, settings, message):
     _earlier(tmp_path, **settings)
@@ -44,3 +46,4 @@ def test_a_fully_resumed_sweep_writes_its_table(pillqc, tmp_path):
     table = (tmp_path / "acc.md").read_text()
     assert "| padim | 0.9900 | 0.9900 | >= 0.995 (NOT met) | 0.9500 |" in table
     assert "`--augment hflip` for PaDiM and PatchCore" in table
+    assert "PaDiM's features averaged over 3 x 3 neighbourhoods" in table

@@ -29,12 +29,14 @@ def straightforward_maps(train_emb: np.ndarray, test_emb: np.ndarray, ledoit: bo
     return np.sqrt(np.einsum("pmi,pij,pmj->mp", diff, inv, diff)).reshape(-1, h, w)
 
 
-@pytest.mark.parametrize("size, groups", [(64, (2, 1, 1)), (72, (1, 1, 1)), (96, (3, 2, 2))])
-def test_head_layouts_match_textbook(size, groups):
+@pytest.mark.parametrize("size, groups, neighbourhood", [(64, (2, 1, 1), 1), (72, (1, 1, 1), 1), (96, (3, 2, 2), 1),
+                                                        (64, (2, 1, 1), 3), (72, (1, 1, 1), 5)])
+def test_head_layouts_match_textbook(size, groups, neighbourhood):
     """64/96 px: taps nest (patches share coarse features); 72 px: taps 18/9/5 don't nest,
-    the row-major fallback. Several output-group splits of the triangle."""
+    the row-major fallback. Several output-group splits of the triangle, with raw and with
+    locally aware features."""
     torch.manual_seed(0)
-    model = PaDiMModel(load_backbone("imagenet", image_size=size), select_channels(3, 24), groups)
+    model = PaDiMModel(load_backbone("imagenet", image_size=size), select_channels(3, 24), groups, neighbourhood)
     train = torch.rand(30, 3, size, size) * 255
     emb = extract(model.embed, train, 15).double()
     n, d, h, w = emb.shape
@@ -77,6 +79,27 @@ def test_fast_head_matches_textbook_on_pillqc(pillqc_run):
     np.testing.assert_allclose(ort_scores, expected.mean(axis=(1, 2)), rtol=1e-4)
     # the defective parts are the ones that stand out
     assert expected[0].mean() < min(expected[1].mean(), expected[2].mean())
+
+
+def test_locally_aware_features_average_each_taps_3x3_neighbourhood():
+    """embed() with neighbourhood 3 against a hand-written mean of the 3x3 neighbours (zeros
+    beyond the border, counted), at the tap's own resolution, then the nearest upsample."""
+    torch.manual_seed(0)
+    backbone = load_backbone("imagenet", image_size=64)
+    channels = torch.arange(176)
+    pixels = torch.rand(2, 3, 64, 64) * 255
+    with torch.no_grad():
+        raw = backbone.features(pixels)
+        emb = PaDiMModel(backbone, channels, neighbourhood=3).embed(pixels)
+    start = 0
+    for tap in raw:
+        c, h, w = tap.shape[1:]
+        padded = torch.nn.functional.pad(tap, (1, 1, 1, 1))
+        hand = sum(padded[:, :, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9
+        step = emb.shape[-1] // w  # the taps nest at 64 px: every step-th patch holds one feature
+        torch.testing.assert_close(emb[:, start:start + c, ::step, ::step], hand, rtol=1e-5, atol=1e-5)
+        start += c
+    assert start == emb.shape[1]
 
 
 def test_runs_saved_with_the_old_head_still_load():

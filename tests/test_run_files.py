@@ -109,6 +109,22 @@ def test_old_runs_without_the_channel_list_still_load(copy):
     torch.testing.assert_close(_scores(after), _scores(before), rtol=0, atol=0)
 
 
+def test_run_json_holds_the_neighbourhood_and_runs_without_it_are_raw_padim(copy):
+    """Runs saved before locally aware features were fitted on raw features: without the key
+    they must load as such (neighbourhood 1), not as today's default."""
+    meta = read_json(copy / "run.json")
+    assert meta["neighbourhood"] == 3  # training's default
+    pooled, _ = load_run(copy)
+    assert pooled.neighbourhood == 3
+    _edit(copy / "run.json", lambda m: m.pop("neighbourhood"))
+    raw, _ = load_run(copy)
+    assert raw.neighbourhood == 1
+    assert not torch.allclose(_scores(raw), _scores(pooled))  # the key changes what is computed
+    _edit(copy / "run.json", lambda m: m.update(neighbourhood=4))
+    with pytest.raises(ValueError, match=r"run\.json: 'neighbourhood' 4: must be an odd integer .*re-train the run"):
+        load_run(copy)
+
+
 def test_a_malformed_channel_list_names_run_json(copy):
     _edit(copy / "run.json", lambda m: m.update(channels=[3, 1, 2]))
     with pytest.raises(ValueError, match=r"run\.json: 'channels' must be 12 \(dims\) sorted"):
@@ -205,6 +221,9 @@ def test_evaluate_keeps_the_training_time_skipped_files(copy):
     ({"dims": 177}, r"--dims 177: must be an integer in 1\.\.176"),
     ({"image_size": 16}, r"--image-size 16: must be an integer of at least 32"),
     ({"batch_size": 0}, r"--batch-size 0: must be an integer of at least 1"),
+    ({"neighbourhood": 2}, r"--neighbourhood 2: must be an odd integer >= 1"),
+    ({"neighbourhood": 0}, r"--neighbourhood 0: must be an odd integer >= 1"),
+    ({"model": "patchcore", "neighbourhood": 3}, r"--neighbourhood applies to padim only, not patchcore"),
 ])
 def test_out_of_range_numbers_fail_before_any_work(tmp_path, kwargs, message):
     data = _dataset(tmp_path / "data")

@@ -19,7 +19,7 @@ from .backbone import TAP_CHANNELS, EfficientNetLite0, load_backbone
 from .coreset import DEFAULT_CORESET_RATIO, fit_patchcore
 from .fcdd import FCDDHead, FCDDModel
 from .fcdd_train import DEFAULT_EPOCHS, train_fcdd
-from .padim import DEFAULT_DIMS, PaDiMModel, fit_padim, select_channels
+from .padim import DEFAULT_DIMS, DEFAULT_NEIGHBOURHOOD, PaDiMModel, check_neighbourhood, fit_padim, select_channels
 from .patchcore import PatchCoreModel
 
 
@@ -55,18 +55,23 @@ def _padim_shape(model: PaDiMModel) -> dict:
     # The channel list itself, not just the seed: torch.randperm need not give the same
     # permutation in another PyTorch version, and the head's index buffers are built from it.
     return {"map_size": list(model.map_size), "dims": int(model.channels.numel()),
-            "channels": model.channels.tolist()}
+            "channels": model.channels.tolist(), "neighbourhood": model.neighbourhood}
 
 
 def _padim_build(meta: dict, backbone: EfficientNetLite0) -> PaDiMModel:
+    neighbourhood = meta.get("neighbourhood", 1)  # runs from before the key were fitted on raw features
+    try:
+        check_neighbourhood(neighbourhood, "run.json: 'neighbourhood'")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; re-train the run") from None
     if "channels" not in meta:  # runs from before the key: the seed's choice, checked on load
-        return PaDiMModel(backbone, select_channels(meta["seed"], meta["dims"]))
+        return PaDiMModel(backbone, select_channels(meta["seed"], meta["dims"]), neighbourhood=neighbourhood)
     channels, total = meta["channels"], sum(TAP_CHANNELS.values())
     if not (isinstance(channels, list) and channels and all(type(c) is int and 0 <= c < total for c in channels)
             and channels == sorted(set(channels)) and len(channels) == meta["dims"]):
         raise ValueError(f"run.json: 'channels' must be {meta['dims']} (dims) sorted distinct integers in "
                          f"0..{total - 1}; re-train the run")
-    return PaDiMModel(backbone, torch.tensor(channels))
+    return PaDiMModel(backbone, torch.tensor(channels), neighbourhood=neighbourhood)
 
 
 def _fcdd_build(meta: dict, backbone: EfficientNetLite0) -> FCDDModel:
@@ -82,8 +87,10 @@ DETECTORS: dict[str, Detector] = {
     "padim": Detector(
         "padim",
         fit=lambda f: fit_padim(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
-                                dims=DEFAULT_DIMS if f.options.get("dims") is None else f.options["dims"]),
-        shape=_padim_shape, build=_padim_build, options={"dims": None}, keys=("seed", "dims", "map_size")),
+                                dims=DEFAULT_DIMS if f.options.get("dims") is None else f.options["dims"],
+                                neighbourhood=f.options.get("neighbourhood") or DEFAULT_NEIGHBOURHOOD),
+        shape=_padim_shape, build=_padim_build, options={"dims": None, "neighbourhood": None},
+        keys=("seed", "dims", "map_size")),
     "fcdd": Detector(
         "fcdd",
         fit=lambda f: train_fcdd(f.backbone, f.normal, f.outliers, seed=f.seed,

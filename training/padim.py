@@ -8,6 +8,13 @@ covariance (the seed's is covariance + 0.01 I; see patch_covariances for why not
 map is the Mahalanobis distance per patch; the image score is the mean of the map at feature
 resolution (the runtime upsamples only for overlays).
 
+Locally aware features (training's default, `neighbourhood` 3): each tap is first averaged
+over the 3x3 neighbourhood of every feature at its own resolution, as PatchCore does (Roth et
+al. 2022, section 3.1): a patch's Gaussian then describes its surroundings too, and a part a
+pixel or two off where the training parts were is less of a surprise. neighbourhood 1 is the
+paper's PaDiM (and what runs saved without the key hold). Chosen on calibration figures:
+benchmarks/results/README.md.
+
 `PaDiMModel` is a plain nn.Module with no training state, so it exports to ONNX as is.
 `embed()` is the textbook feature extraction (upsample, concatenate, select) used to fit;
 `forward()` computes the same distances in a form that costs little next to the backbone
@@ -44,6 +51,7 @@ from .backbone import TAP_BLOCKS, TAP_CHANNELS, EfficientNetLite0
 COV_EPS = 0.01  # the seed's regulariser: covariance + 0.01 I
 COVARIANCE = "ledoit-wolf"  # how fit_padim estimates a patch's covariance (benchmarks record it)
 DEFAULT_DIMS = 100
+DEFAULT_NEIGHBOURHOOD = 3  # locally aware features; 1 = the paper's
 TAPS = tuple(TAP_BLOCKS)  # order of backbone.features(): stride4, stride8, stride16
 # Output groups per tap in the head, coarse tap first. More groups skip more of the zero
 # triangle but add GEMM calls; on ORT CPU (2 cores) splitting the stride-16 tap in two saves
@@ -81,10 +89,14 @@ def _nearest_source(size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor
 
 
 class PaDiMModel(nn.Module):
-    def __init__(self, backbone: EfficientNetLite0, channels: torch.Tensor, groups: tuple[int, ...] = HEAD_GROUPS):
+    def __init__(self, backbone: EfficientNetLite0, channels: torch.Tensor, groups: tuple[int, ...] = HEAD_GROUPS,
+                 neighbourhood: int = 1):
         """An empty model (zero weights) for `channels` (sorted indices into the concatenated
-        taps); fit_padim fills it, or load_state_dict does."""
+        taps), whose taps are averaged over `neighbourhood` x `neighbourhood` features (odd;
+        1: not at all); fit_padim fills it, or load_state_dict does."""
         super().__init__()
+        check_neighbourhood(neighbourhood)
+        self.neighbourhood = int(neighbourhood)
         self.backbone = backbone
         sizes = _tap_sizes(backbone)
         self.map_size = sizes[0]
@@ -147,16 +159,26 @@ class PaDiMModel(nn.Module):
                 self.register_buffer(name, torch.zeros(level.blocks, level.share * m, k))
                 self.terms.append(_Term(g, lvl, k, name))
 
+    def taps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's taps, each at its own resolution, averaged over the neighbourhood."""
+        taps = self.backbone.features(pixels)
+        if self.neighbourhood == 1:
+            return taps
+        n = self.neighbourhood
+        # zero padding counted in the mean, as PatchCore's: a border patch sees the same zeros
+        # when fitted and when scored
+        return [F.avg_pool2d(t, n, stride=1, padding=n // 2) for t in taps]
+
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels 0..255 -> (B, D, h, w) selected multi-scale features."""
-        taps = self.backbone.features(pixels)
+        taps = self.taps(pixels)
         taps = [t if t.shape[-2:] == self.map_size else F.interpolate(t, size=self.map_size, mode="nearest")
                 for t in taps]
         return torch.index_select(torch.cat(taps, dim=1), 1, self.channels)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (score (B,), anomaly_map (B, h, w)); score = mean of the map."""
-        taps = self.backbone.features(pixels)
+        taps = self.taps(pixels)
         b = pixels.shape[0]
         xs = []
         for lvl, level in enumerate(self.levels):
@@ -220,6 +242,13 @@ class PaDiMModel(nn.Module):
             getattr(self, term.name).copy_(weight.float())
 
 
+def check_neighbourhood(n: object, name: str = "PaDiM neighbourhood") -> None:
+    """`name` says where the value came from (an option, a run.json key)."""
+    if type(n) is not int or n < 1 or n % 2 == 0:  # an even window would shift the map by half a patch
+        raise ValueError(f"{name} {n!r}: must be an odd integer >= 1 (3: locally aware features, the "
+                         "default; 1: the paper's raw features)")
+
+
 def select_channels(seed: int, dims: int = DEFAULT_DIMS) -> torch.Tensor:
     total = sum(TAP_CHANNELS.values())
     gen = torch.Generator().manual_seed(seed)
@@ -239,11 +268,12 @@ def extract(model_embed, images: torch.Tensor, batch_size: int = 16, desc: str =
 
 @torch.no_grad()
 def fit_padim(backbone: EfficientNetLite0, train_images: torch.Tensor, seed: int = 0,
-              dims: int = DEFAULT_DIMS, batch_size: int = 16) -> PaDiMModel:
+              dims: int = DEFAULT_DIMS, batch_size: int = 16,
+              neighbourhood: int = DEFAULT_NEIGHBOURHOOD) -> PaDiMModel:
     """Fit the per-patch Gaussians on normal images (N, 3, H, W) pixels 0..255."""
     if len(train_images) < 2:
         raise ValueError("PaDiM needs at least 2 normal training images")
-    model = PaDiMModel(backbone, select_channels(seed, dims))
+    model = PaDiMModel(backbone, select_channels(seed, dims), neighbourhood=neighbourhood)
     emb = extract(model.embed, train_images, batch_size, desc="PaDiM features")  # (N, D, h, w)
     n = emb.shape[0]
     x = emb.reshape(n, dims, -1).permute(2, 0, 1).double()  # (P, N, D)

@@ -33,7 +33,7 @@ from .augment import parse_augment, with_mirrors
 from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
 from .data import LoadedImages, Split, SplitCounts, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
-from .padim import extract
+from .padim import check_neighbourhood, extract
 from .runfiles import read_run_json, require, retrain_hint
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_numbers(image_size: int = MIN_IMAGE_SIZE, batch_size: int = 1, dims: int | None = None) -> None:
+def _check_numbers(image_size: int = MIN_IMAGE_SIZE, batch_size: int = 1, dims: int | None = None,
+                   neighbourhood: int | None = None) -> None:
     """Out-of-range numbers fail before any work, naming the option."""
     total = sum(TAP_CHANNELS.values())
     if not _whole(image_size) or image_size < MIN_IMAGE_SIZE:
@@ -222,6 +223,8 @@ def _check_numbers(image_size: int = MIN_IMAGE_SIZE, batch_size: int = 1, dims: 
     if dims is not None and (not _whole(dims) or not 1 <= dims <= total):
         raise ValueError(f"--dims {dims}: must be an integer in 1..{total} (the backbone's tapped channels); "
                          "leave it out for the paper's 100")
+    if neighbourhood is not None:
+        check_neighbourhood(neighbourhood, "--neighbourhood")
 
 
 def _detector_options(model: str, given: dict) -> dict:
@@ -238,18 +241,20 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           seed: int = 0, weights: str | None = "imagenet", image_size: int = 224,
           counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean",
           threshold: str = "binormal", epochs: int | None = None, coreset_ratio: float | None = None,
-          dims: int | None = None, augment: str | None = None, report: bool = True) -> dict:
+          dims: int | None = None, augment: str | None = None, report: bool = True,
+          neighbourhood: int | None = None) -> dict:
     """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json).
     `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of the normal training
     images (training/augment.py); calibration and test images are never mirrored."""
     detector = get_detector(model)
     _check_choices(aggregate, threshold)
-    _check_numbers(image_size, batch_size, dims)
+    _check_numbers(image_size, batch_size, dims, neighbourhood)
     mirrors = parse_augment(augment)
     if mirrors and not detector.mirrors:
         raise ValueError(f"--augment applies to {', '.join(d.name for d in DETECTORS.values() if d.mirrors)} "
                          f"only: {model} already trains with random flips and turns")
-    options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims})
+    options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims,
+                                        "neighbourhood": neighbourhood})
     started = time.time()
     torch.manual_seed(seed)
     run_dir = Path(out)
