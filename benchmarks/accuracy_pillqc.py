@@ -72,14 +72,20 @@ def summarise(runs: list[dict], detectors: list[str]) -> dict:
     return summary
 
 
+def _neighbourhood_text(n: int | None) -> str:
+    if n is None:  # sweeps from before the option: raw features, not recorded
+        return ""
+    return f"; PaDiM's features averaged over {n} x {n} neighbourhoods" if n > 1 else \
+        "; PaDiM on raw features (`--neighbourhood 1`)"
+
+
 def markdown(result: dict) -> str:
     s, runs = result["summary"], result["runs"]
     lines = [f"# Accuracy on pillQC, seed protocol (70/30/15/2), seeds {result['seeds']}", "",
              f"Aggregate `{result['aggregate']}` (chosen on each calibration set), threshold "
              f"`{result['threshold']}`"
              + (f"; PaDiM with d = {result['padim_dims']}" if result.get("padim_dims") else "")
-             + (f"; PaDiM's features averaged over {n} x {n} neighbourhoods"
-                if (n := result.get("padim_neighbourhood") or 1) > 1 else "")
+             + _neighbourhood_text(result.get("padim_neighbourhood"))
              + (f"; `--augment {result['augment']}` for PaDiM and PatchCore" if result.get("augment") else "")
              + f"; test metrics on held-back images. {result['machine']}, "
              f"{result['date']}. Command: `{result['command']}`.", "",

@@ -109,19 +109,35 @@ def test_old_runs_without_the_channel_list_still_load(copy):
     torch.testing.assert_close(_scores(after), _scores(before), rtol=0, atol=0)
 
 
-def test_run_json_holds_the_neighbourhood_and_runs_without_it_are_raw_padim(copy):
-    """Runs saved before locally aware features were fitted on raw features: without the key
-    they must load as such (neighbourhood 1), not as today's default."""
+def test_run_json_and_model_pt_hold_the_neighbourhood_and_must_agree(copy):
+    """The feature neighbourhood changes what is computed, so run.json and model.pt both hold
+    it: a run.json that lost or changed it is refused, not misread."""
     meta = read_json(copy / "run.json")
     assert meta["neighbourhood"] == 3  # training's default
     pooled, _ = load_run(copy)
     assert pooled.neighbourhood == 3
+    _edit(copy / "run.json", lambda m: m.pop("neighbourhood"))  # would load as raw features (below)
+    with pytest.raises(ValueError, match=r"model\.pt was fitted with PaDiM neighbourhood 3, run\.json gives 1: "
+                                         r"set run\.json \"neighbourhood\" to 3"):
+        load_run(copy)
+    _edit(copy / "run.json", lambda m: m.update(neighbourhood=4))
+    with pytest.raises(ValueError, match=r"run\.json: 'neighbourhood' 4: must be an odd integer >= 1 \(put back "
+                                         r"the value the run was trained with"):
+        load_run(copy)
+
+
+def test_runs_saved_before_the_neighbourhood_load_as_raw_padim(copy):
+    """model.pt and run.json from before the option hold neither: fitted on raw features."""
+    pooled, _ = load_run(copy)
+    state = torch.load(copy / "model.pt", weights_only=True)
+    del state["neighbourhood_size"]
+    torch.save(state, copy / "model.pt")
     _edit(copy / "run.json", lambda m: m.pop("neighbourhood"))
     raw, _ = load_run(copy)
     assert raw.neighbourhood == 1
-    assert not torch.allclose(_scores(raw), _scores(pooled))  # the key changes what is computed
-    _edit(copy / "run.json", lambda m: m.update(neighbourhood=4))
-    with pytest.raises(ValueError, match=r"run\.json: 'neighbourhood' 4: must be an odd integer .*re-train the run"):
+    assert not torch.allclose(_scores(raw), _scores(pooled))  # the same weights on other features
+    _edit(copy / "run.json", lambda m: m.update(neighbourhood=3))  # such a model.pt is raw: refused
+    with pytest.raises(ValueError, match=r"model\.pt was fitted with PaDiM neighbourhood 1, run\.json gives 3"):
         load_run(copy)
 
 
@@ -224,12 +240,24 @@ def test_evaluate_keeps_the_training_time_skipped_files(copy):
     ({"neighbourhood": 2}, r"--neighbourhood 2: must be an odd integer >= 1"),
     ({"neighbourhood": 0}, r"--neighbourhood 0: must be an odd integer >= 1"),
     ({"model": "patchcore", "neighbourhood": 3}, r"--neighbourhood applies to padim only, not patchcore"),
+    ({"neighbourhood": 29}, r"--neighbourhood 29: at --image-size 224 the coarsest feature map is 14 x 14, and a "
+                            r"window wider than 27"),
 ])
 def test_out_of_range_numbers_fail_before_any_work(tmp_path, kwargs, message):
     data = _dataset(tmp_path / "data")
     with pytest.raises(ValueError, match=message):
         train(data, tmp_path / "run", **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_refuses_a_bad_neighbourhood_before_any_work(tmp_path):
+    data = _dataset(tmp_path / "data")
+    for args, message in ((["--neighbourhood", "2"], "--neighbourhood 2: must be an odd integer >= 1"),
+                          (["--model", "fcdd", "--neighbourhood", "3"], "--neighbourhood applies to padim only")):
+        proc = subprocess.run(linegate_cmd("train", str(data), "--out", str(tmp_path / "run"), *args),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_dataset_with_only_the_normal_class_fails_before_fitting(tmp_path):

@@ -60,10 +60,8 @@ def _padim_shape(model: PaDiMModel) -> dict:
 
 def _padim_build(meta: dict, backbone: EfficientNetLite0) -> PaDiMModel:
     neighbourhood = meta.get("neighbourhood", 1)  # runs from before the key were fitted on raw features
-    try:
-        check_neighbourhood(neighbourhood, "run.json: 'neighbourhood'")
-    except ValueError as exc:
-        raise ValueError(f"{exc}; re-train the run") from None
+    check_neighbourhood(neighbourhood, "run.json: 'neighbourhood'",
+                        "put back the value the run was trained with, or re-train the run")
     if "channels" not in meta:  # runs from before the key: the seed's choice, checked on load
         return PaDiMModel(backbone, select_channels(meta["seed"], meta["dims"]), neighbourhood=neighbourhood)
     channels, total = meta["channels"], sum(TAP_CHANNELS.values())
@@ -88,7 +86,8 @@ DETECTORS: dict[str, Detector] = {
         "padim",
         fit=lambda f: fit_padim(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
                                 dims=DEFAULT_DIMS if f.options.get("dims") is None else f.options["dims"],
-                                neighbourhood=f.options.get("neighbourhood") or DEFAULT_NEIGHBOURHOOD),
+                                neighbourhood=DEFAULT_NEIGHBOURHOOD if f.options.get("neighbourhood") is None
+                                else f.options["neighbourhood"]),
         shape=_padim_shape, build=_padim_build, options={"dims": None, "neighbourhood": None},
         keys=("seed", "dims", "map_size")),
     "fcdd": Detector(

@@ -97,6 +97,8 @@ class PaDiMModel(nn.Module):
         super().__init__()
         check_neighbourhood(neighbourhood)
         self.neighbourhood = int(neighbourhood)
+        # saved in model.pt too, so a run.json that lost or changed the key is refused on load
+        self.register_buffer("neighbourhood_size", torch.tensor(self.neighbourhood))
         self.backbone = backbone
         sizes = _tap_sizes(backbone)
         self.map_size = sizes[0]
@@ -213,6 +215,13 @@ class PaDiMModel(nn.Module):
                 f"ones run.json gives ({self.channels.numel()}: {self.channels.tolist()[:6]}...), e.g. a run "
                 "without run.json 'channels' whose seeded choice this PyTorch version draws differently; "
                 "add model.pt's channel list to run.json as \"channels\", or re-train the run")
+        key = prefix + "neighbourhood_size"
+        fitted = int(state_dict[key]) if key in state_dict else 1  # saved before the option: raw features
+        if fitted != self.neighbourhood:
+            raise ValueError(f"model.pt was fitted with PaDiM neighbourhood {fitted}, run.json gives "
+                             f"{self.neighbourhood}: set run.json \"neighbourhood\" to {fitted}, the value the run "
+                             "was trained with")
+        state_dict[key] = self.neighbourhood_size.clone()
         # Runs saved before the blocked head hold `mean` (P, D) and `whiten` (P, D, D) = C^-T
         # in `channels` order: the covariance is (whiten whiten^T)^-1, so they still load.
         mean, whiten = state_dict.pop(prefix + "mean", None), state_dict.pop(prefix + "whiten", None)
@@ -242,11 +251,11 @@ class PaDiMModel(nn.Module):
             getattr(self, term.name).copy_(weight.float())
 
 
-def check_neighbourhood(n: object, name: str = "PaDiM neighbourhood") -> None:
-    """`name` says where the value came from (an option, a run.json key)."""
+def check_neighbourhood(n: object, name: str = "PaDiM neighbourhood",
+                        hint: str = "3: locally aware features, the default; 1: the paper's raw features") -> None:
+    """`name` says where the value came from (an option, a run.json key), `hint` what to do."""
     if type(n) is not int or n < 1 or n % 2 == 0:  # an even window would shift the map by half a patch
-        raise ValueError(f"{name} {n!r}: must be an odd integer >= 1 (3: locally aware features, the "
-                         "default; 1: the paper's raw features)")
+        raise ValueError(f"{name} {n!r}: must be an odd integer >= 1 ({hint})")
 
 
 def select_channels(seed: int, dims: int = DEFAULT_DIMS) -> torch.Tensor:

@@ -225,6 +225,11 @@ def _check_numbers(image_size: int = MIN_IMAGE_SIZE, batch_size: int = 1, dims: 
                          "leave it out for the paper's 100")
     if neighbourhood is not None:
         check_neighbourhood(neighbourhood, "--neighbourhood")
+        coarsest = -(-image_size // 16)  # the stride-16 feature map's side
+        if neighbourhood > 2 * coarsest - 1:  # every position would average the whole map alike
+            raise ValueError(f"--neighbourhood {neighbourhood}: at --image-size {image_size} the coarsest feature "
+                             f"map is {coarsest} x {coarsest}, and a window wider than {2 * coarsest - 1} gives "
+                             "every position of it the same average; use a small odd number (3, the default)")
 
 
 def _detector_options(model: str, given: dict) -> dict:
