@@ -10,10 +10,10 @@ resolution (the runtime upsamples only for overlays).
 
 Locally aware features (training's default, `neighbourhood` 3): each tap is first averaged
 over the 3x3 neighbourhood of every feature at its own resolution, as PatchCore does (Roth et
-al. 2022, section 3.1): a patch's Gaussian then describes its surroundings too, and a part a
-pixel or two off where the training parts were is less of a surprise. neighbourhood 1 is the
-paper's PaDiM (and what runs saved without the key hold). Chosen on calibration figures:
-benchmarks/results/README.md.
+al. 2022, section 3.1, whose argument is a larger receptive field at the same resolution and
+robustness to small spatial deviations): a patch's Gaussian then describes its surroundings
+too. neighbourhood 1 is the paper's PaDiM (and what runs saved without the key hold). Chosen
+on calibration figures, not on that argument: benchmarks/results/README.md.
 
 `PaDiMModel` is a plain nn.Module with no training state, so it exports to ONNX as is.
 `embed()` is the textbook feature extraction (upsample, concatenate, select) used to fit;
