@@ -13,7 +13,11 @@ taking turns in short rounds so that load from other processes hits them alike (
 round counts). Then, for the first engine:
 (d) latency from capture (when the frame was due on the source's schedule) to the
     subscriber's receipt at a fixed offered frame rate (`--rate`, default half the measured
-    pipeline throughput), p50/p95/p99/max over every frame of every round, for each max_wait_ms;
+    pipeline throughput), p50/p95/p99/max over every frame of every round, for each max_wait_ms,
+    beside two floors measured in the same rounds: the engine called alone on one frame at that
+    rate (this box's jitter), and the engine fed by the runtime's batcher alone at that rate and
+    max_wait_ms (the queueing any pipeline on this engine has: no source, no decisions, no
+    publishing, no subscriber);
 (e) resident memory of the process during a soak at that rate (`--soak-seconds`).
 
 Writes OUT/bench.json, OUT/bench.md (tables, the ratios to the limit, the issue's targets) and
@@ -407,7 +411,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 raise ValueError(f"{args.bundle}: nothing to measure here ({skipped or 'no model matches --precision'})")
             bench = Bench(bundle, DecisionRule.from_bundle(bundle), frames, endpoint, conn, args.overlay_accepts)
             slice_s = args.seconds / args.rounds
-            steps = len(batches) * args.rounds + args.latency_rounds * (len(waits) + 1) + (1 if args.soak_seconds > 0 else 0)
+            steps = len(batches) * args.rounds + args.latency_rounds * (2 * len(waits) + 1) + (1 if args.soak_seconds > 0 else 0)
             with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
                 for batch in batches:
                     x = np.ascontiguousarray(tensors[np.arange(batch) % len(tensors)])
@@ -446,9 +450,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                 result["latency_ms"] = {"engine": first.key, "batch": lat_batch, "offered_fps": rate,
                                         "rate_from": "--rate" if args.rate else f"half the pipeline's {base_fps:.1f} img/s",
                                         "rounds": args.latency_rounds, "seconds_per_round": args.latency_seconds,
-                                        "by_max_wait_ms": {}}
-                x_one = np.ascontiguousarray(tensors[:1])
-                samples, round_ratios = _measure_latency(bench, first, lat_batch, rate, waits, args, bar, x_one)
+                                        "by_max_wait_ms": {}, "batcher_alone": {}}
+                samples, round_ratios = _measure_latency(bench, first, lat_batch, rate, waits, args, bar, tensors)
                 for name, ms in samples.items():
                     summary = latency_summary(np.concatenate(ms["latency"]))
                     ratios = [r for r in round_ratios[name] if r is not None]
@@ -457,10 +460,14 @@ def run_bench(args: argparse.Namespace) -> dict:
                                    **{k: v for k, v in ms.items() if k != "latency"})
                     if name == ENGINE_ALONE:
                         result["latency_ms"]["engine_alone"] = summary
+                    elif name.startswith(BATCHER_ALONE):
+                        result["latency_ms"]["batcher_alone"][name.removeprefix(BATCHER_ALONE).strip()] = summary
                     else:
                         result["latency_ms"]["by_max_wait_ms"][name] = summary
-                samples = {float(k): np.concatenate(v["latency"]) for k, v in samples.items() if k != ENGINE_ALONE}
-                result["_latency_samples"] = samples
+                result["_latency_samples"] = {float(k): np.concatenate(samples[k]["latency"])
+                                              for k in result["latency_ms"]["by_max_wait_ms"]}
+                result["_floor_samples"] = {float(k): np.concatenate(samples[f"{BATCHER_ALONE} {k}"]["latency"])
+                                            for k in result["latency_ms"]["batcher_alone"]}
                 if args.soak_seconds > 0:
                     bar.set_description(f"bench soak {args.soak_seconds:g} s at {rate:g} img/s")
                     result["rss_mb"] = _soak(bench, first, lat_batch, rate, args.soak_seconds)
@@ -486,29 +493,38 @@ def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
     return (receipt[keep] - capture[keep]) * 1000.0
 
 
-ENGINE_ALONE = "engine alone"  # the floor the pipeline's latency is compared with
+ENGINE_ALONE = "engine alone"  # one frame per call, nothing queued: the machine's own jitter
+BATCHER_ALONE = "batcher alone"  # prefix: the engine fed by the batcher alone, per max_wait_ms
 
 
 def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, waits: list[float],
-                     args: argparse.Namespace, bar, x_one: np.ndarray) -> tuple[dict, dict]:
-    """Capture -> subscriber latency at `rate` for each max_wait_ms, and the engine called
-    alone on one frame at the same rate (the floor: this box's own jitter), in
+                     args: argparse.Namespace, bar, tensors: np.ndarray) -> tuple[dict, dict]:
+    """Capture -> subscriber latency at `rate` for each max_wait_ms, and two floors: the engine
+    called alone on one frame at the same rate (this box's own jitter), and the engine fed by
+    the batcher alone (`_paced_batcher_ms`: its queueing at this rate), in
     `args.latency_rounds` rounds that take turns, so a noisy spell of the machine hits every
-    setting alike. Returns ({name: {"latency": [ms per round], ...}}, {name: [p99/p50 per round]})."""
-    names = [f"{w:g}" for w in waits] + [ENGINE_ALONE]
+    setting alike; each pipeline setting is followed at once by its batcher-alone floor.
+    Returns ({name: {"latency": [ms per round], ...}},
+    {name: [p99/p50 per round]}); names: f"{wait:g}", f"{BATCHER_ALONE} {wait:g}", ENGINE_ALONE."""
+    settings = [s for w in waits for s in ((f"{w:g}", "pipeline", w), (f"{BATCHER_ALONE} {w:g}", "batcher", w))]
+    settings.append((ENGINE_ALONE, "engine", None))
+    names = [name for name, _, _ in settings]
     samples: dict[str, dict] = {n: {"latency": [], "achieved_fps": [], "lost": 0, "stages": [], "source_late": []}
                                 for n in names}
     ratios: dict[str, list] = {n: [] for n in names}
     count = max(20, int(rate * args.latency_seconds))
+    warmup_s = min(1.0, args.latency_seconds / 5)
     for r in range(args.latency_rounds):
-        for wait, name in zip([*waits, None], names):
-            bar.set_description(f"bench latency {name if wait is None else f'max_wait_ms={name}'} at {rate:g} img/s, "
-                                f"round {r + 1}/{args.latency_rounds}")
-            if wait is None:
-                ms = _paced_engine_ms(target.engine, x_one, rate, count)
+        for name, kind, wait in settings:
+            bar.set_description(f"bench latency {name if kind != 'pipeline' else f'max_wait_ms={name}'} at {rate:g} "
+                                f"img/s, round {r + 1}/{args.latency_rounds}")
+            if kind == "engine":
+                ms = _paced_engine_ms(target.engine, np.ascontiguousarray(tensors[:1]), rate, count)
+            elif kind == "batcher":
+                ms = _paced_batcher_ms(target.engine, tensors, rate, count, batch, wait, warmup_s)
             else:
                 rec = bench.pipeline(target.engine, batch, count, fps=rate, max_wait_ms=wait)
-                ms = _latencies(rec, warmup_s=min(1.0, args.latency_seconds / 5))
+                ms = _latencies(rec, warmup_s=warmup_s)
                 samples[name]["achieved_fps"].append(round(steady_fps(rec["receipt_ts"], 0), 2))
                 samples[name]["lost"] += int(count - len(rec["receipt_ts"]))
                 samples[name]["stages"].append(stage_latency(rec["stats"]))
@@ -544,6 +560,48 @@ def _paced_engine_ms(engine, x: np.ndarray, rate: float, count: int) -> np.ndarr
         engine.infer(x)
         out[i] = (time.perf_counter() - started) * 1000.0
     return out[min(count // 10, int(rate)):]  # the first second (or tenth) warms up
+
+
+def _paced_batcher_ms(engine, tensors: np.ndarray, rate: float, count: int, max_batch: int,
+                      max_wait_ms: float, warmup_s: float) -> np.ndarray:
+    """The engine fed by the runtime's own FrameQueue and Batcher: a thread puts ready-made
+    input tensors in at `rate` on a schedule, this thread batches them and calls the engine,
+    as the pipeline's inference thread does. Nothing else runs: no source reading or
+    preprocessing, no decisions, overlays, publishing or subscriber. ms from each frame's due
+    time to the end of its engine call, frames due in the first `warmup_s` left out: the
+    queueing this engine itself has at this rate and max_wait_ms, what the pipeline's latency
+    at the same setting is compared with."""
+    from edge.batcher import Batcher, FrameQueue
+    from edge.frames import Frame
+
+    queue = FrameQueue(capacity=max(64, 2 * max_batch))
+    queue.add_producer()
+    start = time.monotonic() + 0.05
+    due = start + np.arange(count) / rate
+
+    def feed() -> None:
+        try:
+            for i in range(count):
+                time.sleep(max(0.0, due[i] - time.monotonic()))
+                tensor = tensors[i % len(tensors)]
+                # the image is never looked at here (no overlays): the tensor stands in for it
+                queue.put(Frame("floor", i, time.time(), tensor, tensor=tensor), "queue")
+        finally:
+            queue.producer_done()
+
+    feeder = threading.Thread(target=feed, name="floor-feeder", daemon=True)
+    feeder.start()
+    batcher = Batcher(queue, max_batch, max_wait_ms)
+    buffer = np.empty((max_batch, *tensors.shape[1:]), np.float32)
+    done = np.full(count, np.nan)
+    while (batch := batcher.next_batch()) is not None:
+        for j, frame in enumerate(batch):
+            buffer[j] = frame.tensor
+        engine.infer(buffer[:len(batch)])
+        done[[f.frame_id for f in batch]] = time.monotonic()
+    feeder.join()
+    keep = due >= start + warmup_s
+    return (done[keep] - due[keep]) * 1000.0
 
 
 def _soak(bench: Bench, target: Target, batch: int, rate: float, seconds: float) -> dict:

@@ -48,6 +48,11 @@ def check_results(out, keys, batches, waits):
         assert s["p99_over_p50_median"] == pytest.approx(float(np.median(s["p99_over_p50_rounds"])), abs=1e-3)
     for s in lat["by_max_wait_ms"].values():
         assert s["lost"] == 0 and s["achieved_fps"] > 0
+    # each setting's floor: the engine fed by the batcher alone, in the same rounds
+    assert set(lat["batcher_alone"]) == set(lat["by_max_wait_ms"])
+    for s in lat["batcher_alone"].values():
+        assert s["n"] > 0 and 0 < s["p50"] <= s["p95"] <= s["p99"] <= s["max"]
+        assert len(s["p99_over_p50_rounds"]) == 2 and "achieved_fps" not in s
     rss = result["rss_mb"]
     assert rss["start"] > 0 and rss["end"] > 0 and rss["peak"] >= rss["end"] and len(rss["samples"]) >= 1
     m = result["machine"]
@@ -63,6 +68,10 @@ def check_results(out, keys, batches, waits):
         assert len(colours) > 20 and counts.max() < 0.98 * counts.sum(), name
     md = (out / "bench.md").read_text()
     assert "The limit" in md and "| batch |" in md and "p99 / p50" in md and "engine alone" in md
+    for wait, s in lat["batcher_alone"].items():
+        assert f"| {wait}: engine + batcher alone | {s['n']} |" in md
+    one = result["model_fps"][lat["engine"]]["1"]  # how busy one frame per call keeps the engine
+    assert f"({one:.1f} img/s at batch 1), would be busy {lat['offered_fps'] / one:.0%} of the time" in md
     # the latency target is checked on p99 / p50 over every frame of every round (not a
     # median of per-round ratios, which would drop the worst round)
     for wait, s in lat["by_max_wait_ms"].items():
@@ -149,6 +158,28 @@ def test_paced_source_stamps_capture_at_the_schedule():
         time.sleep(0.08)
     assert np.diff(stamps) == pytest.approx([0.02] * 5, abs=1e-6)
     assert len(source.late_s) == 6 and source.late_s[-1] >= 5 * (0.08 - 0.02)
+
+
+def test_batcher_floor_times_each_frame_from_when_it_was_due(tiny_bundle):
+    """The latency floor feeds a real engine through the runtime's own batcher on a schedule.
+    With max_batch 4 and a max_wait longer than four frames take to arrive, every batch is
+    four frames in order, so the first of each cannot finish before the fourth was due: at
+    least three intervals after its own due time (a bound that a slow machine only raises).
+    Frames due in the warm-up are left out."""
+    from benchmarks.bench import _paced_batcher_ms
+    from edge.bundle import load_bundle
+    from edge.engine import OnnxRuntimeEngine
+
+    bundle = load_bundle(tiny_bundle)
+    engine = OnnxRuntimeEngine.from_bundle(bundle)
+    h, w = bundle.input_size
+    tensors = np.random.default_rng(0).uniform(0, 255, (3, 3, h, w)).astype(np.float32)
+    rate = 50.0
+    ms = _paced_batcher_ms(engine, tensors, rate, count=40, max_batch=4, max_wait_ms=1000, warmup_s=0.2)
+    assert len(ms) == 30 and np.isfinite(ms).all() and (ms >= 0).all()  # frames 10-39
+    firsts, lasts = ms[2::4], ms[1::4]  # frame ids 12, 16, ... and 11, 15, ...
+    assert (firsts >= 3 * 1000 / rate - 1e-6).all()
+    assert firsts - lasts[1:] == pytest.approx(3 * 1000 / rate)  # batch-mates finish together
 
 
 def test_steady_fps_and_latency_summary():
