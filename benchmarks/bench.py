@@ -54,14 +54,12 @@ PERCENTILES = (50, 95, 99)
 MIN_PIPELINE_BATCHES = 20  # per pipeline throughput run (the first batch only starts the clock)
 
 
-def ort_session(path: Path, threads: int | None, providers: list[str]):
+def ort_session(path: Path, threads: int | None, providers: list[str], spin_between_calls: bool = False):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()  # as edge.engine.OnnxRuntimeEngine sets them
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers)
+    from edge.engine import session_options  # as the engine's own session
+
+    return ort.InferenceSession(str(path), session_options(threads, spin_between_calls), providers=providers)
 
 
 # -- frames -----------------------------------------------------------------------------------
@@ -324,7 +322,8 @@ def _targets(bundle, args, tmp: Path) -> tuple[list[Target], dict]:
         if wanted and m.precision not in wanted:
             continue
         if m.kind == "onnx":
-            engine = OnnxRuntimeEngine.from_bundle(bundle, m.name, threads=args.threads)
+            engine = OnnxRuntimeEngine.from_bundle(bundle, m.name, threads=args.threads,
+                                                   spin_between_calls=args.spin_between_calls)
             engine.precision = m.precision
             cut = tmp / f"backbone.{m.name}"
             try:
@@ -334,7 +333,7 @@ def _targets(bundle, args, tmp: Path) -> tuple[list[Target], dict]:
                 log.warning("%s: backbone alone not measured: %s", key, exc)
                 targets.append(Target(key, engine, None))
                 continue
-            session = ort_session(cut, args.threads, engine.session.get_providers())
+            session = ort_session(cut, args.threads, engine.session.get_providers(), args.spin_between_calls)
             name = session.get_inputs()[0].name
             targets.append(Target(key, engine, lambda x, s=session, n=name: s.run(None, {n: x})))
             log.info("%s: %s, backbone alone = the graph up to %s", key, m.name, ", ".join(outputs))
@@ -396,7 +395,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"batches": batches, "seconds": args.seconds, "rounds": args.rounds, "frames": frames_desc,
                      "frame_shape": list(frames[0].shape), "overlay_accepts_every": args.overlay_accepts,
-                     "max_wait_ms": waits, "soak_seconds": args.soak_seconds, "threads": args.threads},
+                     "max_wait_ms": waits, "soak_seconds": args.soak_seconds, "threads": args.threads,
+                     "spin_between_calls": args.spin_between_calls},
         "machine": machine(),
         "limit": "backbone alone: the model's own graph cut where the head begins, same runtime and precision",
         "backbone_fps": {}, "model_fps": {}, "pipeline_fps": {}, "ratios": {}, "rounds": {}, "pipeline": {},
@@ -718,6 +718,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="overlay every Nth accept too (default 0: rejects only, the runtime's default)")
     p.add_argument("--precision", help="only these precisions, e.g. fp32 or fp32,int8 (default: all the bundle holds)")
     p.add_argument("--threads", type=_positive(int), help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
+    p.add_argument("--spin-between-calls", action="store_true",
+                   help="ONNX Runtime's threads keep spinning after each call (config [engine] spin_between_calls)")
 
 
 def run(args: argparse.Namespace, command: str | None = None) -> int:

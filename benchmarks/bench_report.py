@@ -25,6 +25,8 @@ def markdown(result: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average {m['load_average_at_start']} "
              f"at start, {m.get('load_average_at_end')} at end  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  ",
+             f"ONNX Runtime threads: {result['settings'].get('threads') or 'its default number'}, "
+             f"{'spinning' if result['settings'].get('spin_between_calls') else 'not spinning'} between calls  ",
              f"Frames: {result['settings']['frames']} (shape {result['settings']['frame_shape']}), overlays at "
              f"the default policy (every reject{'' if not result['settings']['overlay_accepts_every'] else ', accepts every %d' % result['settings']['overlay_accepts_every']})  ",
              f"Each img/s figure is the median of {result['settings']['rounds']} rounds in which the stages take turns "

@@ -8,7 +8,7 @@ same validation plus the checks that touch the disk (check_files: the bundle and
 checksums, folders and videos of the sources, CURVE key files). systemd/linegate.toml is the
 commented example; the command-line flags of ``linegate run`` map onto the same keys.
 
-    [engine]     bundle (required), kind, precision, threads
+    [engine]     bundle (required), kind, precision, threads, spin_between_calls
     [batching]   max_batch, max_wait_ms, queue_capacity
     [decision]   threshold, aggregate               (overrides of the bundle's calibration)
     [overlay]    accepts_every, jpeg_quality
@@ -71,6 +71,8 @@ class EngineConfig:
     kind: str = _key("auto", choices=ENGINE_KINDS)
     precision: str | None = _key(None, choices=PRECISIONS, optional=True)
     threads: int = _key(0, int, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
+    # ONNX Runtime's workers keep spinning after each call (its default; edge.engine.session_options)
+    spin_between_calls: bool = _key(False, bool)
 
 
 @dataclass

@@ -38,16 +38,37 @@ class Engine(Protocol):
         """(B, 3, H, W) float32 pixels -> (scores (B,), anomaly maps (B, h, w)), float32."""
 
 
+def session_options(threads: int | None = None, spin_between_calls: bool = False) -> ort.SessionOptions:
+    """ONNX Runtime's session options as linegate runs its models (the bench builds its own
+    sessions with these too, so that what it compares runs alike).
+
+    ONNX Runtime's worker threads spin while waiting for work, inside a call (where one
+    parallel section follows another closely, so waking them would cost more) and, by
+    default, for tens of milliseconds after the call returns too: half a core burnt after
+    every call, at any frame rate. Here they stop when the call returns, so that between
+    calls the pipeline's own threads (the source waking for the next frame, the publisher)
+    find the cores free and an edge box below full load does not run hot. On 2 cores the
+    median latency at 60 img/s fell by 1.3-3.2 ms, for 2-5% of closed-loop throughput
+    (benchmarks/results/spin_ab_padim.md). `spin_between_calls` restores ONNX Runtime's
+    default: for a box that runs flat out.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spin_between_calls:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 class OnnxRuntimeEngine:
     name = "onnxruntime"
     precision = "fp32"
 
     def __init__(self, model_path: str | Path, input_name: str, score_name: str, map_name: str,
-                 providers: list[str] | None = None, threads: int | None = None):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+                 providers: list[str] | None = None, threads: int | None = None,
+                 spin_between_calls: bool = False):
+        options = session_options(threads, spin_between_calls)
         available = ort.get_available_providers()
         if providers is None:  # CUDA where this onnxruntime build has it, else the CPU
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -136,7 +157,7 @@ def choose_engine(bundle: Bundle, kind: str = "auto", precision: str | None = No
 
 def open_engine(bundle: Bundle, kind: str = "auto", precision: str | None = None,
                 probe: Callable[[], GpuStatus] = probe_gpu, **kwargs) -> Engine:
-    """The chosen engine, loaded. kwargs (threads, providers) go to ONNX Runtime."""
+    """The chosen engine, loaded. kwargs (threads, spin_between_calls, providers) go to ONNX Runtime."""
     choice = choose_engine(bundle, kind, precision, probe)
     if choice.kind == "tensorrt":
         try:

@@ -159,6 +159,8 @@ def run_service(config: Config, notifier: Notifier | None = None) -> int:
         engine_kwargs["precision"] = config.engine.precision
     if config.engine.threads:
         engine_kwargs["threads"] = config.engine.threads
+    if config.engine.spin_between_calls:
+        engine_kwargs["spin_between_calls"] = True
     engine = open_engine(bundle, config.engine.kind, **engine_kwargs)  # logs which engine and why
     pub = config.publisher
     curve = CurveServer(Path(pub.curve.secret_key), Path(pub.curve.allowed_keys)) if pub.curve else None

@@ -68,6 +68,7 @@ def check_results(out, keys, batches, waits):
         assert len(colours) > 20 and counts.max() < 0.98 * counts.sum(), name
     md = (out / "bench.md").read_text()
     assert "The limit" in md and "| batch |" in md and "p99 / p50" in md and "engine alone" in md
+    assert "ONNX Runtime threads: its default number, not spinning between calls" in md
     for wait, s in lat["batcher_alone"].items():
         assert f"| {wait}: engine + batcher alone | {s['n']} |" in md
     one = result["model_fps"][lat["engine"]]["1"]  # how busy one frame per call keeps the engine
@@ -234,3 +235,23 @@ def test_bench_without_its_optional_packages_says_what_to_install(tiny_bundle, t
     assert proc.returncode == 2, proc.stderr
     assert "needs the Python package 'tqdm'" in proc.stderr and "linegate[bench]" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_spin_ab_runs_both_settings_and_writes_its_tables(tiny_bundle, tmp_path):
+    """benchmarks.spin_ab on the tiny bundle: both engines measured in every round, the ratio
+    per round and its median, and the Markdown rows, from one short run."""
+    from benchmarks import spin_ab
+
+    out = tmp_path / "ab"
+    assert spin_ab.main([str(tiny_bundle), "--rounds", "2", "--seconds", "0.2", "--rate", "20",
+                         "--latency-seconds", "1.5", "--wait-ms", "0", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert set(result["latency_ms"]) == {"0"} and set(result["latency_ms"]["0"]) == {"spin", "stop"}
+    for s in result["latency_ms"]["0"].values():
+        assert s["n"] > 0 and 0 < s["p50"] <= s["p99"] <= s["max"] and len(s["p99_over_p50_rounds"]) == 2
+    assert {(t["batch"], t["stage"]) for t in result["throughput"]} == {(b, s) for b in (1, 8) for s in ("model", "pipeline")}
+    for t in result["throughput"]:
+        assert len(t["stop_over_spin_rounds"]) == 2 and t["spin_fps"] > 0 and t["stop_fps"] > 0
+        assert t["stop_over_spin"] == pytest.approx(float(np.median(t["stop_over_spin_rounds"])), abs=1e-3)
+    md = out.with_suffix(".md").read_text()
+    assert "| 0 | spin |" in md and "| 0 | stop |" in md and "| 8 | pipeline |" in md

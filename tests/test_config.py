@@ -42,6 +42,7 @@ def test_defaults_and_values(tiny_bundle, tmp_path):
         {"id": "line2", "uri": "camera:0", "backoff_s": 0.2, "backoff_max_s": 1, "reopen_after_s": 30}])))
     config = load_config(path)
     assert config.batching.max_batch == 8 and config.batching.max_wait_ms == 2.0
+    assert config.engine.spin_between_calls is False  # ONNX Runtime's threads stop when a call returns
     assert isinstance(config.batching.max_wait_ms, float)  # an integer is fine where a number goes
     assert [s.id for s in config.sources] == ["cam0", "line2"]
     sources = check_files(config).sources
@@ -60,6 +61,7 @@ BAD = [
     ({"batching": {"max_wait_ms": -1.0}}, "key 'batching.max_wait_ms'", ["must be >= 0"]),
     ({"publisher": {"endpoint": "localhost:5556"}}, "key 'publisher.endpoint'", ["not a ZeroMQ endpoint"]),
     ({"publisher": {"nodrop": "yes"}}, "key 'publisher.nodrop'", ["true or false"]),
+    ({"engine": {"bundle": "/b", "spin_between_calls": 1}}, "key 'engine.spin_between_calls'", ["true or false"]),
     ({"publisher": {"curve": {"secret_key": "/k"}}}, "key 'publisher.curve.allowed_keys'", ["missing"]),
     ({"overlay": {"jpeg_quality": 101}}, "key 'overlay.jpeg_quality'", ["<= 100"]),
     ({"decision": {"aggregate": "median"}}, "key 'decision.aggregate'", ["mean, max or topk:P"]),

@@ -6,6 +6,7 @@ every other test uses the real probe, which finds no TensorRT on this machine.
 """
 import json
 import logging
+import os
 import shutil
 import subprocess
 
@@ -130,6 +131,37 @@ def test_real_probe_and_open_engine_on_this_box(rich_bundle, caplog):
     assert any("using ONNX Runtime" in r.getMessage() and "model.onnx" in r.getMessage() for r in caplog.records)
     engine = open_engine(load_bundle(rich_bundle), "onnxruntime", "fp16")
     assert engine.precision == "fp16" and engine.model_path.name == "model.fp16.onnx"
+
+
+def _cpu_ms_after_calls(engine, batch) -> float:
+    """Median CPU time the whole process used in the 100 ms after each of 5 engine calls."""
+    import time
+
+    import numpy as np
+
+    engine.infer(batch)
+    used = []
+    for _ in range(5):
+        engine.infer(batch)
+        started = time.process_time()
+        time.sleep(0.1)
+        used.append((time.process_time() - started) * 1000)
+    return float(np.median(used))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: ONNX Runtime starts no worker thread to spin")
+def test_onnx_runtime_workers_stop_spinning_when_a_call_returns(tiny_bundle):
+    """Between calls the pipeline's own threads need the cores, so ONNX Runtime's workers stop
+    spinning when a call returns; `spin_between_calls` keeps ONNX Runtime's default, where a
+    worker goes on burning a core after every call (about half of the next 100 ms here)."""
+    import numpy as np
+
+    bundle = load_bundle(tiny_bundle)
+    h, w = bundle.input_size
+    batch = np.zeros((8, 3, h, w), np.float32)
+    assert _cpu_ms_after_calls(OnnxRuntimeEngine.from_bundle(bundle), batch) < 10
+    spinning = open_engine(bundle, "onnxruntime", spin_between_calls=True)  # the config key's way in
+    assert _cpu_ms_after_calls(spinning, batch) > 10
 
 
 def test_linegate_run_engine_tensorrt_without_gpu(rich_bundle, tmp_path):
