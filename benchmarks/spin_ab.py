@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> dict:
             for name, engine in engines.items():
                 for w in waits:
                     rec = bench.pipeline(engine, 8, int(args.rate * args.latency_seconds), fps=args.rate, max_wait_ms=w)
-                    latency[(name, w)].append(B._latencies(rec, warmup_s=1.0))
+                    # the first second (or fifth) warms up, as in `linegate bench`
+                    latency[(name, w)].append(B._latencies(rec, warmup_s=min(1.0, args.latency_seconds / 5)))
     finally:
         conn.send(("stop",))
         proc.wait(10)

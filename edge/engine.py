@@ -47,8 +47,8 @@ def session_options(threads: int | None = None, spin_between_calls: bool = False
     default, for tens of milliseconds after the call returns too: half a core burnt after
     every call, at any frame rate. Here they stop when the call returns, so that between
     calls the pipeline's own threads (the source waking for the next frame, the publisher)
-    find the cores free and an edge box below full load does not run hot. On 2 cores the
-    median latency at 60 img/s fell by 1.3-3.2 ms, for 2-5% of closed-loop throughput
+    find the cores free, and a box below full load does not burn half a core between frames.
+    On 2 cores the median latency at 60 img/s fell by 1.3-3.2 ms, for 2-5% of closed-loop throughput
     (benchmarks/results/spin_ab_padim.md). `spin_between_calls` restores ONNX Runtime's
     default: for a box that runs flat out.
     """
