@@ -198,10 +198,15 @@ class PaDiMModel(nn.Module):
                 x = x[:, :term.rows]
             z = torch.matmul(getattr(self, term.name), x).reshape(patches, -1, b)  # (P, m, B)
             zs[term.group] = z if term.group not in zs else zs[term.group] + z
-        # One ReduceL2 over all groups' outputs, not a Mul + ReduceSum per group: ONNX Runtime
-        # reduces a middle axis slowly, and per call (1.4 of 10.7 ms at batch 1, 2 cores).
-        whitened = torch.cat([zs[g] for g in sorted(zs)], dim=1)  # (P, D, B), head patch order
-        dist = torch.index_select(torch.linalg.vector_norm(whitened, dim=1), 0, self.unorder)  # row-major
+        # A ReduceL2 per group, joined as sqrt(sum of squares) on the small (P, B) norms: not a
+        # Concat of the groups' (P, m, B) outputs into one (1 ms of a 56 ms call at batch 8,
+        # ONNX Runtime on 2 cores), nor a Mul + ReduceSum per group (ONNX Runtime reduces a
+        # middle axis slowly, and per call: 1.4 of 10.7 ms at batch 1).
+        norms = [torch.linalg.vector_norm(zs[g], dim=1) for g in sorted(zs)]  # (P, B) each, head order
+        squared = norms[0] * norms[0]
+        for norm in norms[1:]:
+            squared = squared + norm * norm
+        dist = torch.index_select(torch.sqrt(squared), 0, self.unorder)  # row-major
         anomaly_map = dist.t().reshape(b, *self.map_size)
         return anomaly_map.mean(dim=(1, 2)), anomaly_map
 
