@@ -411,7 +411,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 raise ValueError(f"{args.bundle}: nothing to measure here ({skipped or 'no model matches --precision'})")
             bench = Bench(bundle, DecisionRule.from_bundle(bundle), frames, endpoint, conn, args.overlay_accepts)
             slice_s = args.seconds / args.rounds
-            steps = len(batches) * args.rounds + args.latency_rounds * (2 * len(waits) + 1) + (1 if args.soak_seconds > 0 else 0)
+            steps = len(batches) * args.rounds + args.latency_rounds * (2 * len(waits) + 2) + (1 if args.soak_seconds > 0 else 0)
             with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr) as bar:
                 for batch in batches:
                     x = np.ascontiguousarray(tensors[np.arange(batch) % len(tensors)])
@@ -460,6 +460,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                                    **{k: v for k, v in ms.items() if k != "latency"})
                     if name == ENGINE_ALONE:
                         result["latency_ms"]["engine_alone"] = summary
+                    elif name == MACHINE_ALONE:
+                        result["latency_ms"]["machine_alone"] = summary
                     elif name.startswith(BATCHER_ALONE):
                         result["latency_ms"]["batcher_alone"][name.removeprefix(BATCHER_ALONE).strip()] = summary
                     else:
@@ -495,22 +497,26 @@ def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
 
 ENGINE_ALONE = "engine alone"  # one frame per call, nothing queued: the machine's own jitter
 BATCHER_ALONE = "batcher alone"  # prefix: the engine fed by the batcher alone, per max_wait_ms
+MACHINE_ALONE = "machine alone"  # fixed arithmetic sized like one engine call, no model at all
 
 
 def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, waits: list[float],
                      args: argparse.Namespace, bar, tensors: np.ndarray) -> tuple[dict, dict]:
-    """Capture -> subscriber latency at `rate` for each max_wait_ms, and two floors: the engine
-    called alone on one frame at the same rate (this box's own jitter), and the engine fed by
-    the batcher alone (`_paced_batcher_ms`: its queueing at this rate), in
+    """Capture -> subscriber latency at `rate` for each max_wait_ms, and three floors: the engine
+    called alone on one frame at the same rate, the engine fed by the batcher alone
+    (`_paced_batcher_ms`: its queueing at this rate), and fixed arithmetic sized like one
+    engine call (`_paced_work_ms`: the machine's jitter with no model in it), in
     `args.latency_rounds` rounds that take turns, so a noisy spell of the machine hits every
     setting alike; each pipeline setting is followed at once by its batcher-alone floor.
     Returns ({name: {"latency": [ms per round], ...}},
-    {name: [p99/p50 per round]}); names: f"{wait:g}", f"{BATCHER_ALONE} {wait:g}", ENGINE_ALONE."""
+    {name: [p99/p50 per round]}); names: f"{wait:g}", f"{BATCHER_ALONE} {wait:g}", ENGINE_ALONE,
+    MACHINE_ALONE."""
     settings = [s for w in waits for s in ((f"{w:g}", "pipeline", w), (f"{BATCHER_ALONE} {w:g}", "batcher", w))]
-    settings.append((ENGINE_ALONE, "engine", None))
+    settings += [(ENGINE_ALONE, "engine", None), (MACHINE_ALONE, "machine", None)]
     names = [name for name, _, _ in settings]
     samples: dict[str, dict] = {n: {"latency": [], "achieved_fps": [], "lost": 0, "stages": [], "source_late": []}
                                 for n in names}
+    work = None  # the fixed arithmetic, sized on the first round's engine-alone median
     ratios: dict[str, list] = {n: [] for n in names}
     count = max(20, int(rate * args.latency_seconds))
     warmup_s = min(1.0, args.latency_seconds / 5)
@@ -520,6 +526,11 @@ def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, wait
                                 f"img/s, round {r + 1}/{args.latency_rounds}")
             if kind == "engine":
                 ms = _paced_engine_ms(target.engine, np.ascontiguousarray(tensors[:1]), rate, count)
+            elif kind == "machine":
+                if work is None:
+                    work = FixedWork(float(np.median(samples[ENGINE_ALONE]["latency"][-1])))
+                ms, late = _paced_work_ms(work, rate, count)
+                samples[name]["source_late"].append(late)  # here: how late the thread woke
             elif kind == "batcher":
                 ms = _paced_batcher_ms(target.engine, tensors, rate, count, batch, wait, warmup_s)
             else:
@@ -535,6 +546,13 @@ def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, wait
         bar.write(f"latency round {r + 1}: p99/p50 " + ", ".join(f"{n} {ratios[n][-1]}" for n in names))
     for name in names:
         s = samples[name]
+        if name == MACHINE_ALONE:
+            late = np.concatenate(s.pop("source_late"))
+            s["work_ms"] = round(work.ms, 2) if work else None
+            s["woke_late_ms"] = {"p50": round(float(np.percentile(late, 50)), 2),
+                                 "p99": round(float(np.percentile(late, 99)), 2), "max": round(float(late.max()), 2)}
+            del s["achieved_fps"], s["lost"], s["stages"]
+            continue
         if s["achieved_fps"]:
             s["achieved_fps"] = round(float(np.median(s["achieved_fps"])), 2)
             s["stages"] = s["stages"][-1]
@@ -560,6 +578,52 @@ def _paced_engine_ms(engine, x: np.ndarray, rate: float, count: int) -> np.ndarr
         engine.infer(x)
         out[i] = (time.perf_counter() - started) * 1000.0
     return out[min(count // 10, int(rate)):]  # the first second (or tenth) warms up
+
+
+class FixedWork:
+    """A fixed piece of single-threaded arithmetic (float32 matrix products, BLAS held to one
+    thread) that takes about `ms` on this machine when nothing disturbs it: the same work
+    every time, so any spread in how long it takes is the machine's, not linegate's."""
+
+    def __init__(self, ms: float, size: int = 128) -> None:
+        from threadpoolctl import threadpool_limits
+
+        self.ms = ms
+        self._a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+        with threadpool_limits(limits=1, user_api="blas"):
+            self._a @ self._a  # warm
+            took = []
+            for _ in range(5):  # the fastest of five: one disturbed timing would size it short
+                started = time.perf_counter()
+                for _ in range(20):
+                    self._a @ self._a
+                took.append((time.perf_counter() - started) / 20)
+        self.reps = max(1, round(ms / 1000.0 / min(took)))
+
+    def __call__(self) -> None:
+        a = self._a
+        for _ in range(self.reps):
+            a @ a
+
+
+def _paced_work_ms(work: FixedWork, rate: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`work` done at `rate` per second on a schedule, as `_paced_engine_ms` calls the engine:
+    (ms each run took, ms the thread woke after it was due), the first second (or tenth) left
+    out. This machine's own jitter with no model, runtime or pipeline of ours in it."""
+    from threadpoolctl import threadpool_limits
+
+    took, late = np.empty(count), np.empty(count)
+    with threadpool_limits(limits=1, user_api="blas"):
+        due = time.perf_counter()
+        for i in range(count):
+            due += 1.0 / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+            started = time.perf_counter()
+            late[i] = max(0.0, started - due) * 1000.0
+            work()
+            took[i] = (time.perf_counter() - started) * 1000.0
+    skip = min(count // 10, int(rate))
+    return took[skip:], late[skip:]
 
 
 def _paced_batcher_ms(engine, tensors: np.ndarray, rate: float, count: int, max_batch: int,

@@ -53,6 +53,12 @@ def check_results(out, keys, batches, waits):
     for s in lat["batcher_alone"].values():
         assert s["n"] > 0 and 0 < s["p50"] <= s["p95"] <= s["p99"] <= s["max"]
         assert len(s["p99_over_p50_rounds"]) == 2 and "achieved_fps" not in s
+    # the machine's own jitter: fixed arithmetic sized like an engine call, no model
+    machine = lat["machine_alone"]
+    assert machine["n"] > 0 and 0 < machine["p50"] <= machine["p99"] <= machine["max"]
+    assert len(machine["p99_over_p50_rounds"]) == 2 and machine["work_ms"] > 0
+    woke = machine["woke_late_ms"]
+    assert 0 <= woke["p50"] <= woke["p99"] <= woke["max"]
     rss = result["rss_mb"]
     assert rss["start"] > 0 and rss["end"] > 0 and rss["peak"] >= rss["end"] and len(rss["samples"]) >= 1
     m = result["machine"]
@@ -71,6 +77,8 @@ def check_results(out, keys, batches, waits):
     assert "ONNX Runtime threads: its default number, not spinning between calls" in md
     for wait, s in lat["batcher_alone"].items():
         assert f"| {wait}: engine + batcher alone | {s['n']} |" in md
+    assert f"| machine alone: fixed arithmetic, no model | {machine['n']} |" in md
+    assert f"sized to {machine['work_ms']:.1f} ms, the engine-alone median" in md
     one = result["model_fps"][lat["engine"]]["1"]  # how busy one frame per call keeps the engine
     assert f"({one:.1f} img/s at batch 1), would be busy {lat['offered_fps'] / one:.0%} of the time" in md
     # the latency target is checked on p99 / p50 over every frame of every round (not a
@@ -78,6 +86,9 @@ def check_results(out, keys, batches, waits):
     for wait, s in lat["by_max_wait_ms"].items():
         row = f"| latency p99 / p50 (all {s['n']} frames), max_wait_ms {wait} | {s['p99_over_p50']:.2f} | <= 2 |"
         assert row in md, row
+        floors = (f"(engine + batcher alone: {lat['batcher_alone'][wait]['p99_over_p50']:.2f}; "
+                  f"machine alone: {machine['p99_over_p50']:.2f}) |")
+        assert floors in md.split(row)[1].split("\n")[0], floors
         assert s["source_late_ms"]["p50"] <= s["source_late_ms"]["p99"] <= s["source_late_ms"]["max"]
     return result
 
@@ -182,6 +193,30 @@ def test_batcher_floor_times_each_frame_from_when_it_was_due(tiny_bundle):
     assert (firsts >= 3 * 1000 / rate - 1e-6).all()
     assert firsts - lasts[1:] == pytest.approx(3 * 1000 / rate)  # batch-mates finish together
 
+
+def test_machine_floor_does_the_same_work_on_a_schedule():
+    """The machine-alone floor runs one fixed piece of work at the rate: once per due time,
+    never before it, the first tenth left out.
+    FixedWork sizes itself on this machine: more milliseconds, more repetitions."""
+    import time
+
+    from benchmarks.bench import FixedWork, _paced_work_ms
+
+    starts = []
+
+    def work():
+        starts.append(time.perf_counter())
+
+    rate = 100.0
+    called = time.perf_counter()
+    took, late = _paced_work_ms(work, rate, count=30)
+    assert len(starts) == 30 and len(took) == len(late) == 27  # 3 of 30 warm up
+    assert (took >= 0).all() and (late >= 0).all()
+    due = called + np.arange(1, 31) / rate
+    assert (np.array(starts) >= due).all()  # paced: never before its due time (a slow box only delays)
+    small, large = FixedWork(1.0), FixedWork(20.0)
+    assert large.reps > 4 * small.reps  # 20x the time: far more repetitions, whatever the CPU
+    large()  # and it runs
 
 def test_steady_fps_and_latency_summary():
     from benchmarks.bench import latency_summary, steady_fps
