@@ -495,7 +495,7 @@ def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
     return (receipt[keep] - capture[keep]) * 1000.0
 
 
-ENGINE_ALONE = "engine alone"  # one frame per call, nothing queued: the machine's own jitter
+ENGINE_ALONE = "engine alone"  # one frame per call, nothing queued: the engine's jitter here
 BATCHER_ALONE = "batcher alone"  # prefix: the engine fed by the batcher alone, per max_wait_ms
 MACHINE_ALONE = "machine alone"  # fixed arithmetic sized like one engine call, no model at all
 
@@ -606,7 +606,7 @@ class FixedWork:
             a @ a
 
 
-def _paced_work_ms(work: FixedWork, rate: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _paced_work_ms(work: Callable[[], None], rate: float, count: int) -> tuple[np.ndarray, np.ndarray]:
     """`work` done at `rate` per second on a schedule, as `_paced_engine_ms` calls the engine:
     (ms each run took, ms the thread woke after it was due), the first second (or tenth) left
     out. This machine's own jitter with no model, runtime or pipeline of ours in it."""

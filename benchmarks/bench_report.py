@@ -83,7 +83,8 @@ def markdown(result: dict) -> str:
                       " (part of the latency above)."]
         if lat.get("engine_alone"):
             lines += ["", "\"engine alone\" is a floor: the same engine called on one frame at the same rate with "
-                      "nothing else running (no pipeline, no subscriber). Its p99 / p50 is this machine's own jitter."]
+                      "nothing else running (no pipeline, no subscriber). Its p99 / p50 is this machine's jitter as the "
+                      "engine meets it."]
         if lat.get("batcher_alone"):
             lines += ["", "\"engine + batcher alone\" is measured right after the row above it in each round: the "
                       "runtime's own queue and batcher feeding the same engine at the same rate and max_wait_ms, with "

@@ -196,8 +196,8 @@ def test_batcher_floor_times_each_frame_from_when_it_was_due(tiny_bundle):
 
 def test_machine_floor_does_the_same_work_on_a_schedule():
     """The machine-alone floor runs one fixed piece of work at the rate: once per due time,
-    never before it, the first tenth left out.
-    FixedWork sizes itself on this machine: more milliseconds, more repetitions."""
+    never before it, the first tenth left out. FixedWork sizes itself on this machine: more
+    milliseconds, more repetitions."""
     import time
 
     from benchmarks.bench import FixedWork, _paced_work_ms
@@ -217,6 +217,7 @@ def test_machine_floor_does_the_same_work_on_a_schedule():
     small, large = FixedWork(1.0), FixedWork(20.0)
     assert large.reps > 4 * small.reps  # 20x the time: far more repetitions, whatever the CPU
     large()  # and it runs
+
 
 def test_steady_fps_and_latency_summary():
     from benchmarks.bench import latency_summary, steady_fps
