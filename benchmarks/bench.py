@@ -517,6 +517,7 @@ def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, wait
     samples: dict[str, dict] = {n: {"latency": [], "achieved_fps": [], "lost": 0, "stages": [], "source_late": []}
                                 for n in names}
     work = None  # the fixed arithmetic, sized on the first round's engine-alone median
+    woke_late: list[np.ndarray] = []  # how late its thread woke, per round
     ratios: dict[str, list] = {n: [] for n in names}
     count = max(20, int(rate * args.latency_seconds))
     warmup_s = min(1.0, args.latency_seconds / 5)
@@ -530,7 +531,7 @@ def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, wait
                 if work is None:
                     work = FixedWork(float(np.median(samples[ENGINE_ALONE]["latency"][-1])))
                 ms, late = _paced_work_ms(work, rate, count)
-                samples[name]["source_late"].append(late)  # here: how late the thread woke
+                woke_late.append(late)
             elif kind == "batcher":
                 ms = _paced_batcher_ms(target.engine, tensors, rate, count, batch, wait, warmup_s)
             else:
@@ -547,11 +548,11 @@ def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, wait
     for name in names:
         s = samples[name]
         if name == MACHINE_ALONE:
-            late = np.concatenate(s.pop("source_late"))
+            late = np.concatenate(woke_late)
             s["work_ms"] = round(work.ms, 2) if work else None
             s["woke_late_ms"] = {"p50": round(float(np.percentile(late, 50)), 2),
                                  "p99": round(float(np.percentile(late, 99)), 2), "max": round(float(late.max()), 2)}
-            del s["achieved_fps"], s["lost"], s["stages"]
+            del s["achieved_fps"], s["lost"], s["stages"], s["source_late"]
             continue
         if s["achieved_fps"]:
             s["achieved_fps"] = round(float(np.median(s["achieved_fps"])), 2)
