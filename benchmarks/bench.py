@@ -14,10 +14,11 @@ round counts). Then, for the first engine:
 (d) latency from capture (when the frame was due on the source's schedule) to the
     subscriber's receipt at a fixed offered frame rate (`--rate`, default half the measured
     pipeline throughput), p50/p95/p99/max over every frame of every round, for each max_wait_ms,
-    beside two floors measured in the same rounds: the engine called alone on one frame at that
-    rate (this box's jitter), and the engine fed by the runtime's batcher alone at that rate and
-    max_wait_ms (the queueing any pipeline on this engine has: no source, no decisions, no
-    publishing, no subscriber);
+    beside three floors measured in the same rounds: the engine called alone on one frame at
+    that rate (this box's jitter as the engine meets it), the engine fed by the runtime's
+    batcher alone at that rate and max_wait_ms (the queueing any pipeline on this engine has:
+    no source, no decisions, no publishing, no subscriber), and fixed single-thread arithmetic
+    sized like one engine call (the machine's jitter with no model in it);
 (e) resident memory of the process during a soak at that rate (`--soak-seconds`).
 
 Writes OUT/bench.json, OUT/bench.md (tables, the ratios to the limit, the issue's targets) and
