@@ -102,8 +102,8 @@ def markdown(result: dict) -> str:
                       "median) done at the same rate, with no model, ONNX Runtime or pipeline in it. Every run is the "
                       "same work, so its spread is this machine's: the scheduler, other tenants, frequency changes. "
                       f"The thread woke after its due time by {woke['p50']} / {woke['p99']} / {woke['max']} ms "
-                      "(p50 / p99 / max). Where this row's p99 / p50 is far from 1, no latency figure on this "
-                      "machine can be tighter than what it shows."]
+                      f"(p50 / p99 / max){_backlog_text(machine, lat)}. Where this row's p99 / p50 is far from 1, "
+                      "no latency figure on this machine can be tighter than what it shows."]
         lines.append("")
     rss = result.get("rss_mb")
     if rss:
@@ -136,6 +136,18 @@ def markdown(result: dict) -> str:
         lines.append(f"| RSS growth, {minutes} | {rss['growth_pct']:+.2f}% | <= 5% | "
                      f"{_verdict(rss['growth_pct'] <= TARGETS['rss_growth_pct'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _backlog_text(machine: dict, lat: dict) -> str:
+    """The fixed arithmetic's share of its thread's time at the offered rate: near 1, one slow
+    run delays the next ones, and its lateness is mostly that backlog, not the scheduler's."""
+    if not machine.get("work_ms"):
+        return ""
+    busy = lat["offered_fps"] * machine["work_ms"] / 1000.0
+    text = f"; at this rate the arithmetic keeps its thread busy {busy:.0%} of the time"
+    if busy >= 0.8:
+        text += ", so a late start is mostly the backlog of the runs before it"
+    return text
 
 
 def _busy_text(result: dict, lat: dict) -> str:

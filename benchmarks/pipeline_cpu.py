@@ -9,7 +9,11 @@ pool), ONNX Runtime's and ZeroMQ's native threads, the source thread (preprocess
 publishing thread (decisions, overlays, messages), and the subscriber process. It also times
 each Python stage alone, per frame.
 
-    python -m benchmarks.pipeline_cpu BUNDLE [--images DIR] [--batch 8] [--frames 480] [--out FILE.json]
+With --replay the engine costs next to nothing: it hands back the model's own outputs for
+each frame, computed once before the runs. The decisions and overlays are the model's, so
+the pipeline does the same work, and its img/s is then the pipeline's own ceiling on this box.
+
+    python -m benchmarks.pipeline_cpu BUNDLE [--images DIR] [--batch 8] [--frames 480] [--replay] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -67,6 +71,30 @@ def _groups(before: dict[int, float], after: dict[int, float], names: dict[int, 
     return groups
 
 
+class ReplayEngine:
+    """The model's outputs for a fixed set of input tensors, looked up by content: an engine
+    whose call costs a dictionary lookup per frame. Inputs it was not given are an error.
+    A blank frame is one it is given: the pipeline warms its engine up on zeros."""
+
+    def __init__(self, engine, tensors: np.ndarray) -> None:
+        tensors = np.concatenate([tensors, np.zeros_like(tensors[:1])])
+        scores, maps = engine.infer(tensors)
+        self.outputs = {self._key(t): (s, m) for t, s, m in zip(tensors, scores, maps)}
+        if len(self.outputs) != len(tensors):
+            raise ValueError("two frames have the same pixels where the replay engine looks; give different frames")
+
+    @staticmethod
+    def _key(tensor: np.ndarray) -> bytes:
+        return tensor[:, ::7, ::5].tobytes()  # a strided sample: cheap, and differs between frames
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            pairs = [self.outputs[self._key(t)] for t in batch]
+        except KeyError:
+            raise KeyError("the replay engine was given a frame it has no output for") from None
+        return np.array([s for s, _ in pairs]), np.stack([m for _, m in pairs])
+
+
 def _per_frame_ms(fn, n: int) -> float:
     start = time.process_time()
     for _ in range(n):
@@ -113,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--frames", type=int, default=480)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--replay", action="store_true",
+                        help="the engine replays the model's outputs: the pipeline's own ceiling")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -120,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     size = bundle.input_size
     frames, desc = load_frames(args.images, size, 64)
     engine = OnnxRuntimeEngine.from_bundle(bundle)
+    if args.replay:
+        engine = ReplayEngine(engine, np.stack([preprocess(f, size, bundle.interpolation) for f in frames]))
     x = np.stack([preprocess(frames[i % len(frames)], size, bundle.interpolation) for i in range(args.batch)])
     scores, maps = engine.infer(x)
     endpoint = _free_endpoint()
@@ -169,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.send(("stop",))
         proc.wait(5)
     result = {"bundle": str(args.bundle), "frames": desc, "frame_shape": list(frames[0].shape), "batch": args.batch,
+              "engine": "replay (the model's outputs, looked up)" if args.replay else "onnxruntime",
               "rounds": rows, "stage_cpu_ms_per_frame": stage_costs(bundle, frames, maps, scores),
               "pipeline_over_model_median": float(np.median([r["pipeline_over_model"] for r in rows]))}
     print(json.dumps(result["stage_cpu_ms_per_frame"], indent=1))

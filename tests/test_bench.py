@@ -6,11 +6,12 @@ over tcp 127.0.0.1. No timing asserts: speed is what the bench reports, not what
 import argparse
 import json
 import subprocess
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import linegate_cmd
+from conftest import linegate_cmd, make_tiny_bundle
 
 # three rounds: the median reported is then one of them, which check_results can tell
 TINY = ["--batches", "1,2", "--seconds", "0.3", "--rounds", "3", "--latency-seconds", "0.6", "--latency-rounds", "2",
@@ -79,6 +80,9 @@ def check_results(out, keys, batches, waits):
         assert f"| {wait}: engine + batcher alone | {s['n']} |" in md
     assert f"| machine alone: fixed arithmetic, no model | {machine['n']} |" in md
     assert f"sized to {machine['work_ms']:.1f} ms, the engine-alone median" in md
+    busy = lat["offered_fps"] * machine["work_ms"] / 1000.0  # near 1, its lateness is its own backlog
+    assert f"keeps its thread busy {busy:.0%} of the time" in md
+    assert ("mostly the backlog of the runs before it" in md) == (busy >= 0.8)
     one = result["model_fps"][lat["engine"]]["1"]  # how busy one frame per call keeps the engine
     assert f"({one:.1f} img/s at batch 1), would be busy {lat['offered_fps'] / one:.0%} of the time" in md
     # the latency target is checked on p99 / p50 over every frame of every round (not a
@@ -273,21 +277,91 @@ def test_bench_without_its_optional_packages_says_what_to_install(tiny_bundle, t
     assert "Traceback" not in proc.stderr
 
 
-def test_spin_ab_runs_both_settings_and_writes_its_tables(tiny_bundle, tmp_path):
-    """benchmarks.spin_ab on the tiny bundle: both engines measured in every round, the ratio
-    per round and its median, and the Markdown rows, from one short run."""
-    from benchmarks import spin_ab
-
-    out = tmp_path / "ab"
-    assert spin_ab.main([str(tiny_bundle), "--rounds", "2", "--seconds", "0.2", "--rate", "20",
-                         "--latency-seconds", "1.5", "--wait-ms", "0", "--out", str(out)]) == 0
+def _check_ab(out: Path, names: list[str], rounds: int) -> str:
     result = json.loads(out.with_suffix(".json").read_text())
-    assert set(result["latency_ms"]) == {"0"} and set(result["latency_ms"]["0"]) == {"spin", "stop"}
+    assert list(result["settings"]) == names
+    assert set(result["latency_ms"]) == {"0"} and list(result["latency_ms"]["0"]) == names
     for s in result["latency_ms"]["0"].values():
-        assert s["n"] > 0 and 0 < s["p50"] <= s["p99"] <= s["max"] and len(s["p99_over_p50_rounds"]) == 2
+        assert s["n"] > 0 and 0 < s["p50"] <= s["p99"] <= s["max"] and len(s["p99_over_p50_rounds"]) == rounds
     assert {(t["batch"], t["stage"]) for t in result["throughput"]} == {(b, s) for b in (1, 8) for s in ("model", "pipeline")}
     for t in result["throughput"]:
-        assert len(t["stop_over_spin_rounds"]) == 2 and t["spin_fps"] > 0 and t["stop_fps"] > 0
-        assert t["stop_over_spin"] == pytest.approx(float(np.median(t["stop_over_spin_rounds"])), abs=1e-3)
-    md = out.with_suffix(".md").read_text()
-    assert "| 0 | spin |" in md and "| 0 | stop |" in md and "| 8 | pipeline |" in md
+        assert list(t["fps"]) == names and all(f > 0 for f in t["fps"].values())
+        assert list(t["over_first"]) == names[1:]  # the first setting is the baseline
+        for n in names[1:]:
+            assert len(t["over_first_rounds"][n]) == rounds
+            assert t["over_first"][n] == pytest.approx(float(np.median(t["over_first_rounds"][n])), abs=1e-3)
+    return out.with_suffix(".md").read_text()
+
+
+def test_engine_ab_compares_spinning_and_writes_its_tables(tiny_bundle, tmp_path):
+    """benchmarks.engine_ab on the tiny bundle: both engines measured in every round, the ratio
+    per round and its median, and the Markdown rows, from one short run."""
+    from benchmarks import engine_ab
+
+    out = tmp_path / "ab"
+    assert engine_ab.main([str(tiny_bundle), "--rounds", "2", "--seconds", "0.2", "--rate", "20",
+                           "--latency-seconds", "1.5", "--wait-ms", "0", "--out", str(out)]) == 0
+    md = _check_ab(out, ["spin", "stop"], 2)
+    assert "| 0 | spin |" in md and "| 0 | stop |" in md and "| 8 | pipeline |" in md and "| stop / spin |" in md
+
+
+def test_engine_ab_compares_thread_counts(tiny_bundle, tmp_path):
+    """--threads: one engine per count, each built with that many intra-op threads."""
+    from benchmarks import engine_ab
+
+    out = tmp_path / "threads"
+    assert engine_ab.main([str(tiny_bundle), "--threads", "2,1", "--rounds", "1", "--seconds", "0.2",
+                           "--rate", "20", "--latency-seconds", "1.5", "--wait-ms", "0", "--out", str(out)]) == 0
+    md = _check_ab(out, ["2 threads", "1 thread"], 1)
+    assert "intra-op thread count" in md and "| 1 thread / 2 threads |" in md
+    assert json.loads(out.with_suffix(".json").read_text())["settings"] == {"2 threads": {"threads": 2},
+                                                                             "1 thread": {"threads": 1}}
+
+
+@pytest.mark.parametrize("bad", ["8", "4,4", "4,0", "four,2"])
+def test_engine_ab_refuses_bad_thread_lists(bad, capsys):
+    from benchmarks import engine_ab
+
+    with pytest.raises(SystemExit) as stop:
+        engine_ab.main(["unused-bundle", "--threads", bad])
+    assert stop.value.code == 2
+    assert "two or more different positive thread counts" in capsys.readouterr().err
+
+
+def test_replay_engine_gives_the_model_outputs_back(tiny_bundle):
+    """pipeline_cpu --replay: the model's own scores and maps, by input, at no model cost."""
+    from benchmarks.bench import load_frames
+    from benchmarks.pipeline_cpu import ReplayEngine
+    from edge.bundle import load_bundle
+    from edge.engine import OnnxRuntimeEngine
+    from edge.images import preprocess
+
+    bundle = load_bundle(tiny_bundle)
+    frames, _ = load_frames(None, bundle.input_size, 6)
+    tensors = np.stack([preprocess(f, bundle.input_size, bundle.interpolation) for f in frames])
+    real = OnnxRuntimeEngine.from_bundle(bundle)
+    replay = ReplayEngine(real, tensors)
+    order = [4, 0, 4, 2]  # any order, repeats too
+    scores, maps = replay.infer(tensors[order])
+    want_scores, want_maps = real.infer(tensors[order])
+    np.testing.assert_array_equal(scores, want_scores)
+    np.testing.assert_array_equal(maps, want_maps)
+    replay.infer(np.zeros_like(tensors[:3]))  # the pipeline's warm-up batch
+    with pytest.raises(KeyError, match="no output for"):
+        replay.infer(tensors[:1] + 1.0)
+
+
+def test_pipeline_cpu_replay_runs_the_pipeline_and_writes_its_figures(tmp_path):
+    from benchmarks import pipeline_cpu
+
+    every_frame_rejects = make_tiny_bundle(tmp_path / "bundle", threshold=0.0)
+    out = tmp_path / "cpu.json"
+    assert pipeline_cpu.main([str(every_frame_rejects), "--batch", "4", "--frames", "48", "--rounds", "1", "--replay",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["engine"].startswith("replay")
+    (row,) = result["rounds"]
+    assert row["pipeline"]["frames"] == 48 and row["pipeline"]["fps"] > 0
+    assert row["pipeline"]["cpu_ms_per_frame"]["publishing thread (decide, overlays, publish)"] > 0
+    assert row["pipeline"]["overlay_fraction"] == 1.0  # the model's decisions: every frame a reject
+    assert set(result["stage_cpu_ms_per_frame"]) >= {"preprocess (resize + CHW float32)", "render overlay"}
