@@ -131,7 +131,7 @@ def markdown(result: dict) -> str:
                          f"| {s['p99_over_p50']:.2f} | {rounds} |")
     lines += ["", f"## Throughput, closed loop (img/s, median of rounds; ratios over {names[0]}, median and per round)",
               "", "| batch | stage | " + " | ".join(names) + " | " + " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |",
-              "|---" * (2 + 2 * len(names) - 1) + "|"]
+              "|---" * (1 + 2 * len(names)) + "|"]
     for t in result["throughput"]:
         ratios = [f"{t['over_first'][n]:.3f} ({', '.join(f'{r:.2f}' for r in t['over_first_rounds'][n])})"
                   for n in names[1:]]

@@ -362,6 +362,6 @@ def test_pipeline_cpu_replay_runs_the_pipeline_and_writes_its_figures(tmp_path):
     assert result["engine"].startswith("replay")
     (row,) = result["rounds"]
     assert row["pipeline"]["frames"] == 48 and row["pipeline"]["fps"] > 0
-    assert row["pipeline"]["cpu_ms_per_frame"]["publishing thread (decide, overlays, publish)"] > 0
+    assert "publishing thread (decide, overlays, publish)" in row["pipeline"]["cpu_ms_per_frame"]  # 10 ms ticks: may read 0
     assert row["pipeline"]["overlay_fraction"] == 1.0  # the model's decisions: every frame a reject
     assert set(result["stage_cpu_ms_per_frame"]) >= {"preprocess (resize + CHW float32)", "render overlay"}
