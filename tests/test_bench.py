@@ -365,3 +365,25 @@ def test_pipeline_cpu_replay_runs_the_pipeline_and_writes_its_figures(tmp_path):
     assert "publishing thread (decide, overlays, publish)" in row["pipeline"]["cpu_ms_per_frame"]  # 10 ms ticks: may read 0
     assert row["pipeline"]["overlay_fraction"] == 1.0  # the model's decisions: every frame a reject
     assert set(result["stage_cpu_ms_per_frame"]) >= {"preprocess (resize + CHW float32)", "render overlay"}
+
+
+def test_report_suggests_fewer_engine_threads_only_where_they_may_help():
+    """On a many-core box whose pipeline fell short of the model with ONNX Runtime on every
+    core, the report says what to try; on a small box, with threads set, or when the pipeline
+    keeps up, it says nothing of it."""
+    import copy
+
+    from benchmarks.bench_report import markdown
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    xeon = json.loads((results / "bench_padim_xeon" / "bench.json").read_text())  # 16 cores, pipeline 0.753
+    assert "`python -m benchmarks.engine_ab BUNDLE --threads 16,14 --rate 241.2`" in markdown(xeon)
+
+    def variant(change) -> dict:
+        result = copy.deepcopy(xeon)
+        change(result)
+        return result
+    for quiet in (variant(lambda r: r["machine"].update(cores=4)),
+                  variant(lambda r: r["settings"].update(threads=14)),
+                  variant(lambda r: r["ratios"]["onnxruntime/fp32"]["8"].update(pipeline_over_model=0.9))):
+        assert "engine_ab" not in markdown(quiet)
