@@ -138,7 +138,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + _threads_hint(result)) + "\n"
 
 
-MANY_CORES = 8  # from here on, ONNX Runtime taking every core starves the pipeline's threads
+# Boxes this size and up get the hint below. Measured: on 16 cores leaving two to the pipeline
+# helped; on 2 cores one thread fewer halves the engine's throughput. In between, unmeasured.
+MANY_CORES = 8
 
 
 def _threads_hint(result: dict) -> list[str]:
@@ -150,11 +152,13 @@ def _threads_hint(result: dict) -> list[str]:
              < TARGETS["pipeline_over_model"]]
     if cores < MANY_CORES or result["settings"].get("threads") or not short:
         return []
+    lat = result.get("latency_ms")
+    rate = f" --rate {lat['offered_fps']:g}" if lat else ""
     return ["", f"ONNX Runtime ran with a thread for every core of this {cores}-core box, and the pipeline's own "
             "threads (sources, publishing) then run on cores its parallel sections wait for. On a 16-core Xeon, "
             "leaving two cores to the pipeline raised its img/s 1.22-1.23x at batch 8 (benchmarks/results/README.md). "
-            f"Compare on this box: `python -m benchmarks.engine_ab BUNDLE --threads {cores},{cores - 2} --rate "
-            f"{result['latency_ms']['offered_fps'] if result.get('latency_ms') else 60:g}`, then `[engine] threads`."]
+            f"Compare on this box: `python -m benchmarks.engine_ab BUNDLE --threads {cores},{cores - 2}{rate}`, "
+            "then set `[engine] threads`."]
 
 
 def _backlog_text(machine: dict, lat: dict) -> str:

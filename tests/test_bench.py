@@ -383,6 +383,8 @@ def test_report_suggests_fewer_engine_threads_only_where_they_may_help():
         result = copy.deepcopy(xeon)
         change(result)
         return result
+    no_latency = variant(lambda r: r.pop("latency_ms"))
+    assert "`python -m benchmarks.engine_ab BUNDLE --threads 16,14`, then" in markdown(no_latency)
     for quiet in (variant(lambda r: r["machine"].update(cores=4)),
                   variant(lambda r: r["settings"].update(threads=14)),
                   variant(lambda r: r["ratios"]["onnxruntime/fp32"]["8"].update(pipeline_over_model=0.9))):
