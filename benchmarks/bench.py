@@ -18,7 +18,9 @@ round counts). Then, for the first engine:
     that rate (this box's jitter as the engine meets it), the engine fed by the runtime's
     batcher alone at that rate and max_wait_ms (the queueing any pipeline on this engine has:
     no source, no decisions, no publishing, no subscriber), and fixed single-thread arithmetic
-    sized like one engine call (the machine's jitter with no model in it);
+    sized like one engine call (the machine's jitter with no model in it); with each run, the
+    share of CPU time the hypervisor took (/proc/stat's steal, on a VM) and, for the pipeline,
+    how many of its slowest frames were in flight while it did (benchmarks/steal.py);
 (e) resident memory of the process during a soak at that rate (`--soak-seconds`).
 
 Writes OUT/bench.json, OUT/bench.md (tables, the ratios to the limit, the issue's targets) and
@@ -47,6 +49,7 @@ import numpy as np
 
 from benchmarks.backbone_graph import write_backbone_graph
 from benchmarks.bench_report import write_results
+from benchmarks.steal import TICK_MS, StealSampler, read_cpu_times, steal_fraction, tail_overlap
 from edge.stats import STAGES
 
 log = logging.getLogger(__name__)
@@ -451,7 +454,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 result["latency_ms"] = {"engine": first.key, "batch": lat_batch, "offered_fps": rate,
                                         "rate_from": "--rate" if args.rate else f"half the pipeline's {base_fps:.1f} img/s",
                                         "rounds": args.latency_rounds, "seconds_per_round": args.latency_seconds,
-                                        "by_max_wait_ms": {}, "batcher_alone": {}}
+                                        "by_max_wait_ms": {}, "batcher_alone": {}, "steal_tick_ms": TICK_MS}
                 samples, round_ratios = _measure_latency(bench, first, lat_batch, rate, waits, args, bar, tensors)
                 for name, ms in samples.items():
                     summary = latency_summary(np.concatenate(ms["latency"]))
@@ -488,12 +491,18 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
-def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
+def _windows(rec: dict, warmup_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(capture, receipt) times of a run's frames, those captured in its first `warmup_s` left out."""
     capture, receipt = rec["capture_ts"], rec["receipt_ts"]
     if not len(capture):
-        return np.empty(0)
+        return np.empty(0), np.empty(0)
     keep = capture >= capture.min() + warmup_s
-    return (receipt[keep] - capture[keep]) * 1000.0
+    return capture[keep], receipt[keep]
+
+
+def _latencies(rec: dict, warmup_s: float) -> np.ndarray:
+    capture, receipt = _windows(rec, warmup_s)
+    return (receipt - capture) * 1000.0
 
 
 ENGINE_ALONE = "engine alone"  # one frame per call, nothing queued: the engine's jitter here
@@ -515,8 +524,8 @@ def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, wait
     settings = [s for w in waits for s in ((f"{w:g}", "pipeline", w), (f"{BATCHER_ALONE} {w:g}", "batcher", w))]
     settings += [(ENGINE_ALONE, "engine", None), (MACHINE_ALONE, "machine", None)]
     names = [name for name, _, _ in settings]
-    samples: dict[str, dict] = {n: {"latency": [], "achieved_fps": [], "lost": 0, "stages": [], "source_late": []}
-                                for n in names}
+    samples: dict[str, dict] = {n: {"latency": [], "achieved_fps": [], "lost": 0, "stages": [], "source_late": [],
+                                    "steal_pct_rounds": [], "stolen": []} for n in names}
     work = None  # the fixed arithmetic, sized on the first round's engine-alone median
     woke_late: list[np.ndarray] = []  # how late its thread woke, per round
     ratios: dict[str, list] = {n: [] for n in names}
@@ -526,28 +535,41 @@ def _measure_latency(bench: Bench, target: Target, batch: int, rate: float, wait
         for name, kind, wait in settings:
             bar.set_description(f"bench latency {name if kind != 'pipeline' else f'max_wait_ms={name}'} at {rate:g} "
                                 f"img/s, round {r + 1}/{args.latency_rounds}")
+            cpu_before = read_cpu_times()
             if kind == "engine":
                 ms = _paced_engine_ms(target.engine, np.ascontiguousarray(tensors[:1]), rate, count)
             elif kind == "machine":
                 if work is None:
                     work = FixedWork(float(np.median(samples[ENGINE_ALONE]["latency"][-1])))
-                ms, late = _paced_work_ms(work, rate, count)
+                with StealSampler() as sampler:  # its runs, too, matched with the steal
+                    ms, late, began = _paced_work_ms(work, rate, count)
+                samples[name]["stolen"].append(sampler.stolen_ms(began, began + ms / 1000.0))
                 woke_late.append(late)
             elif kind == "batcher":
                 ms = _paced_batcher_ms(target.engine, tensors, rate, count, batch, wait, warmup_s)
             else:
-                rec = bench.pipeline(target.engine, batch, count, fps=rate, max_wait_ms=wait)
-                ms = _latencies(rec, warmup_s=warmup_s)
+                # each frame matched with the hypervisor's steal in its flight (a sample every 10
+                # ms); the engine and batcher floors run without the sampler, nothing else running
+                with StealSampler() as sampler:
+                    rec = bench.pipeline(target.engine, batch, count, fps=rate, max_wait_ms=wait)
+                capture, receipt = _windows(rec, warmup_s=warmup_s)
+                ms = (receipt - capture) * 1000.0
+                samples[name]["stolen"].append(sampler.stolen_ms(capture, receipt))
                 samples[name]["achieved_fps"].append(round(steady_fps(rec["receipt_ts"], 0), 2))
                 samples[name]["lost"] += int(count - len(rec["receipt_ts"]))
                 samples[name]["stages"].append(stage_latency(rec["stats"]))
                 samples[name]["source_late"].append(rec["source_late_ms"])
+            share = steal_fraction(cpu_before, read_cpu_times())
+            samples[name]["steal_pct_rounds"].append(None if share is None else round(100.0 * share, 2))
             samples[name]["latency"].append(ms)
             ratios[name].append(latency_summary(ms).get("p99_over_p50"))
             bar.update()
         bar.write(f"latency round {r + 1}: p99/p50 " + ", ".join(f"{n} {ratios[n][-1]}" for n in names))
     for name in names:
         s = samples[name]
+        stolen = s.pop("stolen")
+        if stolen and all(x is not None for x in stolen):
+            s["tail_steal"] = tail_overlap(np.concatenate(s["latency"]), np.concatenate(stolen))
         if name == MACHINE_ALONE:
             late = np.concatenate(woke_late)
             s["work_ms"] = round(work.ms, 2) if work else None
@@ -608,13 +630,16 @@ class FixedWork:
             a @ a
 
 
-def _paced_work_ms(work: Callable[[], None], rate: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _paced_work_ms(work: Callable[[], None], rate: float,
+                   count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`work` done at `rate` per second on a schedule, as `_paced_engine_ms` calls the engine:
-    (ms each run took, ms the thread woke after it was due), the first second (or tenth) left
-    out. This machine's own jitter with no model, runtime or pipeline of ours in it."""
+    (ms each run took, ms the thread woke after it was due, time.time() when it started), the
+    first second (or tenth) left out. This machine's own jitter with no model, runtime or
+    pipeline of ours in it."""
     from threadpoolctl import threadpool_limits
 
-    took, late = np.empty(count), np.empty(count)
+    took, late, began = np.empty(count), np.empty(count), np.empty(count)
+    wall = time.time() - time.perf_counter()  # perf_counter -> time.time(), for the steal samples
     with threadpool_limits(limits=1, user_api="blas"):
         due = time.perf_counter()
         for i in range(count):
@@ -624,8 +649,9 @@ def _paced_work_ms(work: Callable[[], None], rate: float, count: int) -> tuple[n
             late[i] = max(0.0, started - due) * 1000.0
             work()
             took[i] = (time.perf_counter() - started) * 1000.0
+            began[i] = wall + started
     skip = min(count // 10, int(rate))
-    return took[skip:], late[skip:]
+    return took[skip:], late[skip:], began[skip:]
 
 
 def _paced_batcher_ms(engine, tensors: np.ndarray, rate: float, count: int, max_batch: int,
@@ -673,8 +699,10 @@ def _paced_batcher_ms(engine, tensors: np.ndarray, rate: float, count: int, max_
 def _soak(bench: Bench, target: Target, batch: int, rate: float, seconds: float) -> dict:
     wall: list[tuple[float, float]] = []  # (time.time(), RSS MB) while the pipeline runs
     before = rss_mb()
+    cpu_before = read_cpu_times()
     rec = bench.pipeline(target.engine, batch, max(10, int(rate * seconds)), fps=rate,
                          during=lambda: wall.append((time.time(), rss_mb())))
+    stolen_share = steal_fraction(cpu_before, read_cpu_times())
     after = rss_mb()
     # time from the first decision, not from the call: warm-up and waiting for the subscriber
     # are not minutes of the soak
@@ -693,6 +721,7 @@ def _soak(bench: Bench, target: Target, batch: int, rate: float, seconds: float)
             "peak": round(max(mb for t, mb in samples if t >= settle) if samples[-1][0] >= settle else end, 1),
             "after_run": round(after, 1), "frame_queue_max": max(depths, default=0),
             "decisions": int(len(rec["receipt_ts"])), "gaps": rec["gaps"], "latency_ms": latency_summary(ms),
+            "steal_pct": None if stolen_share is None else round(100.0 * stolen_share, 2),
             "samples": [[round(t, 1), round(mb, 1)] for t, mb in samples]}
 
 

@@ -61,7 +61,7 @@ def markdown(result: dict) -> str:
                   "columns, p99 / p50 of each round and their median, show how much it moves). A frame's capture "
                   "time is when it was due on the source's schedule." + _busy_text(result, lat), "",
                   "| max_wait_ms | frames | achieved img/s | p50 ms | p95 ms | p99 ms | max ms | p99 / p50 (all) "
-                  "| p99 / p50 per round | median |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| p99 / p50 per round | median | CPU stolen, % per round |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = []
         for wait, s in lat["by_max_wait_ms"].items():
             rows.append((wait, s))
@@ -75,7 +75,9 @@ def markdown(result: dict) -> str:
             per_round = ", ".join(_fmt(v, 2) for v in s.get("p99_over_p50_rounds", []))
             lines.append(f"| {wait} | {s['n']} | {_fmt(s.get('achieved_fps'))} | {_fmt(s.get('p50'))} | {_fmt(s.get('p95'))} "
                          f"| {_fmt(s.get('p99'))} | {_fmt(s.get('max'))} | {_fmt(s.get('p99_over_p50'), 2)} "
-                         f"| {per_round} | {_fmt(s.get('p99_over_p50_median'), 2)} |")
+                         f"| {per_round} | {_fmt(s.get('p99_over_p50_median'), 2)} "
+                         f"| {', '.join(_fmt(v, 1) for v in s.get('steal_pct_rounds', []))} |")
+        lines += _steal_text(lat)
         late = [(w, s["source_late_ms"]) for w, s in lat["by_max_wait_ms"].items() if s.get("source_late_ms")]
         if late:
             lines += ["", "The source handed frames over after they were due by (p50 / p99 / max ms): " +
@@ -113,7 +115,8 @@ def markdown(result: dict) -> str:
                   f"{rss['after_run']} MB once stopped. {rss['decisions']} decisions, {rss['gaps']} lost; the frame "
                   f"queue held at most {rss['frame_queue_max']} frames (it is bounded: a backlog, when the box "
                   f"cannot keep up, shows here and in the latency). Latency over the soak: p50 "
-                  f"{rss['latency_ms'].get('p50')} ms, p99 {rss['latency_ms'].get('p99')} ms.", ""]
+                  f"{rss['latency_ms'].get('p50')} ms, p99 {rss['latency_ms'].get('p99')} ms" +
+                  ("." if rss.get("steal_pct") is None else f"; CPU stolen by the hypervisor {rss['steal_pct']:.1f}%."), ""]
     lines += ["## Against the targets (issue 6)", "", "| check | value | target | |", "|---|---|---|---|"]
     for key in result["ratios"]:
         r = result["ratios"][key].get(str(TARGET_BATCH), {})
@@ -159,6 +162,44 @@ def _threads_hint(result: dict) -> list[str]:
             "leaving two cores to the pipeline raised its img/s 1.22-1.23x at batch 8 (benchmarks/results/README.md). "
             f"Compare on this box: `python -m benchmarks.engine_ab BUNDLE --threads {cores},{cores - 2}{rate}`, "
             "then set `[engine] threads`."]
+
+
+def _steal_text(lat: dict) -> list[str]:
+    """What the hypervisor took while the latency rounds ran, and whether it hit the slowest frames."""
+    rows = [*lat["by_max_wait_ms"].values(), *lat.get("batcher_alone", {}).values(),
+            *(s for s in (lat.get("engine_alone"), lat.get("machine_alone")) if s)]
+    pct = [v for s in rows for v in s.get("steal_pct_rounds", []) if v is not None]
+    if not pct:
+        return ["", "CPU stolen: not measured (no steal column in /proc/stat here)."]
+    if max(pct) == 0:
+        return ["", "CPU stolen: none. The hypervisor took no CPU time from this machine during the runs "
+                "(/proc/stat's steal), so the spread above is the machine's and linegate's own."]
+    text = ("\"CPU stolen\" is the share of this machine's CPU time that the hypervisor gave to other guests during "
+            f"each run (/proc/stat's steal, all cores): {min(pct):.1f}-{max(pct):.1f}% here. A frame in flight when "
+            "it happens waits for it, whatever linegate does.")
+    # the pipeline's frames at each max_wait_ms, and the fixed arithmetic's runs (no model)
+    tails = [(f"max_wait_ms {w}", s["tail_steal"]) for w, s in lat["by_max_wait_ms"].items()]
+    tails += [("machine alone (its runs of arithmetic)", lat["machine_alone"]["tail_steal"])] if (lat.get("machine_alone") or {}).get("tail_steal") else []
+    tails = [(label, t) for label, t in tails if t and t.get("frames_above_p99")]
+    if tails:
+        tick = lat.get("steal_tick_ms", 10)
+        text += (f" Frames slower than p99 whose flight overlapped stolen time (to the counter's {tick:g} ms tick), "
+                 "against the share of frames at or below p50 that did; then, at the median of those slow frames, "
+                 "the ms stolen during the flight (all cores together) and how far the frame was over p50: " +
+                 "; ".join(f"{label}: {t['above_p99_with_steal']} of {t['frames_above_p99']}, against "
+                           f"{_fmt(100 * t['at_or_below_p50_with_steal'], 0)}%" +
+                           (f"; {_fmt(t['above_p99_stolen_ms_p50'])} ms stolen, {_fmt(t['above_p99_over_p50_ms_p50'])} "
+                            "ms over p50" if "above_p99_stolen_ms_p50" in t else "") for label, t in tails) + ".")
+        # the host's when most slow frames were hit, far more often than median ones, and by gaps
+        # of about their lateness (results written before the ms were kept: the counts alone)
+        host = [label for label, t in tails if t["above_p99_with_steal"] >= 0.5 * t["frames_above_p99"]
+                and t["above_p99_with_steal"] / t["frames_above_p99"] >= 2 * (t["at_or_below_p50_with_steal"] or 0)
+                and t.get("above_p99_stolen_ms_p50", 1.0) >= 0.5 * t.get("above_p99_over_p50_ms_p50", 0.0)]
+        if host:
+            text += (f" For {', '.join(host)}, most of the slowest frames overlapped stolen time, far more often than "
+                     "the median ones, by gaps of at least half their lateness: that tail is mostly the host's, and a "
+                     "machine with dedicated cores is what removes it.")
+    return ["", text]
 
 
 def _backlog_text(machine: dict, lat: dict) -> str:

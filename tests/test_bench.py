@@ -94,6 +94,22 @@ def check_results(out, keys, batches, waits):
                   f"machine alone: {machine['p99_over_p50']:.2f}) |")
         assert floors in md.split(row)[1].split("\n")[0], floors
         assert s["source_late_ms"]["p50"] <= s["source_late_ms"]["p99"] <= s["source_late_ms"]["max"]
+    # CPU time the hypervisor took, per run (Linux has /proc/stat's steal column)
+    rows = [*lat["by_max_wait_ms"].values(), *lat["batcher_alone"].values(), lat["engine_alone"], machine]
+    for s in rows:
+        assert len(s["steal_pct_rounds"]) == 2
+        assert all(v is not None and 0 <= v <= 100 for v in s["steal_pct_rounds"])
+        assert f"| {', '.join(f'{v:.1f}' for v in s['steal_pct_rounds'])} |" in md
+    for s in [*lat["by_max_wait_ms"].values(), machine]:  # each frame (run) matched with the steal in its flight
+        tail = s["tail_steal"]
+        above = int(round(0.01 * s["n"])) + 1  # frames strictly above p99: about 1%
+        assert 0 < tail["frames_above_p99"] <= above and 0 <= tail["above_p99_with_steal"] <= tail["frames_above_p99"]
+        assert 0 <= tail["at_or_below_p50_with_steal"] <= 1
+    assert 0 <= rss["steal_pct"] <= 100
+    if max(v for s in rows for v in s["steal_pct_rounds"]) > 0:
+        assert "\"CPU stolen\" is the share of this machine's CPU time" in md
+    else:
+        assert "CPU stolen: none." in md
     return result
 
 
@@ -213,8 +229,10 @@ def test_machine_floor_does_the_same_work_on_a_schedule():
 
     rate = 100.0
     called = time.perf_counter()
-    took, late = _paced_work_ms(work, rate, count=30)
-    assert len(starts) == 30 and len(took) == len(late) == 27  # 3 of 30 warm up
+    took, late, began = _paced_work_ms(work, rate, count=30)
+    assert len(starts) == 30 and len(took) == len(late) == len(began) == 27  # 3 of 30 warm up
+    # when each run began, on time.time()'s clock (the steal samples'): paced 10 ms apart
+    assert abs(began[0] - time.time()) < 5 and np.median(np.diff(began)) == pytest.approx(1 / rate, abs=0.004)
     assert (took >= 0).all() and (late >= 0).all()
     due = called + np.arange(1, 31) / rate
     assert (np.array(starts) >= due).all()  # paced: never before its due time (a slow box only delays)
