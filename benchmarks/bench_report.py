@@ -170,7 +170,8 @@ def _steal_text(lat: dict) -> list[str]:
             *(s for s in (lat.get("engine_alone"), lat.get("machine_alone")) if s)]
     pct = [v for s in rows for v in s.get("steal_pct_rounds", []) if v is not None]
     if not pct:
-        return ["", "CPU stolen: not measured (no steal column in /proc/stat here)."]
+        return ["", "CPU stolen: not measured (no steal counter in /proc/stat on this machine, or a run from before "
+                "the bench read it)."]
     if max(pct) == 0:
         return ["", "CPU stolen: none. The hypervisor took no CPU time from this machine during the runs "
                 "(/proc/stat's steal), so the spread above is the machine's and linegate's own."]
@@ -178,8 +179,8 @@ def _steal_text(lat: dict) -> list[str]:
             f"each run (/proc/stat's steal, all cores): {min(pct):.1f}-{max(pct):.1f}% here. A frame in flight when "
             "it happens waits for it, whatever linegate does.")
     # the pipeline's frames at each max_wait_ms, and the fixed arithmetic's runs (no model)
-    tails = [(f"max_wait_ms {w}", s["tail_steal"]) for w, s in lat["by_max_wait_ms"].items()]
-    tails += [("machine alone (its runs of arithmetic)", lat["machine_alone"]["tail_steal"])] if (lat.get("machine_alone") or {}).get("tail_steal") else []
+    tails = [(f"max_wait_ms {w}", s.get("tail_steal")) for w, s in lat["by_max_wait_ms"].items()]
+    tails.append(("machine alone (its runs of arithmetic)", (lat.get("machine_alone") or {}).get("tail_steal")))
     tails = [(label, t) for label, t in tails if t and t.get("frames_above_p99")]
     if tails:
         tick = lat.get("steal_tick_ms", 10)

@@ -61,6 +61,8 @@ def test_sampler_sees_a_steal_counter_that_moves(tmp_path):
     stat.write_text(stat_text(steal=100, idle=1000))
     with StealSampler(interval_s=0.005, path=stat) as sampler:
         time.sleep(0.05)
+        quiet = (time.time(), time.time() + 0.02)
+        time.sleep(0.25)  # the sampler has read the quiet window's end long before the counter moves
         before = time.time()
         time.sleep(0.02)
         stat.write_text(stat_text(steal=103, idle=1097))  # 3 ticks stolen out of 100
@@ -68,8 +70,7 @@ def test_sampler_sees_a_steal_counter_that_moves(tmp_path):
         after = time.time()
         time.sleep(0.05)
     assert sampler.fraction == pytest.approx(0.03)
-    quiet_start = before - 0.04
-    stolen = sampler.stolen_ms(np.array([before, quiet_start]), np.array([after, before - 0.02]))
+    stolen = sampler.stolen_ms(np.array([before, quiet[0]]), np.array([after, quiet[1]]))
     tick = 1000.0 / os.sysconf("SC_CLK_TCK")
     np.testing.assert_allclose(stolen, [3 * tick, 0.0])
 
