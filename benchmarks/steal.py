@@ -61,7 +61,6 @@ class StealSampler:
         self.interval_s, self.path = interval_s, path
         self._t: list[float] = []
         self._steal: list[int] = []
-        self._first = self._last = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="steal-sampler", daemon=True)
 
@@ -77,8 +76,7 @@ class StealSampler:
             self._sample()
 
     def __enter__(self) -> "StealSampler":
-        self._first = self._sample()
-        if self._first is not None:
+        if self._sample() is not None:  # no /proc/stat steal counter: nothing to sample
             self._thread.start()
         return self
 
@@ -86,12 +84,7 @@ class StealSampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self._last = self._sample()
-
-    @property
-    def fraction(self) -> float | None:
-        """Share of all CPUs' time stolen over the block; None where /proc/stat says nothing."""
-        return steal_fraction(self._first, self._last)
+        self._sample()
 
     def stolen_ms(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
         """Per window (time.time() seconds), the ms of steal it overlapped; None if not sampled."""

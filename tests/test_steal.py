@@ -59,6 +59,7 @@ def test_stolen_between_widens_each_window_to_the_samples_around_it():
 def test_sampler_sees_a_steal_counter_that_moves(tmp_path):
     stat = tmp_path / "stat"
     stat.write_text(stat_text(steal=100, idle=1000))
+    entered = time.time()
     with StealSampler(interval_s=0.005, path=stat) as sampler:
         time.sleep(0.05)
         quiet = (time.time(), time.time() + 0.02)
@@ -69,16 +70,15 @@ def test_sampler_sees_a_steal_counter_that_moves(tmp_path):
         time.sleep(0.02)
         after = time.time()
         time.sleep(0.05)
-    assert sampler.fraction == pytest.approx(0.03)
-    stolen = sampler.stolen_ms(np.array([before, quiet[0]]), np.array([after, quiet[1]]))
+    left = time.time()
+    stolen = sampler.stolen_ms(np.array([before, quiet[0], entered]), np.array([after, quiet[1], left]))
     tick = 1000.0 / os.sysconf("SC_CLK_TCK")
-    np.testing.assert_allclose(stolen, [3 * tick, 0.0])
+    np.testing.assert_allclose(stolen, [3 * tick, 0.0, 3 * tick])  # the whole block: from entry to exit
 
 
 def test_sampler_without_proc_stat_reports_nothing(tmp_path):
     with StealSampler(path=tmp_path / "missing") as sampler:
         pass
-    assert sampler.fraction is None
     assert sampler.stolen_ms(np.array([0.0]), np.array([1.0])) is None
     assert not any(t.name == "steal-sampler" for t in threading.enumerate())
 
