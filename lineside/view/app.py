@@ -16,6 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from urllib.parse import parse_qs, quote
 from typing import Any, Callable
 
 from starlette.applications import Starlette
@@ -101,14 +102,15 @@ class View:
         return FileResponse(STATIC / "login.html")
 
     async def login(self, request: Request) -> Response:
-        form = await request.form()
-        to = str(form.get("next") or "/")
-        name, password, token = (str(form.get(k) or "") for k in ("name", "password", "token"))
+        # The login form is urlencoded: parsed here, so the view needs no multipart parser.
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+        to = form.get("next") or "/"
+        name, password, token = (form.get(k, "") for k in ("name", "password", "token"))
         user = self.users.by_token(token) if token else self.users.by_password(name, password)
         if user is None:
             log.warning("login refused for %r from %s", name or "(token)",
                         request.client.host if request.client else "?")
-            return RedirectResponse(f"/login?failed=1&next={to}", 303)
+            return RedirectResponse(f"/login?failed=1&next={quote(to)}", 303)
         return self._login_response(user, to)
 
     async def logout(self, request: Request) -> Response:
