@@ -412,12 +412,14 @@ def test_operator_applies_a_threshold_and_pauses_the_line(tmp_path, bundle, auth
     headers and as an event naming the operator); Pause shows the paused banner, Resume ends it."""
     pytest.importorskip("edge.control_api", reason="the control endpoint (ops, issue 21) is not in this tree")
     endpoint, control = free_tcp_endpoint(), free_tcp_endpoint()
+    db = tmp_path / "record.db"
     run = runtime(tmp_path / "run.log", bundle, endpoint, "--control", control)
     watcher = Collector(endpoint, ("decision", "event"))
     watcher.start()
-    view = View(tmp_path / "view.log", endpoint, "--control", control, "--auth", str(auth_file))
+    recorder = Proc(tmp_path / "record.log", "record", endpoint, "--db", str(db), "--control", control)
+    view = View(tmp_path / "view.log", endpoint, "--control", control, "--auth", str(auth_file), "--db", str(db))
     try:
-        _wait(lambda: len(watcher.decisions()) > 5, 60, "decisions")
+        _wait(lambda: len(watcher.decisions()) > 100, 60, "decisions")
         b = browser(view.base)
         page = b.page
         page.goto(view.base + "/login?next=/threshold")
@@ -432,13 +434,18 @@ def test_operator_applies_a_threshold_and_pauses_the_line(tmp_path, bundle, auth
         page.wait_for_selector("#msg.good")
         _wait(lambda: any(h["threshold"] == pytest.approx(0.3456) for h in watcher.decisions(since=applied_at)),
               20, "decisions at the new threshold")
-        later = [h for h in watcher.decisions(since=applied_at)]
-        assert later[-1]["threshold"] == pytest.approx(0.3456)
-        assert all(h["decision"] == ("reject" if h["score"] >= 0.3456 else "accept") for h in later[-5:])
+        _wait(lambda: len(watcher.decisions(since=applied_at)) > 20, 20, "more decisions")
+        last = watcher.decisions(since=applied_at)[-10:]
+        assert [h["threshold"] for h in last] == [pytest.approx(0.3456)] * len(last), last
+        assert [h["decision"] for h in last] == ["reject" if h["score"] >= 0.3456 else "accept" for h in last]
         events = [m.header for m in watcher.messages("event") if m.header.get("what") == "threshold"]
         assert events and "alice" in events[-1]["who"]
         assert "control threshold {'value': 0.3456, 'camera': None} by alice" in view.log()
         page.wait_for_selector("#events td:has-text('threshold')", timeout=15000)
+        page.reload()  # the histogram with the change: rejects below and above the new line
+        page.wait_for_selector("#apply:not([disabled])")
+        _wait_js(page, "document.body.dataset.scores > 0")
+        page.fill("#value", "0.37")
         _shot(page, shots, "threshold-operator")
 
         page.click("#pause")
@@ -450,8 +457,9 @@ def test_operator_applies_a_threshold_and_pauses_the_line(tmp_path, bundle, auth
         page.click("#resume")
         page.wait_for_selector("#msg.good")
         page.goto(view.base + "/")
-        page.wait_for_selector("#banner[data-state='ok']", timeout=15000)
+        page.wait_for_selector("#banner[data-state='ok']", state="attached", timeout=15000)
     finally:
         watcher.stop()
         view.stop()
+        recorder.stop()
         run.stop()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 from typing import Any, Callable
 
 log = logging.getLogger("linegate.view")
-LOAD_TIMEOUT_S = 120.0
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -49,29 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def control_caller(endpoint: str, server_key: str | None, client_key: str | None,
                    timeout_s: float = 5.0) -> Callable[[str, dict, "str | None"], dict]:
-    """call(cmd, args, on_behalf_of) -> the reply's result, through edge.control_api's client.
+    """call(cmd, args, on_behalf_of) -> the reply's result, through edge.control_api's client
+    (raises ControlError with the runtime's reason, TimeoutError when it does not answer).
     A client per call: a REQ socket whose reply timed out cannot be used again."""
+
     def call(cmd: str, args: dict, on_behalf_of: str | None) -> dict:
-        # Imported at the first call: the page works (read-only) with a runtime of any version.
+        # Imported at the first call: the page works (read-only) beside a runtime of any version.
         from edge.control_api import ControlClient
 
-        init_params = inspect.signature(ControlClient).parameters
-        request_params = inspect.signature(ControlClient.request).parameters
-        kwargs: dict[str, Any] = {"server_key": server_key, "client_key": client_key, "timeout_s": timeout_s}
-        extra: dict[str, Any] = {}
-        if on_behalf_of is not None:
-            if "on_behalf_of" in init_params:
-                kwargs["on_behalf_of"] = on_behalf_of
-            elif "on_behalf_of" in request_params:
-                extra["on_behalf_of"] = on_behalf_of
-        if cmd == "load" and "timeout_s" in request_params:
-            extra["timeout_s"] = LOAD_TIMEOUT_S  # a swap loads and warms a model: longer than a reply
-        client = ControlClient(endpoint, **kwargs)
-        try:
-            return client.request(cmd, **args, **extra)
-        finally:
-            if hasattr(client, "close"):
-                client.close()
+        with ControlClient(endpoint, server_key=server_key, client_key=client_key, timeout_s=timeout_s) as client:
+            if cmd == "load":  # the client's load() waits as long as a swap may take
+                return client.load(args["bundle"], on_behalf_of=on_behalf_of)
+            return client.request(cmd, on_behalf_of=on_behalf_of, **args)
 
     return call
 
