@@ -1,0 +1,111 @@
+"""The view's live state and its users file, without a browser: the last-hour window and the
+chart move with the clock, a new run_id counts as a restart, pause and resume come from the
+event topic, and a bad users file is refused with the key and what to do."""
+from __future__ import annotations
+
+import pytest
+
+from lineside.view.auth import Users, check_password, hash_password
+from lineside.view.state import HOUR_S, LiveState
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def decision(decision: str, camera: str = "cam0", run_id: str = "r1", **extra) -> dict:
+    return {"v": 1, "topic": "decision", "camera_id": camera, "decision": decision, "score": 0.5,
+            "threshold": 0.4, "model_id": "m1", "run_id": run_id, **extra}
+
+
+def test_counts_since_start_and_in_the_last_hour():
+    clock = Clock()
+    state = LiveState(clock=clock)
+    for i in range(10):
+        state.on_message("decision", decision("reject" if i % 5 == 0 else "accept"), None)
+    clock.t += HOUR_S - 30  # 59.5 minutes later: still in the hour
+    state.on_message("decision", decision("reject", camera="cam1"), None)
+    snap = state.snapshot()
+    assert (snap["parts"], snap["rejects"]) == (11, 3)
+    assert (snap["hour"]["parts"], snap["hour"]["rejects"]) == (11, 3)
+    assert snap["cameras"]["cam1"]["rejects"] == 1 and snap["cameras"]["cam0"]["parts"] == 10
+    clock.t += 60  # the first ten are now more than an hour old
+    snap = state.snapshot()
+    assert (snap["parts"], snap["rejects"]) == (11, 3)
+    assert (snap["hour"]["parts"], snap["hour"]["rejects"]) == (1, 1)
+    assert snap["hour"]["reject_rate"] == 1.0
+    chart = snap["chart"]
+    assert sum(b[1] for b in chart["buckets"]) == 1  # the chart shows the last hour only
+    assert len(chart["buckets"]) <= 60
+
+
+def test_chart_buckets_sum_to_the_counts_of_a_short_run():
+    clock = Clock()
+    state = LiveState(clock=clock)
+    for second in range(30):
+        for i in range(4):
+            state.on_message("decision", decision("reject" if i == 0 else "accept"), None)
+        clock.t += 1
+    buckets = state.snapshot()["chart"]["buckets"]
+    assert sum(b[1] for b in buckets) == 120 and sum(b[2] for b in buckets) == 30
+    assert all(b[2] / b[1] == 0.25 for b in buckets if b[1])
+
+
+def test_quiet_paused_restart_and_error_scores():
+    clock = Clock()
+    state = LiveState(quiet_after_s=5, clock=clock)
+    assert state.snapshot()["quiet"]  # nothing yet
+    state.on_message("decision", decision("error", score=float("nan")), None)
+    snap = state.snapshot()
+    assert not snap["quiet"] and snap["errors"] == 1
+    assert snap["cameras"]["cam0"]["last"]["score"] is None  # NaN is not JSON
+    state.on_message("event", {"what": "pause", "who": "local (for alice)", "seq": 0}, None)
+    assert state.snapshot()["paused"] is True
+    state.on_message("event", {"what": "resume", "who": "local (for alice)", "seq": 1}, None)
+    assert state.snapshot()["paused"] is False
+    assert [e["what"] for e in state.snapshot()["events"]] == ["resume", "pause"]
+    state.on_message("decision", decision("accept", run_id="r2"), None)
+    assert state.snapshot()["restarts"] == 1
+    clock.t += 6
+    assert state.snapshot()["quiet"]
+
+
+def test_overlays_keep_only_the_newest_picture_per_camera():
+    state = LiveState()
+    for i in range(5):
+        state.on_message("overlay", decision("reject", frame_id=i), f"jpeg{i}".encode())
+    version, jpeg, header = state.overlay("cam0")
+    assert (version, jpeg, header["frame_id"]) == (5, b"jpeg4", 4)
+
+
+def test_users_file(tmp_path):
+    stored = hash_password("s3cret", 1000)
+    assert check_password("s3cret", stored) and not check_password("s3cre", stored)
+    good = tmp_path / "users.toml"
+    good.write_text(f'anonymous = "none"\n[[user]]\nname = "alice"\nrole = "operator"\npassword = "{stored}"\n'
+                    '[[user]]\nname = "hmi"\ntoken = "0123456789abcdefXYZ"\n')
+    users = Users.load(good)
+    assert users.anonymous is None
+    assert users.by_password("alice", "s3cret").operator
+    assert users.by_password("alice", "wrong") is None and users.by_password("bob", "s3cret") is None
+    assert users.by_token("0123456789abcdefXYZ").role == "viewer"  # the default role
+    assert users.by_token("0123456789abcdefXY") is None
+    sid = users.open_session(users.by_token("0123456789abcdefXYZ"))
+    assert users.by_session(sid).name == "hmi"
+    users.close_session(sid)
+    assert users.by_session(sid) is None
+    for text, says in (('[[user]]\nname = "a"\npassword = "plain"\n', "linegate view --hash-password"),
+                       ('[[user]]\nname = "a"\nrole = "admin"\ntoken = "0123456789abcdefXYZ"\n', "role = 'admin'"),
+                       ('[[user]]\nname = "a"\ntoken = "short"\n', "at least 16"),
+                       ('[[user]]\nname = "a"\n', "give a password"),
+                       ('anonymous = "guest"\n', "anonymous"),
+                       ('users = []\n', "unknown key")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="bad.toml") as err:
+            Users.load(bad)
+        assert says in str(err.value)
