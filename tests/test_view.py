@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from conftest import free_tcp_endpoint, linegate_cmd, make_tiny_bundle
+from conftest import edit_manifest, free_tcp_endpoint, linegate_cmd, make_tiny_bundle
 from runtime_helpers import Collector
 
 CHROMIUM = "/usr/bin/chromium"
@@ -117,7 +117,7 @@ class View(Proc):
 def runtime(log: Path, bundle: Path, endpoint: str, *extra: str, sources: tuple[str, ...] = ()) -> Proc:
     args = ["run", "--bundle", str(bundle), "--publish", endpoint, "--threshold", str(THRESHOLD),
             "--overlay-accepts", "4"]
-    for source in sources or ("synthetic:fps=30,size=64,seed=1", "synthetic:fps=15,size=64,seed=2"):
+    for source in sources or ("synthetic:fps=30,size=160,seed=1", "synthetic:fps=15,size=160,seed=2"):
         args += ["--source", source]
     return Proc(log, *args, *extra)
 
@@ -199,9 +199,9 @@ def _wait_js(page, expression: str, timeout: float = 15) -> None:
     _wait(lambda: page.evaluate(expression), timeout, expression)
 
 
-def _shot(page, shots: Path, name: str) -> None:
+def _shot(page, shots: Path, name: str, full_page: bool = True) -> None:
     path = shots / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     print(f"screenshot: {path}")
 
 
@@ -217,8 +217,8 @@ def test_live_page_counts_what_a_watcher_counted(tmp_path, bundle, browser, shot
     count = 150
     # 4 subscriptions from the view (decision, overlay, stats, event) + 1 from the watcher
     run = runtime(tmp_path / "run.log", bundle, endpoint, "--wait-subscribers", "5", "--wait-timeout", "60",
-                  sources=(f"synthetic:count={count},fps=25,size=64,seed=1",
-                           f"synthetic:count={count // 3},fps=9,size=64,seed=2"))
+                  sources=(f"synthetic:count={count},fps=25,size=160,seed=1",
+                           f"synthetic:count={count // 3},fps=9,size=160,seed=2"))
     watcher = Collector(endpoint, ("decision",))
     watcher.start()
     view = View(tmp_path / "view.log", endpoint, "--quiet-after", "2")
@@ -270,7 +270,7 @@ def test_pictures_are_thinned_and_the_bus_is_kept_up_with(tmp_path, bundle):
     endpoint = free_tcp_endpoint()
     count = 600
     run = runtime(tmp_path / "run.log", bundle, endpoint, "--wait-subscribers", "4", "--wait-timeout", "60",
-                  "--overlay-accepts", "1", sources=(f"synthetic:count={count},size=64,seed=3",))
+                  "--overlay-accepts", "1", sources=(f"synthetic:count={count},size=160,seed=3",))
     view = View(tmp_path / "view.log", endpoint)
     try:
         assert run.proc.wait(timeout=120) == 0, run.log()
@@ -306,8 +306,8 @@ def test_threshold_what_if_and_rejects_from_the_record(tmp_path, bundle, browser
     count = 240
     recorder = Proc(tmp_path / "record.log", "record", endpoint, "--db", str(db))
     run = runtime(tmp_path / "run.log", bundle, endpoint, "--wait-subscribers", "1", "--wait-timeout", "60",
-                  sources=(f"synthetic:count={count},fps=60,size=64,seed=4",
-                           f"synthetic:count={count // 2},fps=30,size=64,seed=5"))
+                  "--publish-frames", "reject", sources=(f"synthetic:count={count},fps=60,size=160,seed=4",
+                           f"synthetic:count={count // 2},fps=30,size=160,seed=5"))
     view = View(tmp_path / "view.log", endpoint, "--db", str(db))
     try:
         assert run.proc.wait(timeout=120) == 0, run.log()
@@ -348,8 +348,10 @@ def test_threshold_what_if_and_rejects_from_the_record(tmp_path, bundle, browser
         page.wait_for_selector("#detail.show")
         header = json.loads(page.inner_text("#detail-header"))
         assert header["id"] == rejects[0]["id"] and header["decision"] == "reject"
-        assert page.locator("#detail-overlay").evaluate("img => img.complete && img.naturalWidth > 0")
-        _shot(page, shots, "rejects")
+        for pic in ("#detail-overlay", "#detail-frame"):  # the reject's full frame and its overlay
+            _wait(lambda: page.locator(pic).evaluate("img => img.complete && img.naturalWidth > 0"), 10, pic)
+        page.evaluate("window.scrollTo(0, 0)")
+        _shot(page, shots, "rejects", full_page=False)  # the detail and the first rows
         page.fill("#camera", "cam1")
         page.click("#apply-filter")
         _wait_js(page, "[...document.querySelectorAll('.thumb')].every(t => t.dataset.camera === 'cam1')")
@@ -458,6 +460,20 @@ def test_operator_applies_a_threshold_and_pauses_the_line(tmp_path, bundle, auth
         page.wait_for_selector("#msg.good")
         page.goto(view.base + "/")
         page.wait_for_selector("#banner[data-state='ok']", state="attached", timeout=15000)
+
+        # Model swap from the page: the next decisions come from the new bundle.
+        new_bundle = make_tiny_bundle(tmp_path / "bundle-v2", size=32)
+        edit_manifest(new_bundle, lambda m: m.update(model_id="tiny-v2"))
+        page.goto(view.base + "/threshold")
+        page.wait_for_selector("#load:not([disabled])")
+        page.fill("#bundle", str(new_bundle))
+        loaded_at = time.monotonic()
+        page.click("#load")
+        page.wait_for_selector("#msg.good", timeout=60000)
+        _wait(lambda: any(h["model_id"] == "tiny-v2" for h in watcher.decisions(since=loaded_at)), 30,
+              "decisions from the new model")
+        page.goto(view.base + "/")
+        page.wait_for_selector("#model:has-text('tiny-v2')", timeout=15000)
     finally:
         watcher.stop()
         view.stop()

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 from typing import Any, Callable
@@ -64,6 +65,17 @@ class View:
     def __init__(self, state: LiveState, users: Users, control: ControlCall | None = None,
                  record: RecordReader | None = None) -> None:
         self.state, self.users, self.control, self.record = state, users, control, record
+        self._snapshot: tuple[float, str] = (0.0, "")  # (monotonic time, JSON): shared by all streams
+
+    def snapshot_json(self) -> str:
+        """The live state as JSON, computed at most once per snapshot interval however many
+        pages are open."""
+        made, text = self._snapshot
+        now = time.monotonic()
+        if now - made >= 0.8 / SNAPSHOTS_PER_S:
+            text = json.dumps(clean(self.state.snapshot()), allow_nan=False)
+            self._snapshot = (now, text)
+        return text
 
     # --- who is asking --------------------------------------------------------------------
     def user(self, request: Request) -> User | None:
@@ -145,7 +157,7 @@ class View:
 
         async def events():
             while True:
-                yield f"data: {json.dumps(clean(self.state.snapshot()), allow_nan=False)}\n\n"
+                yield f"data: {self.snapshot_json()}\n\n"
                 await asyncio.sleep(1 / SNAPSHOTS_PER_S)
 
         return StreamingResponse(events(), media_type="text/event-stream",
