@@ -109,3 +109,17 @@ def test_users_file(tmp_path):
         with pytest.raises(ValueError, match="bad.toml") as err:
             Users.load(bad)
         assert says in str(err.value)
+
+
+def test_the_cli_does_not_need_the_view_extra():
+    """`linegate --help`, `run` and `watch` parse without Starlette or uvicorn: the view's
+    web framework is imported only when `linegate view` runs."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys, linegate.cli; linegate.cli.build_parser()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'playwright')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
