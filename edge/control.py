@@ -44,6 +44,7 @@ from .overlay import OverlayPolicy
 log = logging.getLogger(__name__)
 
 EVENTS_HELD = 10_000
+REFUSAL_LOG_EVERY_S = 60.0  # a refused client retries every 100 ms: one log line per key a minute
 # Config keys a reload applies while running; every other changed key is named in the log and
 # waits for a restart.
 LIVE_KEYS = ("decision.threshold", "decision.aggregate", "overlay.accepts_every", "overlay.jpeg_quality",
@@ -404,12 +405,20 @@ class _KeyNames:
         for path in sorted(self.directory.glob("*.key")):
             self.names[z85.encode(z85.decode(_public_of(path)))] = path.stem
         allowed_keys(directory)  # raises ValueError naming the directory when it holds none
+        self._logged: dict[bytes, float] = {}  # key -> when its refusal was last logged
+        self._refused: dict[bytes, int] = {}  # key -> handshakes refused since then
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.names:
             return True
-        log.warning("control: refused a CURVE client with key %s: not in the control allow-list %s "
-                    "(a key that may watch may not steer)", key.decode("ascii", "replace"), self.directory)
+        now = time.monotonic()
+        self._refused[key] = self._refused.get(key, 0) + 1
+        if now - self._logged.get(key, -REFUSAL_LOG_EVERY_S) >= REFUSAL_LOG_EVERY_S:
+            log.warning("control: refused a CURVE client with key %s: not in the control allow-list %s "
+                        "(a key that may watch may not steer); %d attempt(s) since the last such line",
+                        key.decode("ascii", "replace"), self.directory, self._refused[key])
+            self._logged[key] = now
+            self._refused[key] = 0
         return False
 
 
@@ -463,6 +472,12 @@ class ControlServer:
             raise
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # handshakes that fail before ZAP is asked (a client without CURVE, a wrong server key)
+        # (a refused key fails with _AUTH, already logged by _KeyNames with the key)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL) if self.curve else None
+        self._failed_handshakes = 0
+        self._failed_logged = -REFUSAL_LOG_EVERY_S
         self._done: deque[tuple[list[bytes], dict]] = deque()  # replies of finished loads
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
@@ -480,11 +495,18 @@ class ControlServer:
 
     def _serve(self) -> None:
         sock = self._sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             while self._done:
                 envelope, reply = self._done.popleft()
                 sock.send_multipart([*envelope, pack(reply)])
-            if not sock.poll(50, zmq.POLLIN):
+            ready = dict(poller.poll(50))
+            if self._monitor is not None and self._monitor in ready:
+                self._handshake_failed()
+            if sock not in ready:
                 continue
             frames = sock.recv_multipart(copy=False)
             envelope, body = [f.bytes for f in frames[:-1]], frames[-1]
@@ -501,7 +523,24 @@ class ControlServer:
                 reply = reply_body(False, error=f"internal error: {type(exc).__name__}: {exc}")
             if reply is not None:
                 sock.send_multipart([*envelope, pack(reply)])
+        if self._monitor is not None:
+            sock.disable_monitor()
+            self._monitor.close(linger=0)
         sock.close(linger=0)
+
+    def _handshake_failed(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self._failed_handshakes += 1
+            now = time.monotonic()
+            if now - self._failed_logged >= REFUSAL_LOG_EVERY_S:
+                log.warning("control: refused a connection whose CURVE handshake failed (%s: a client without "
+                            "CURVE or with the wrong server key); %d since the last such line",
+                            getattr(event.get("event"), "name", event.get("event")), self._failed_handshakes)
+                self._failed_logged = now
+                self._failed_handshakes = 0
 
     def _dispatch(self, envelope: list[bytes], data: bytes, key_name: str) -> dict | None:
         try:

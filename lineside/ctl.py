@@ -18,24 +18,32 @@ import sys
 from edge.control_api import ControlClient, ControlError
 
 
+def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before or after the command's name."""
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)  # noqa: E731
+    parser.add_argument("--server-key", default=d(None), help="CURVE: the runtime's public key (.key file or text)")
+    parser.add_argument("--client-key", default=d(None), help="CURVE: this operator's .key_secret file")
+    parser.add_argument("--timeout", type=float, default=d(5.0), help="seconds to wait for a reply (load: 600)")
+    parser.add_argument("--for", dest="on_behalf_of", default=d(None), metavar="USER",
+                        help="the person this command is sent for (logged, in the event's who)")
+    parser.add_argument("--json", action="store_true", default=d(False), help="print the reply's result as JSON")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("endpoint", help="the runtime's control endpoint ([control] endpoint / run --control)")
-    parser.add_argument("--server-key", default=None, help="CURVE: the runtime's public key (.key file or text)")
-    parser.add_argument("--client-key", default=None, help="CURVE: this operator's .key_secret file")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply (load: 600)")
-    parser.add_argument("--for", dest="on_behalf_of", default=None, metavar="USER",
-                        help="the person this command is sent for (logged, in the event's who)")
-    parser.add_argument("--json", action="store_true", help="print the reply's result as JSON")
+    _common(parser, defaults=True)
     cmds = parser.add_subparsers(dest="ctl_command", required=True)
-    cmds.add_parser("status", help="model, thresholds, paused, cameras, queues, uptime")
+    _common(cmds.add_parser("status", help="model, thresholds, paused, cameras, queues, uptime"), False)
     p = cmds.add_parser("threshold", help="set the threshold (line-wide, or one camera's)")
+    _common(p, False)
     p.add_argument("value", type=float, nargs="?", default=None)
     p.add_argument("--camera", default=None, help="only this camera")
     p.add_argument("--clear", action="store_true", help="back to the bundle's calibrated threshold "
                    "(with --camera: that camera follows the line's again)")
-    cmds.add_parser("pause", help="stop judging (frames are still read and counted)")
-    cmds.add_parser("resume", help="judge again")
+    _common(cmds.add_parser("pause", help="stop judging (frames are still read and counted)"), False)
+    _common(cmds.add_parser("resume", help="judge again"), False)
     p = cmds.add_parser("load", help="hot swap to another bundle (validated and warmed first)")
+    _common(p, False)
     p.add_argument("bundle", help="bundle directory, as the runtime's machine sees it")
 
 

@@ -57,7 +57,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def start_line(tmp_path: Path, bundle: Path, sources: list[dict], topics=("decision", "event", "stats"),
                control: dict | None = None, publisher: dict | None = None, extra: dict | None = None,
-               name: str = "line", collector_kwargs: dict | None = None) -> tuple[RunProcess, Collector, str, Path]:
+               name: str = "line", collector_kwargs: dict | None = None,
+               env: dict | None = None) -> tuple[RunProcess, Collector, str, Path]:
     """`linegate run --config` with a control endpoint; a Collector already connected.
     Returns (process, collector, control endpoint, config path)."""
     pub = {"endpoint": free_tcp_endpoint(), "wait_subscribers": len(topics), "wait_timeout_s": 20.0,
@@ -66,7 +67,7 @@ def start_line(tmp_path: Path, bundle: Path, sources: list[dict], topics=("decis
     config = {"engine": {"bundle": str(bundle)}, "batching": {"max_batch": 4, "max_wait_ms": 5.0},
               "publisher": pub, "control": ctl, **(extra or {}), "source": sources}
     path = write_config(tmp_path / f"{name}.toml", config)
-    run = RunProcess(path, tmp_path / f"{name}.log")
+    run = RunProcess(path, tmp_path / f"{name}.log", env=env)
     collector = Collector(pub["endpoint"], topics, **(collector_kwargs or {}))
     collector.start()
     return run, collector, ctl["endpoint"], path
