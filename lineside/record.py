@@ -361,6 +361,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-free-mb", type=float, default=100.0, metavar="M",
                         help="stop image writes while the image store's file system has less than M MiB free, "
                              "leaving room for the database (default 100)")
+    parser.add_argument("--full-retry-s", type=_positive(float), default=5.0, metavar="S",
+                        help="while the image store is full, try a write again every S seconds (default 5)")
     parser.add_argument("--control", metavar="ENDPOINT",
                         help="the runtime's control endpoint: missed seqs are replayed from it (without it, "
                              "every miss is a gap row)")
@@ -386,7 +388,8 @@ def main(args: argparse.Namespace) -> int:
         images = None
         if images_dir is not None:
             images = ImageStore(images_dir, line, max_bytes=int(args.max_gb * 1e9) if args.max_gb else None,
-                                keep_days=args.keep_days, min_free_bytes=int(args.min_free_mb * 2**20))
+                                keep_days=args.keep_days, min_free_bytes=int(args.min_free_mb * 2**20),
+                                retry_s=args.full_retry_s)
         elif args.max_gb or args.keep_days:
             raise ValueError("--max-gb and --keep-days apply to the image store: give --images DIR")
         recorder = Recorder(store, args.endpoint, line=line, images=images, control=args.control,

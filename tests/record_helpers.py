@@ -66,7 +66,8 @@ class Proc:
         self.proc = subprocess.Popen(linegate_cmd(*args), stdout=subprocess.DEVNULL, stderr=self._log)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def wait_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
@@ -87,6 +88,13 @@ class Proc:
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Let it end on its own (a finite source); its exit status."""
         try:
             return self.proc.wait(timeout=timeout)
         finally:
