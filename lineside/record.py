@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -26,13 +27,13 @@ from edge.auth import CurveClient
 from edge.subscriber import Subscriber
 
 from .imagestore import ImageStore, image_path
-from .store import Store, is_postgres, open_store
+from .store import Store, StoreUnavailable, is_postgres, open_store
 
 log = logging.getLogger("linegate.record")
 
 TOPICS = ("decision", "overlay", "frame", "event")
 IMAGE_TOPICS = ("overlay", "frame")
-EXIT_OK, EXIT_CONFIG = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2  # 1: systemd restarts it; 2: fix the configuration
 
 
 class Recorder:
@@ -373,6 +374,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "control endpoint too)")
 
 
+def _pg_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import psycopg
+    except ModuleNotFoundError:
+        return ()
+    return (psycopg.OperationalError,)
+
+
 def default_images(db: str) -> Path | None:
     if is_postgres(db):
         return None
@@ -382,7 +391,11 @@ def default_images(db: str) -> Path | None:
 
 def main(args: argparse.Namespace) -> int:
     images_dir = Path(args.images) if args.images else default_images(args.db)
-    store = open_store(args.db, create=True)
+    try:
+        store = open_store(args.db, create=True)
+    except StoreUnavailable as exc:
+        log.error("%s; exiting for a restart (what the runtime publishes meanwhile is replayed then)", exc)
+        return EXIT_FAILED
     try:
         line = args.line or args.endpoint
         images = None
@@ -397,7 +410,14 @@ def main(args: argparse.Namespace) -> int:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        recorder.run(stop)
+        try:
+            recorder.run(stop)
+        except (OSError, sqlite3.Error, *_pg_errors()) as exc:
+            # The database went away or its disk is full: rows cannot be kept. Exit for a
+            # restart; on start the recorder asks the runtime for what it missed.
+            log.error("the record %s cannot be written (%s: %s); exiting for a restart", args.db,
+                      type(exc).__name__, exc)
+            return EXIT_FAILED
     finally:
         store.close()
     return EXIT_OK
