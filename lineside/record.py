@@ -23,6 +23,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from edge.auth import CurveClient
 from edge.subscriber import Subscriber
 
@@ -271,7 +273,9 @@ class Recorder:
         start = first
         while start <= last:
             try:
-                reply = client.replay(topic, start, last, max=self.replay_page)
+                # Images are large: smaller pages keep each reply to a few MB.
+                page = self.replay_page if topic in ("decision", "event") else max(1, self.replay_page // 20)
+                reply = client.replay(topic, start, last, max=page)
             except Exception as exc:  # noqa: BLE001 - timeout, refused key, runtime gone
                 self._gap_row(run_id, topic, start, last, f"replay failed: {type(exc).__name__}: {exc}")
                 return
@@ -281,6 +285,8 @@ class Recorder:
                 return
             reached = start - 1
             for header, payload in reply.get("messages") or []:
+                if isinstance(header, bytes):  # a runtime that hands back the header as packed
+                    header = msgpack.unpackb(header, raw=False)
                 seq = header.get("seq")
                 if isinstance(seq, int) and start <= seq <= last:
                     self.on_message(header.get("topic", topic), header, payload, replayed=True)

@@ -14,7 +14,7 @@ from lineside.store import open_store
 from record_helpers import Collector, runtime_count, start_recorder, wait_for
 from test_record_run import RECORDER_SUBSCRIPTIONS, run_runtime
 
-FRAMES, FPS, DOWN_S = 500, 100, 2.5
+FRAMES, FPS, DOWN_S = 800, 100, 2.5  # 8 s of run: the recorder is back well before its end
 
 
 def gap_seqs(store, run_id: str, topic: str = "decision") -> set[int]:
@@ -67,3 +67,105 @@ def test_without_replay_every_decision_is_on_record_or_in_a_gap_row(tmp_path, ho
         for row in store.decisions(limit=frames, run_id=run_id):
             assert row["capture_ts"] == by_seq[row["seq"]]["capture_ts"]
             assert row["score"] == by_seq[row["seq"]]["score"]
+
+
+def control_endpoint() -> str:
+    pytest.importorskip("edge.control_api", reason="the runtime's control endpoint (edge/control_api.py, "
+                                                   "ops' side of issue 22) is not in this tree")
+    return free_tcp_endpoint()
+
+
+def runtime_with_control(tmp_path, endpoint: str, control: str, subscribers: int, *extra: str):
+    return run_runtime(tmp_path, endpoint, [f"synthetic:count={FRAMES},fps={FPS},size=224"], subscribers,
+                       "--threshold", "0.0", "--sndhwm", "20", "--control", control,
+                       "--publish-frames", "reject", *extra)
+
+
+def check_images_complete(store, run_id: str, seen_overlays: set[int], seen_frames: set[int]) -> None:
+    """Every overlay and reject frame published is in the image store or in a gap row."""
+    for topic, seen in (("overlay", seen_overlays), ("frame", seen_frames)):
+        stored = {r[0] for r in store._query("SELECT seq FROM images WHERE run_id = ? AND topic = ?", (run_id, topic))}
+        assert stored | gap_seqs(store, run_id, topic) >= seen, topic
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_with_replay_a_recorder_down_for_seconds_misses_nothing(tmp_path, how):
+    control = control_endpoint()
+    endpoint, db = free_tcp_endpoint(), str(tmp_path / "record.db")
+    log = tmp_path / "record.log"
+    extra = ("--images", str(tmp_path / "images"), "--control", control)
+    recorder = start_recorder(endpoint, db, log, *extra)
+    collector = Collector(endpoint, ("decision", "overlay", "frame"))
+    collector.start()
+    runtime = runtime_with_control(tmp_path, endpoint, control, RECORDER_SUBSCRIPTIONS + 3)
+    with open_store(db) as store:
+        wait_for(lambda: store.count("decisions") >= 60, 30, "a steady run on record")
+        recorder = interrupt(how, recorder, endpoint, db, log, *extra)
+        assert runtime.wait(60) == 0
+        frames, rejects = runtime_count(runtime.log())
+        seen = collector.finish()
+        decisions = [h for h in seen if h["_topic"] == "decision"]
+        assert frames == rejects == FRAMES and [h["seq"] for h in decisions] == list(range(frames))
+        run_id = decisions[0]["run_id"]
+        wait_for(lambda: store.count("decisions") >= frames, 30, "every decision on record")
+        assert recorder.stop() == 0
+        assert store.seqs(run_id) == list(range(frames))  # every one, once
+        assert not gap_seqs(store, run_id)  # the runtime held all that was missed
+        if how == "kill":
+            replayed = [d for d in store.decisions(limit=frames, run_id=run_id) if d["replayed"]]
+            assert len(replayed) >= 100  # 2.5 s at 100 frames/s came back by replay
+        check_images_complete(store, run_id, {h["seq"] for h in seen if h["_topic"] == "overlay"},
+                              {h["seq"] for h in seen if h["_topic"] == "frame"})
+        # A reject's record points at its full-resolution frame and its overlay.
+        last = store.decisions(limit=1, run_id=run_id)[0]
+        assert last["frame_path"].endswith("_frame.png") and last["overlay_path"].endswith("_overlay.jpg")
+    if how == "kill":
+        assert "asking for a replay" in (tmp_path / "record.log").read_text()
+
+
+def test_what_the_runtime_no_longer_holds_becomes_a_gap_row(tmp_path):
+    control = control_endpoint()
+    from runtime_helpers import write_config
+
+    endpoint, db = free_tcp_endpoint(), str(tmp_path / "record.db")
+    log = tmp_path / "record.log"
+    extra = ("--images", str(tmp_path / "images"), "--control", control)
+    recorder = start_recorder(endpoint, db, log, *extra)
+    collector = Collector(endpoint)
+    collector.start()
+    config = write_config(tmp_path / "small-ring.toml", {"control": {"replay_decisions": 40, "replay_frames_mb": 0.2}})
+    runtime = runtime_with_control(tmp_path, endpoint, control, RECORDER_SUBSCRIPTIONS + 1, "--config", str(config))
+    with open_store(db) as store:
+        wait_for(lambda: store.count("decisions") >= 60, 30, "a steady run on record")
+        recorder = interrupt("kill", recorder, endpoint, db, log, *extra)
+        assert runtime.wait(60) == 0
+        frames, _ = runtime_count(runtime.log())
+        seen = collector.finish()
+        run_id = seen[0]["run_id"]
+        wait_for(lambda: len(set(store.seqs(run_id)) | gap_seqs(store, run_id)) >= frames, 30,
+                 "every seq on record or in a gap row")
+        assert recorder.stop() == 0
+        stored, lost = set(store.seqs(run_id)), gap_seqs(store, run_id)
+        assert stored | lost == {h["seq"] for h in seen} == set(range(frames)) and not stored & lost
+        gaps = [g for g in store.gaps(run_id=run_id) if g["topic"] == "decision"]
+        assert gaps and all(g["reason"].startswith("no longer held by the runtime") for g in gaps)
+        assert len(lost) >= 60  # 2.5 s at 100 frames/s, less the 40 the runtime still held
+        assert any(d["replayed"] for d in store.decisions(limit=frames, run_id=run_id))  # those 40 came back
+
+
+def test_a_recorder_started_late_gets_the_run_from_its_first_decision(tmp_path):
+    control = control_endpoint()
+    endpoint, db = free_tcp_endpoint(), str(tmp_path / "record.db")
+    collector = Collector(endpoint)
+    collector.start()
+    runtime = runtime_with_control(tmp_path, endpoint, control, 1)
+    wait_for(lambda: len(collector.headers) >= 150, 30, "the run under way")
+    recorder = start_recorder(endpoint, db, tmp_path / "record.log", "--images", str(tmp_path / "images"),
+                              "--control", control)
+    assert runtime.wait(60) == 0
+    frames, _ = runtime_count(runtime.log())
+    seen = collector.finish()
+    with open_store(db) as store:
+        wait_for(lambda: store.count("decisions") >= frames, 30, "every decision on record")
+        assert recorder.stop() == 0
+        assert store.seqs(seen[0]["run_id"]) == list(range(frames)) and store.count("gaps") == 0
