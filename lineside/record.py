@@ -300,28 +300,32 @@ class Recorder:
             if reached < start:
                 self._gap_row(run_id, topic, start, last, "the runtime's replay returned none of these seqs")
                 return
+            self._commit()  # page by page: a long replay holds one page in memory, not the whole range
             start = reached + 1
 
     # -- writing --------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Commit what arrived; then replay what is missing (committing that too); then retention."""
-        for _ in range(2):  # what arrived, then what a replay brought
-            self._skipped_to_gaps()
-            if self._pending() or self._gaps or self._runs:
-                decisions, events, images = self._decisions, self._events, self._image_rows
-                gaps, runs = self._gaps, self._runs
-                self._decisions, self._events, self._image_rows, self._gaps, self._runs = [], [], [], [], {}
-                self.store.write(decisions, events, images, gaps, runs.items(), line=self.line)
-                self.counts["decisions"] += len(decisions)
-                self.counts["replayed"] += sum(1 for _, r in decisions if r)
-                self.counts["events"] += len(events)
-                self.counts["images"] += len(images)
-            if not self._to_replay:
-                break
+        """Commit what arrived; then replay what is missing (committed page by page); then retention."""
+        self._commit()
+        while self._to_replay:
             self._replay_all()
+            self._commit()
         if self.images is not None:
             self.images.enforce(self.store)
+
+    def _commit(self) -> None:
+        self._skipped_to_gaps()
+        if not (self._pending() or self._gaps or self._runs):
+            return
+        decisions, events, images = self._decisions, self._events, self._image_rows
+        gaps, runs = self._gaps, self._runs
+        self._decisions, self._events, self._image_rows, self._gaps, self._runs = [], [], [], [], {}
+        self.store.write(decisions, events, images, gaps, runs.items(), line=self.line)
+        self.counts["decisions"] += len(decisions)
+        self.counts["replayed"] += sum(1 for _, r in decisions if r)
+        self.counts["events"] += len(events)
+        self.counts["images"] += len(images)
 
     def _skipped_to_gaps(self) -> None:
         """Images the full store could not take, as gap rows (consecutive seqs merged)."""
