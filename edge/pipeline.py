@@ -204,6 +204,8 @@ class Pipeline:
         self._pauses: list[list[float]] = []  # [start, end] (end inf while paused), wall clock
         self.paused_frames = dict.fromkeys(ids, 0)  # per camera: captured while paused, not judged
         self.decisions_by_result: dict[tuple[str, str], int] = {}  # (camera, decision) -> count
+        self.last_frame_ts: dict[str, float] = {}  # per camera: capture time of the last frame batched
+        self.camera_fps = dict.fromkeys(ids, 0.0)  # decisions/s over the last stats interval
         self._batch_ids = itertools.count()
         ids = [s.camera_id for s in sources]
         self._decisions = dict.fromkeys(ids, 0)  # per camera, whole run
@@ -282,6 +284,8 @@ class Pipeline:
                     break
                 if not batch:
                     continue
+                for frame in batch:
+                    self.last_frame_ts[frame.camera_id] = frame.capture_ts
                 if self._pauses:
                     batch = self._drop_paused(batch)
                     if not batch:
@@ -451,7 +455,8 @@ class Pipeline:
         cameras = {}
         for s in self.sources:
             cid = s.camera_id
-            cameras[cid] = {**s.status(), "fps": round(self._interval[cid] / interval_s, 2),
+            self.camera_fps[cid] = round(self._interval[cid] / interval_s, 2)
+            cameras[cid] = {**s.status(), "fps": self.camera_fps[cid],
                             "decisions": self._decisions[cid], "dropped": self._queue.dropped.get(cid, 0),
                             "paused": self.paused_frames[cid]}
         interval_frames = sum(self._interval.values())
@@ -464,12 +469,16 @@ class Pipeline:
             "fps": round(self.last_fps, 2), "frames": summary.frames, "rejects": summary.rejects,
             "errors": summary.errors, "batches": summary.batches,
             "cameras": cameras,
-            "queue_depth": {"frames": len(self._queue), "results": self._results.qsize()},
+            "queue_depth": self.queue_depths(),
             "latency_ms": self.latency.take(),
             "engine_failures_in_a_row": self._engine_failures,
             "publisher": {"sent": dict(self.publisher.sent), "dropped": dict(self.publisher.dropped),
                           "subscriptions": self.publisher.subscriptions},
         }
+
+    def queue_depths(self) -> dict[str, int]:
+        """Frames waiting for a batch, batches waiting to be published, overlays/frames due."""
+        return {"frames": len(self._queue), "results": self._results.qsize(), "overlays": len(self._overlays_due)}
 
     def _publish_stats(self, summary: RunSummary, now: float, interval_s: float) -> None:
         message = self._stats_message(summary, now, interval_s)
