@@ -46,13 +46,14 @@ def test_a_run_is_recorded_whole_with_reject_overlays_and_history(tmp_path, db_t
                               "--line", "line-1")
     collector = Collector(endpoint)
     collector.start()
-    runtime = run_runtime(tmp_path, endpoint, [f"folder:{tmp_path / 'parts'}"], RECORDER_SUBSCRIPTIONS + 1)
+    runtime = run_runtime(tmp_path, endpoint, [f"folder:{tmp_path / 'parts'}"], RECORDER_SUBSCRIPTIONS + 1,
+                          "--publish-frames", "reject")
     assert runtime.wait(60) == 0
     frames, rejects = runtime_count(runtime.log())
     assert (frames, rejects) == (60, 24)
     with open_store(db_target) as store:
-        wait_for(lambda: store.count("decisions") == frames and store.count("images") == rejects, 20,
-                 "every decision and overlay on record")
+        wait_for(lambda: store.count("decisions") == frames and store.count("images") == 2 * rejects, 20,
+                 "every decision, overlay and reject frame on record")
     assert recorder.stop() == 0
     seen = collector.finish()
     assert len(seen) == frames
@@ -73,12 +74,18 @@ def test_a_run_is_recorded_whole_with_reject_overlays_and_history(tmp_path, db_t
                 assert row["overlay_path"].startswith(f"{day}/cam0/"), row["overlay_path"]
                 overlay = cv2.imread(str(images / row["overlay_path"]))
                 assert overlay is not None and overlay.shape[:2] == (48, 54)
+                # The full-resolution frame as the camera gave it (the model saw it at 32x32).
+                assert row["frame_path"].startswith(f"{day}/cam0/") and row["frame_path"].endswith(".png")
+                frame = cv2.imread(str(images / row["frame_path"]))
+                assert frame.shape == (48, 54, 3) and int(frame.mean()) == levels[row["frame_id"]]
             else:
-                assert row["overlay_path"] is None
-    assert re.search(r"recorded 60 decisions \(0 by replay\), \d+ events, 24 images; 0 gap row", recorder.log())
+                assert row["overlay_path"] is None and row["frame_path"] is None
+        (start,) = store.events()
+        assert start["what"] == "start" and start["run_id"] == rows[0]["run_id"]
+    assert re.search(r"recorded 60 decisions \(0 by replay\), 1 events, 48 images; 0 gap row", recorder.log())
 
     lines = history(db_target, "--decision", "reject", "--limit", "0").splitlines()
-    assert len(lines) == 24 and all(" REJECT " in line and line.endswith("-O") for line in lines)
+    assert len(lines) == 24 and all(" REJECT " in line and line.endswith("FO") for line in lines)
     out_csv = tmp_path / "rejects.csv"
     history(db_target, "--decision", "reject", "--limit", "0", "--csv", str(out_csv))
     with open(out_csv, newline="") as f:
@@ -89,8 +96,8 @@ def test_a_run_is_recorded_whole_with_reject_overlays_and_history(tmp_path, db_t
     reject_seq = next(r["seq"] for r in rows if r["decision"] == "reject")
     accept_seq = next(r["seq"] for r in rows if r["decision"] == "accept")
     out = tmp_path / "evidence.png"
-    assert "overlay of" in history(db_target, "--image", str(reject_seq), "--out", str(out))
-    assert cv2.imread(str(out)).shape[:2] == (48, 54)
+    assert "frame + overlay of" in history(db_target, "--image", str(reject_seq), "--out", str(out))
+    assert cv2.imread(str(out)).shape[:2] == (48, 108)  # the frame, and its overlay beside it
     fail = subprocess.run(linegate_cmd("history", db_target, "--image", str(accept_seq), "--out", str(out)),
                           capture_output=True, text=True, timeout=60)
     assert fail.returncode == 2 and "has no stored image" in fail.stderr
