@@ -5,11 +5,12 @@ it asks for a replay and gets them back."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 
 import pytest
 
-from conftest import free_tcp_endpoint
+from conftest import free_tcp_endpoint, linegate_cmd
 from lineside.store import open_store
 from record_helpers import Collector, runtime_count, start_recorder, wait_for
 from test_record_run import RECORDER_SUBSCRIPTIONS, run_runtime
@@ -169,3 +170,36 @@ def test_a_recorder_started_late_gets_the_run_from_its_first_decision(tmp_path):
         wait_for(lambda: store.count("decisions") >= frames, 30, "every decision on record")
         assert recorder.stop() == 0
         assert store.seqs(seen[0]["run_id"]) == list(range(frames)) and store.count("gaps") == 0
+
+
+def test_a_runtime_restarted_while_the_recorder_was_away_leaves_an_open_gap_row(tmp_path):
+    control = control_endpoint()
+    endpoint, db = free_tcp_endpoint(), str(tmp_path / "record.db")
+    log = tmp_path / "record.log"
+    extra = ("--control", control, "--images", str(tmp_path / "images"))
+    recorder = start_recorder(endpoint, db, log, *extra)
+    first = run_runtime(tmp_path, endpoint, ["synthetic:count=300,fps=100,size=64"], RECORDER_SUBSCRIPTIONS,
+                        "--control", control)
+    with open_store(db) as store:
+        wait_for(lambda: store.count("decisions") >= 50, 30, "the first run on record")
+        recorder.kill()  # away: the first run ends and a second one starts without it
+        assert first.wait(60) == 0
+        old_run = store.decisions(limit=1)[0]["run_id"]
+        recorded_old = store.seqs(old_run)
+        collector = Collector(endpoint)
+        collector.start()
+        second = run_runtime(tmp_path, endpoint, ["synthetic:count=300,fps=100,size=64"], 1, "--control", control)
+        wait_for(lambda: len(collector.headers) >= 50, 30, "the second run under way")
+        recorder = start_recorder(endpoint, db, log, *extra)
+        assert second.wait(60) == 0
+        seen = collector.finish()
+        new_run = seen[0]["run_id"]
+        assert new_run != old_run
+        wait_for(lambda: store.count("decisions", run_id=new_run) >= 300, 30, "the second run on record")
+        assert recorder.stop() == 0
+        assert store.seqs(new_run) == list(range(300))  # from its first decision, by replay
+        (open_gap,) = [g for g in store.gaps(run_id=old_run) if g["topic"] == "decision"]
+        assert open_gap["first_seq"] == recorded_old[-1] + 1 and open_gap["last_seq"] is None
+        assert open_gap["reason"].startswith("unknown: the runtime restarted")
+    out = subprocess.run(linegate_cmd("history", db, "--gaps"), capture_output=True, text=True, timeout=60)
+    assert f"decision seqs {recorded_old[-1] + 1}..?" in out.stdout
