@@ -203,3 +203,51 @@ def test_a_runtime_restarted_while_the_recorder_was_away_leaves_an_open_gap_row(
         assert open_gap["reason"].startswith("unknown: the runtime restarted")
     out = subprocess.run(linegate_cmd("history", db, "--gaps"), capture_output=True, text=True, timeout=60)
     assert f"decision seqs {recorded_old[-1] + 1}..?" in out.stdout
+
+
+def test_under_curve_a_recorder_on_the_control_list_replays_and_one_off_it_writes_gap_rows(tmp_path):
+    control = control_endpoint()
+    from edge.auth import make_keypair
+    from runtime_helpers import write_config
+
+    keys = tmp_path / "keys"
+    for name in ("server", "recorder", "stranger"):
+        make_keypair(keys, name)
+    bus, operators = tmp_path / "bus-keys", tmp_path / "control-keys"
+    bus.mkdir()
+    operators.mkdir()
+    for name in ("recorder", "stranger"):  # both may watch; only the recorder may use the control endpoint
+        (bus / f"{name}.key").write_text((keys / f"{name}.key").read_text())
+    (operators / "recorder.key").write_text((keys / "recorder.key").read_text())
+    config = write_config(tmp_path / "curve.toml", {
+        "publisher": {"curve": {"secret_key": str(keys / "server.key_secret"), "allowed_keys": str(bus)}},
+        "control": {"endpoint": control, "allowed_keys": str(operators)}})
+    endpoint = free_tcp_endpoint()
+    collector = Collector(endpoint)  # without a key: it must get nothing
+    collector.start()
+    runtime = run_runtime(tmp_path, endpoint, ["synthetic:count=1000,fps=100,size=64"], 0, "--config", str(config))
+    time.sleep(1.0)  # the run under way before either recorder starts
+    records = {}
+    for name in ("recorder", "stranger"):
+        db = str(tmp_path / f"{name}.db")
+        records[name] = (db, start_recorder(endpoint, db, tmp_path / f"{name}.log", "--control", control,
+                                            "--server-key", str(keys / "server.key"),
+                                            "--client-key", str(keys / f"{name}.key_secret")))
+    assert runtime.wait(60) == 0
+    frames, _ = runtime_count(runtime.log())
+    assert collector.finish() == []
+    db, recorder = records["recorder"]
+    with open_store(db) as store:
+        wait_for(lambda: store.count("decisions") >= frames, 30, "the whole run, by replay under CURVE")
+        assert recorder.stop() == 0
+        run_id = store.decisions(limit=1)[0]["run_id"]
+        assert store.seqs(run_id) == list(range(frames)) and store.count("gaps") == 0
+    db, stranger = records["stranger"]
+    with open_store(db) as store:
+        wait_for(lambda: len(set(store.seqs(run_id)) | gap_seqs(store, run_id)) >= frames, 30,
+                 "the stranger's record: every seq stored or a gap row")
+        assert stranger.stop() == 0
+        gaps = [g for g in store.gaps(run_id=run_id) if g["topic"] == "decision"]
+        assert gaps and gaps[-1]["first_seq"] == 0 and all(g["reason"].startswith("replay failed: TimeoutError")
+                                                           for g in gaps)
+    assert "cannot ask" in (tmp_path / "stranger.log").read_text()
