@@ -75,6 +75,7 @@ def _start_recorder(endpoint: str, db: str, log: Path) -> subprocess.Popen:
 def pipeline_run(bundle: Path, parts: Path, work: Path, db: str | None, frames: int) -> dict:
     """One `linegate run` over the parts; with a recorder attached when db is given."""
     endpoint, tag = _free_endpoint(), uuid.uuid4().hex[:6]
+    before = _count(db) if db and (db.startswith("postgresql") or Path(db).exists()) else 0
     recorder = _start_recorder(endpoint, db, work / f"rec-{tag}.log") if db else None
     log = work / f"run-{tag}.log"
     with open(log, "w") as f:
@@ -88,12 +89,12 @@ def pipeline_run(bundle: Path, parts: Path, work: Path, db: str | None, frames: 
     result = {"frames": int(match[1]), "rejects": int(match[2]), "pipeline_img_s": float(match[3])}
     if recorder is not None:
         ended = time.monotonic()
-        while _count(db) < result["frames"] and time.monotonic() - ended < 60:
+        while _count(db) - before < result["frames"] and time.monotonic() - ended < 60:
             time.sleep(0.05)
         result["recorder_lag_s"] = round(time.monotonic() - ended, 3)  # runtime done -> last row stored
         recorder.send_signal(signal.SIGTERM)
         recorder.wait(30)
-        result["rows"] = _count(db)
+        result["rows"] = _count(db) - before
     return result
 
 
@@ -145,6 +146,13 @@ def _pg_database(admin_url: str) -> tuple[str, callable]:
     return admin_url.rsplit("/", 1)[0] + "/" + name, drop
 
 
+def _bundle_name(bundle: Path, given: str | None) -> str:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    shape = "x".join(str(v) for v in manifest["input"]["shape"][2:])
+    origin = "" if given else ", the tests' tiny bundle"
+    return f"{manifest['detector']} {shape} ({manifest['model_id']}{origin})"
+
+
 def markdown(result: dict) -> str:
     p, lines = result["pipeline"], []
     lines += [f"# Recorder benchmark ({result['when']})", "", f"Command: `{result['command']}`", "",
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             from conftest import make_tiny_bundle
 
             bundle = make_tiny_bundle(work / "bundle")
+        bundle_name = _bundle_name(bundle, args.bundle)
         parts = work / "parts"
         _parts(parts, args.frames)
         targets = {"sqlite": str(work / "record.db")}
@@ -207,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m benchmarks.record_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "bundle": args.bundle or "tests' tiny bundle", "frames": args.frames, "repeats": args.repeats,
+              "bundle": bundle_name, "frames": args.frames, "repeats": args.repeats,
               "pipeline": pipeline, "all_runs": runs, "burst": bursts}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

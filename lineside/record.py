@@ -68,7 +68,8 @@ class Recorder:
         self._anon_runs: list[str] = []
         self._anon_topic: dict[str, int] = {}
         self._warned_no_images = False
-        self.counts = dict.fromkeys(("decisions", "replayed", "events", "images", "gap_rows", "gap_seqs"), 0)
+        self.counts = dict.fromkeys(("decisions", "replayed", "events", "images", "gap_rows", "gap_seqs",
+                                     "unreadable"), 0)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -84,7 +85,12 @@ class Recorder:
                 ready.set()
             next_flush, next_report = time.monotonic(), time.monotonic() + 60.0
             while not stop.is_set():
-                msg = sub.recv(50)
+                try:
+                    msg = sub.recv(50)
+                except ValueError as exc:  # not linegate's, or a newer schema: say so, keep recording
+                    log.error("message skipped: %s", exc)
+                    self.counts["unreadable"] += 1
+                    continue
                 if msg is not None:
                     self.on_message(msg.topic, msg.header, msg.payload)
                 now = time.monotonic()
@@ -101,8 +107,8 @@ class Recorder:
         c = self.counts
         skipped = self.images.skipped_total if self.images else 0
         log.info("recorded %d decisions (%d by replay), %d events, %d images; %d gap row(s) covering %d seq(s); "
-                 "%d image(s) not stored", c["decisions"], c["replayed"], c["events"], c["images"], c["gap_rows"],
-                 c["gap_seqs"], skipped)
+                 "%d image(s) not stored%s", c["decisions"], c["replayed"], c["events"], c["images"], c["gap_rows"],
+                 c["gap_seqs"], skipped, f"; {c['unreadable']} unreadable message(s) skipped" if c["unreadable"] else "")
 
     def _pending(self) -> int:
         return len(self._decisions) + len(self._events) + len(self._image_rows)
@@ -274,7 +280,7 @@ class Recorder:
         while start <= last:
             try:
                 # Images are large: smaller pages keep each reply to a few MB.
-                page = self.replay_page if topic in ("decision", "event") else max(1, self.replay_page // 20)
+                page = self.replay_page if topic in ("decision", "event") else max(1, self.replay_page // 100)
                 reply = client.replay(topic, start, last, max=page)
             except Exception as exc:  # noqa: BLE001 - timeout, refused key, runtime gone
                 self._gap_row(run_id, topic, start, last, f"replay failed: {type(exc).__name__}: {exc}")
