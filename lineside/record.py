@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -22,17 +23,19 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from edge.auth import CurveClient
 from edge.subscriber import Subscriber
 
 from .imagestore import ImageStore, image_path
-from .store import Store, is_postgres, open_store
+from .store import Store, StoreUnavailable, is_postgres, open_store
 
 log = logging.getLogger("linegate.record")
 
 TOPICS = ("decision", "overlay", "frame", "event")
 IMAGE_TOPICS = ("overlay", "frame")
-EXIT_OK, EXIT_CONFIG = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2  # 1: systemd restarts it; 2: fix the configuration
 
 
 class Recorder:
@@ -65,7 +68,8 @@ class Recorder:
         self._anon_runs: list[str] = []
         self._anon_topic: dict[str, int] = {}
         self._warned_no_images = False
-        self.counts = dict.fromkeys(("decisions", "replayed", "events", "images", "gap_rows", "gap_seqs"), 0)
+        self.counts = dict.fromkeys(("decisions", "replayed", "events", "images", "gap_rows", "gap_seqs",
+                                     "unreadable"), 0)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -79,18 +83,22 @@ class Recorder:
             self._start_check()
             if ready is not None:
                 ready.set()
-            next_flush = next_report = time.monotonic()
+            next_flush, next_report = time.monotonic(), time.monotonic() + 60.0
             while not stop.is_set():
-                msg = sub.recv(50)
+                try:
+                    msg = sub.recv(50)
+                except ValueError as exc:  # not linegate's, or a newer schema: say so, keep recording
+                    log.error("message skipped: %s", exc)
+                    self.counts["unreadable"] += 1
+                    continue
                 if msg is not None:
                     self.on_message(msg.topic, msg.header, msg.payload)
                 now = time.monotonic()
                 if now >= next_flush or self._pending() >= self.flush_rows:
                     self.flush()
                     next_flush = now + self.flush_s
-                if now >= next_report:
-                    if next_report > 0 and any(self.counts.values()):
-                        self.report()
+                if now >= next_report:  # a line a minute: the journal shows it is alive and counting
+                    self.report()
                     next_report = now + 60.0
             self.flush()
         self.report()
@@ -99,8 +107,8 @@ class Recorder:
         c = self.counts
         skipped = self.images.skipped_total if self.images else 0
         log.info("recorded %d decisions (%d by replay), %d events, %d images; %d gap row(s) covering %d seq(s); "
-                 "%d image(s) not stored", c["decisions"], c["replayed"], c["events"], c["images"], c["gap_rows"],
-                 c["gap_seqs"], skipped)
+                 "%d image(s) not stored%s", c["decisions"], c["replayed"], c["events"], c["images"], c["gap_rows"],
+                 c["gap_seqs"], skipped, f"; {c['unreadable']} unreadable message(s) skipped" if c["unreadable"] else "")
 
     def _pending(self) -> int:
         return len(self._decisions) + len(self._events) + len(self._image_rows)
@@ -271,7 +279,9 @@ class Recorder:
         start = first
         while start <= last:
             try:
-                reply = client.replay(topic, start, last, max=self.replay_page)
+                # Images are large: smaller pages keep each reply to a few MB.
+                page = self.replay_page if topic in ("decision", "event") else max(1, self.replay_page // 100)
+                reply = client.replay(topic, start, last, max=page)
             except Exception as exc:  # noqa: BLE001 - timeout, refused key, runtime gone
                 self._gap_row(run_id, topic, start, last, f"replay failed: {type(exc).__name__}: {exc}")
                 return
@@ -281,6 +291,8 @@ class Recorder:
                 return
             reached = start - 1
             for header, payload in reply.get("messages") or []:
+                if isinstance(header, bytes):  # a runtime that hands back the header as packed
+                    header = msgpack.unpackb(header, raw=False)
                 seq = header.get("seq")
                 if isinstance(seq, int) and start <= seq <= last:
                     self.on_message(header.get("topic", topic), header, payload, replayed=True)
@@ -294,28 +306,32 @@ class Recorder:
             if reached < start:
                 self._gap_row(run_id, topic, start, last, "the runtime's replay returned none of these seqs")
                 return
+            self._commit()  # page by page: a long replay holds one page in memory, not the whole range
             start = reached + 1
 
     # -- writing --------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Commit what arrived; then replay what is missing (committing that too); then retention."""
-        for _ in range(2):  # what arrived, then what a replay brought
-            self._skipped_to_gaps()
-            if self._pending() or self._gaps or self._runs:
-                decisions, events, images = self._decisions, self._events, self._image_rows
-                gaps, runs = self._gaps, self._runs
-                self._decisions, self._events, self._image_rows, self._gaps, self._runs = [], [], [], [], {}
-                self.store.write(decisions, events, images, gaps, runs.items(), line=self.line)
-                self.counts["decisions"] += len(decisions)
-                self.counts["replayed"] += sum(1 for _, r in decisions if r)
-                self.counts["events"] += len(events)
-                self.counts["images"] += len(images)
-            if not self._to_replay:
-                break
+        """Commit what arrived; then replay what is missing (committed page by page); then retention."""
+        self._commit()
+        while self._to_replay:
             self._replay_all()
+            self._commit()
         if self.images is not None:
             self.images.enforce(self.store)
+
+    def _commit(self) -> None:
+        self._skipped_to_gaps()
+        if not (self._pending() or self._gaps or self._runs):
+            return
+        decisions, events, images = self._decisions, self._events, self._image_rows
+        gaps, runs = self._gaps, self._runs
+        self._decisions, self._events, self._image_rows, self._gaps, self._runs = [], [], [], [], {}
+        self.store.write(decisions, events, images, gaps, runs.items(), line=self.line)
+        self.counts["decisions"] += len(decisions)
+        self.counts["replayed"] += sum(1 for _, r in decisions if r)
+        self.counts["events"] += len(events)
+        self.counts["images"] += len(images)
 
     def _skipped_to_gaps(self) -> None:
         """Images the full store could not take, as gap rows (consecutive seqs merged)."""
@@ -361,6 +377,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-free-mb", type=float, default=100.0, metavar="M",
                         help="stop image writes while the image store's file system has less than M MiB free, "
                              "leaving room for the database (default 100)")
+    parser.add_argument("--full-retry-s", type=_positive(float), default=5.0, metavar="S",
+                        help="while the image store is full, try a write again every S seconds (default 5)")
     parser.add_argument("--control", metavar="ENDPOINT",
                         help="the runtime's control endpoint: missed seqs are replayed from it (without it, "
                              "every miss is a gap row)")
@@ -369,6 +387,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-key", metavar="FILE",
                         help="CURVE: this recorder's .key_secret (allowed on the bus; for replays, on the "
                              "control endpoint too)")
+
+
+def _pg_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import psycopg
+    except ModuleNotFoundError:
+        return ()
+    return (psycopg.OperationalError,)
 
 
 def default_images(db: str) -> Path | None:
@@ -380,13 +406,18 @@ def default_images(db: str) -> Path | None:
 
 def main(args: argparse.Namespace) -> int:
     images_dir = Path(args.images) if args.images else default_images(args.db)
-    store = open_store(args.db, create=True)
+    try:
+        store = open_store(args.db, create=True)
+    except StoreUnavailable as exc:
+        log.error("%s; exiting for a restart (what the runtime publishes meanwhile is replayed then)", exc)
+        return EXIT_FAILED
     try:
         line = args.line or args.endpoint
         images = None
         if images_dir is not None:
             images = ImageStore(images_dir, line, max_bytes=int(args.max_gb * 1e9) if args.max_gb else None,
-                                keep_days=args.keep_days, min_free_bytes=int(args.min_free_mb * 2**20))
+                                keep_days=args.keep_days, min_free_bytes=int(args.min_free_mb * 2**20),
+                                retry_s=args.full_retry_s)
         elif args.max_gb or args.keep_days:
             raise ValueError("--max-gb and --keep-days apply to the image store: give --images DIR")
         recorder = Recorder(store, args.endpoint, line=line, images=images, control=args.control,
@@ -394,7 +425,14 @@ def main(args: argparse.Namespace) -> int:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        recorder.run(stop)
+        try:
+            recorder.run(stop)
+        except (OSError, sqlite3.Error, *_pg_errors()) as exc:
+            # The database went away or its disk is full: rows cannot be kept. Exit for a
+            # restart; on start the recorder asks the runtime for what it missed.
+            log.error("the record %s cannot be written (%s: %s); exiting for a restart", args.db,
+                      type(exc).__name__, exc)
+            return EXIT_FAILED
     finally:
         store.close()
     return EXIT_OK

@@ -78,6 +78,10 @@ class StoreError(RuntimeError):
     """The record cannot be opened or used (named target, and what to do)."""
 
 
+class StoreUnavailable(StoreError):
+    """The database server does not answer: a state that may pass (a restart may cure it)."""
+
+
 def _finite(value: Any) -> Any:
     """NULL for NaN/inf (an `error` decision's score): SQLite and PostgreSQL disagree on NaN."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -405,7 +409,7 @@ def open_store(target: str, create: bool = False) -> Store:
         try:
             conn = psycopg.connect(target, autocommit=True, connect_timeout=10)  # transactions: _transaction()
         except psycopg.OperationalError as exc:
-            raise StoreError(f"cannot connect to {target}: {str(exc).strip()}; check the URL, that the "
+            raise StoreUnavailable(f"cannot connect to {target}: {str(exc).strip()}; check the URL, that the "
                              "server runs and that this user may connect") from None
         store = Store(target, conn, pg=True)
     else:

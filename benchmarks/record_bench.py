@@ -1,0 +1,230 @@
+"""Does the recorder keep up, and does it cost the runtime anything?
+
+    python -m benchmarks.record_bench [--bundle DIR] [--frames 3000] [--pg postgresql://...]
+
+One run measures, on this machine and in one go (so the ratios compare like with like):
+  * the runtime's pipeline img/s (`linegate run`, a folder source) with no subscriber, with a
+    SQLite recorder attached and with a PostgreSQL recorder attached, each run twice,
+    alternating, best kept (the box is shared: the best run is the least disturbed);
+  * each recorder's own capacity: decisions (and one overlay per reject) stored per second
+    when a real Publisher sends a burst as fast as it can, against the pipeline's rate;
+  * that every decision of each pipeline run is on record (rows == the runtime's count).
+Without --bundle it uses the tests' tiny bundle: the fastest pipeline there is, so the
+hardest case for the recorder. Results: benchmarks/results/record_bench.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _linegate(*args: str) -> list[str]:
+    return [sys.executable, "-m", "linegate.cli", *args]
+
+
+def _free_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _parts(folder: Path, n: int, reject_every: int = 3) -> None:
+    """n grey 48x54 parts; every third one bright (a reject for the tiny bundle)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        level = 210 if i % reject_every == 0 else 40
+        cv2.imwrite(str(folder / f"p{i:05d}.png"), np.full((48, 54, 3), level, np.uint8))
+
+
+def _count(db: str) -> int:
+    from lineside.store import open_store
+
+    with open_store(db) as store:
+        return store.count("decisions")
+
+
+def _start_recorder(endpoint: str, db: str, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(_linegate("record", endpoint, "--db", db, "--images", str(log.with_suffix(".images")),
+                                      "--min-free-mb", "0"), stderr=open(log, "w"), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while "recording tcp://" not in log.read_text():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"recorder did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def pipeline_run(bundle: Path, parts: Path, work: Path, db: str | None, frames: int) -> dict:
+    """One `linegate run` over the parts; with a recorder attached when db is given."""
+    endpoint, tag = _free_endpoint(), uuid.uuid4().hex[:6]
+    before = _count(db) if db and (db.startswith("postgresql") or Path(db).exists()) else 0
+    recorder = _start_recorder(endpoint, db, work / f"rec-{tag}.log") if db else None
+    log = work / f"run-{tag}.log"
+    with open(log, "w") as f:
+        code = subprocess.run(_linegate("run", "--bundle", str(bundle), "--source", f"folder:{parts}", "--publish",
+                                        endpoint, "--wait-subscribers", "4" if db else "0"),
+                              stderr=f, stdout=subprocess.DEVNULL, timeout=600).returncode
+    text = log.read_text()
+    match = re.search(r"done: (\d+) frames, (\d+) rejects, \d+ errors, ([\d.]+) frames/s", text)
+    if code != 0 or not match:
+        raise RuntimeError(f"linegate run failed ({code}):\n{text[-2000:]}")
+    result = {"frames": int(match[1]), "rejects": int(match[2]), "pipeline_img_s": float(match[3])}
+    if recorder is not None:
+        ended = time.monotonic()
+        while _count(db) - before < result["frames"] and time.monotonic() - ended < 60:
+            time.sleep(0.05)
+        result["recorder_lag_s"] = round(time.monotonic() - ended, 3)  # runtime done -> last row stored
+        recorder.send_signal(signal.SIGTERM)
+        recorder.wait(30)
+        result["rows"] = _count(db) - before
+    return result
+
+
+def burst(db: str, n: int, work: Path) -> dict:
+    """A real Publisher sends n decisions (and an overlay per third) as fast as it can; how fast
+    does the recorder store them?"""
+    from edge.publisher import Publisher
+    from lineside.store import open_store
+
+    endpoint = _free_endpoint()
+    overlay = cv2.imencode(".jpg", np.full((48, 54, 3), 200, np.uint8))[1].tobytes()
+    with Publisher(endpoint, model_id="bench", sndhwm=4 * n) as pub:
+        recorder = _start_recorder(pub.endpoint, db, work / f"burst-{uuid.uuid4().hex[:6]}.log")
+        pub.wait_for_subscribers(4, 30)
+        with open_store(db) as store:
+            before = store.count("decisions")
+        started = time.perf_counter()
+        now = time.time()
+        for i in range(n):
+            header = {"camera_id": "cam0", "frame_id": i, "capture_ts": now + i * 1e-3, "score": 0.1, "score_norm": 0.1,
+                      "threshold": 0.5, "decision": "reject" if i % 3 == 0 else "accept", "aggregate": "mean",
+                      "source": f"p{i}.png", "label": None, "batch": i // 8}
+            pub.publish("decision", header)
+            if i % 3 == 0:
+                pub.publish("overlay", {**header, "encoding": "jpeg", "width": 54, "height": 48}, overlay)
+        sent = time.perf_counter() - started
+        deadline = time.monotonic() + 120
+        while _count(db) < before + n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        stored = _count(db) - before
+        recorder.send_signal(signal.SIGTERM)
+        recorder.wait(30)
+    return {"decisions": n, "stored": stored, "publish_s": round(sent, 3), "elapsed_s": round(elapsed, 3),
+            "stored_per_s": round(stored / elapsed, 1)}
+
+
+def _pg_database(admin_url: str) -> tuple[str, callable]:
+    import psycopg
+
+    admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+    name = f"linegate_bench_{uuid.uuid4().hex[:8]}"
+    admin.execute(f"CREATE DATABASE {name}")
+
+    def drop() -> None:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+    return admin_url.rsplit("/", 1)[0] + "/" + name, drop
+
+
+def _bundle_name(bundle: Path, given: str | None) -> str:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    shape = "x".join(str(v) for v in manifest["input"]["shape"][2:])
+    origin = "" if given else ", the tests' tiny bundle"
+    return f"{manifest['detector']} {shape} ({manifest['model_id']}{origin})"
+
+
+def markdown(result: dict) -> str:
+    p, lines = result["pipeline"], []
+    lines += [f"# Recorder benchmark ({result['when']})", "", f"Command: `{result['command']}`", "",
+              f"Machine: {result['machine']}; bundle: {result['bundle']}; {result['frames']} frames per pipeline run "
+              f"(every third a reject with an overlay). Best of {result['repeats']} alternating runs each.", "",
+              "| runtime | pipeline img/s | vs no recorder | rows on record | recorder lag after the run (s) |",
+              "|---|---|---|---|---|"]
+    base = p["none"]["pipeline_img_s"]
+    for name in p:
+        r = p[name]
+        lines.append(f"| {'no recorder' if name == 'none' else name + ' recorder attached'} | {r['pipeline_img_s']:.0f} "
+                     f"| {r['pipeline_img_s'] / base:.2f} | {r.get('rows', '-')} / {r['frames']} | "
+                     f"{r.get('recorder_lag_s', '-')} |")
+    lines += ["", "| recorder | burst decisions | stored/s | vs pipeline img/s (no recorder) |", "|---|---|---|---|"]
+    for name, b in result["burst"].items():
+        lines.append(f"| {name} | {b['stored']} / {b['decisions']} | {b['stored_per_s']:.0f} | "
+                     f"{b['stored_per_s'] / base:.2f} |")
+    lines += ["", "A ratio of stored/s to the pipeline's img/s above 1 means the recorder keeps up with this "
+              "pipeline; the pipeline's img/s with a recorder attached against none says what recording costs "
+              "the runtime (2 shared cores here: the recorder's CPU is taken from the same cores)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="a model bundle (default: the tests' tiny bundle)")
+    parser.add_argument("--frames", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                        help="a PostgreSQL server to make a scratch database on ('' skips PostgreSQL)")
+    parser.add_argument("--out", default=str(RESULTS / "record_bench"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.bundle:
+            bundle = Path(args.bundle)
+        else:
+            sys.path.insert(0, str(REPO / "tests"))
+            from conftest import make_tiny_bundle
+
+            bundle = make_tiny_bundle(work / "bundle")
+        bundle_name = _bundle_name(bundle, args.bundle)
+        parts = work / "parts"
+        _parts(parts, args.frames)
+        targets = {"sqlite": str(work / "record.db")}
+        drop = None
+        if args.pg:
+            targets["postgresql"], drop = _pg_database(args.pg)
+        try:
+            runs: dict[str, list[dict]] = {name: [] for name in ["none", *targets]}
+            for _ in range(args.repeats):
+                for name in runs:
+                    runs[name].append(pipeline_run(bundle, parts, work, targets.get(name), args.frames))
+                    print(name, runs[name][-1], flush=True)
+            pipeline = {name: max(rs, key=lambda r: r["pipeline_img_s"]) for name, rs in runs.items()}
+            bursts = {name: burst(db, args.frames, work) for name, db in targets.items()}
+            print(bursts, flush=True)
+        finally:
+            if drop:
+                drop()
+    result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m benchmarks.record_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "bundle": bundle_name, "frames": args.frames, "repeats": args.repeats,
+              "pipeline": pipeline, "all_runs": runs, "burst": bursts}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
