@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -33,6 +34,7 @@ from edge.subscriber import Subscriber
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LOADAVG_AT_START: list[str] = []
 DONE = re.compile(r"done: (\d+) frames, (\d+) rejects.*?([\d.]+) frames/s")
 
 
@@ -66,6 +68,12 @@ class Counter(threading.Thread):
         self.join(5)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def trial(bundle: str, frames: int, size: int, overlay_accepts: int, with_view: bool, playwright) -> dict:
     port = _free_port()
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
@@ -82,7 +90,7 @@ def trial(bundle: str, frames: int, size: int, overlay_accepts: int, with_view: 
         counter = Counter(endpoint)
         counter.start()
         view = context = None
-        snapshot = None
+        snapshot = view_cpu_s = None
         try:
             if with_view:
                 view = subprocess.Popen(_linegate("view", "--bus", endpoint, "--http", f"127.0.0.1:{port}"),
@@ -107,6 +115,7 @@ def trial(bundle: str, frames: int, size: int, overlay_accepts: int, with_view: 
             if with_view:
                 time.sleep(1)  # the last snapshot
                 snapshot = json.loads(urllib.request.urlopen(base + "/api/live/snapshot", timeout=5).read())
+                view_cpu_s = _cpu_seconds(view.pid)
         finally:
             counter.stop()
             if context is not None:
@@ -123,8 +132,28 @@ def trial(bundle: str, frames: int, size: int, overlay_accepts: int, with_view: 
               "img_per_s": float(match[3]), "subscriber_decisions": counter.decisions}
     if snapshot is not None:
         result.update(view_parts=snapshot["parts"], view_rejects=snapshot["rejects"],
-                      view_missed=sum(snapshot["missed"].values()))
+                      view_missed=sum(snapshot["missed"].values()), view_cpu_s=round(view_cpu_s, 2),
+                      run_s=round(int(match[1]) / float(match[3]), 1))
     return result
+
+
+def markdown(result: dict) -> str:
+    """The result as a small Markdown table (benchmarks/results/view_bench.md)."""
+    lines = [f"# Runtime img/s with and without a viewer ({result['when']})", "",
+             f"`{result['command']}`", "",
+             f"Bundle: {result['bundle']['model_id']} ({result['bundle']['detector']}, input "
+             f"{result['bundle']['input']}); machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
+             f"load average at start {' '.join(result['machine']['loadavg_at_start'])} (a shared box).",
+             "", "| trial | arm | runtime img/s | subscriber decisions | view: parts / rejects / missed / its CPU time in the run |",
+             "| --- | --- | --- | --- | --- |"]
+    for i, t in enumerate(result["trials"]):
+        seen = (f"{t['view_parts']} / {t['view_rejects']} / {t['view_missed']} / {t['view_cpu_s']} s in "
+                f"{t['run_s']} s" if "view_parts" in t else "-")
+        lines.append(f"| {i + 1} | {t['arm']} | {t['img_per_s']:.1f} | {t['subscriber_decisions']} | {seen} |")
+    m = result["median_img_per_s"]
+    lines += ["", f"Median img/s: without a viewer {m['no view']:.1f}, with a viewer (linegate view + a "
+              f"Chromium showing the live page) {m['view']:.1f}: ratio {result['ratio_view_to_no_view']}.", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
+    global LOADAVG_AT_START
+    LOADAVG_AT_START = Path("/proc/loadavg").read_text().split()[:3]
     trials = []
     with sync_playwright() as playwright:
         for i in range(args.trials):
@@ -150,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     out = {"command": "python -m benchmarks.view_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
            "bundle": {"model_id": manifest.get("model_id"), "detector": manifest.get("detector"),
                       "input": manifest["input"]["shape"]},
-           "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+           "machine": {"cpus": os.cpu_count(), "loadavg_at_start": LOADAVG_AT_START, "platform": platform.platform()},
            "trials": trials, "median_img_per_s": median,
            "ratio_view_to_no_view": round(median["view"] / median["no view"], 3),
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(out))
     print(f"median img/s: without a viewer {median['no view']:.1f}, with a viewer {median['view']:.1f} "
           f"(ratio {out['ratio_view_to_no_view']}); {args.out}")
     return 0
