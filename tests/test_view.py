@@ -479,3 +479,21 @@ def test_operator_applies_a_threshold_and_pauses_the_line(tmp_path, bundle, auth
         view.stop()
         recorder.stop()
         run.stop()
+
+
+def test_anonymous_none_keeps_strangers_out(tmp_path, auth_file):
+    """With anonymous = "none" a stranger gets the login page and 401 from the API; a token works."""
+    pytest.importorskip("starlette", reason="linegate[view] not installed (pip install -e '.[dev]')")
+    auth_file.write_text(auth_file.read_text().replace('anonymous = "viewer"', 'anonymous = "none"'))
+    view = View(tmp_path / "view.log", free_tcp_endpoint(), "--auth", str(auth_file))
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            view.get("/api/live/snapshot")
+        assert err.value.code == 401
+        page = urllib.request.urlopen(view.base + "/rejects", timeout=10)  # redirected to the login form
+        assert page.url.startswith(view.base + "/login?next=/rejects") and b"Log in" in page.read()
+        assert view.get("/api/live/snapshot", VIEWER_TOKEN)["parts"] == 0
+        assert view.get("/api/me", OPERATOR_TOKEN) == {"name": "robot", "role": "operator", "control": False,
+                                                       "record": False}
+    finally:
+        view.stop()

@@ -70,6 +70,12 @@ def test_quiet_paused_restart_and_error_scores():
     assert [e["what"] for e in state.snapshot()["events"]] == ["resume", "pause"]
     state.on_message("decision", decision("accept", run_id="r2"), None)
     assert state.snapshot()["restarts"] == 1
+    state.on_message("stats", {"paused": False, "cameras": {"cam0": {"state": "stalled", "fps": 0.0,
+                                                                       "frame_age_s": 12.5, "decisions": 3}},
+                               "latency_ms": {"end_to_end": {"n": 9, "p50": 4.2, "p99": 9.9}}}, None)
+    snap = state.snapshot()
+    assert snap["health"]["cam0"]["state"] == "stalled" and snap["health"]["cam0"]["frame_age_s"] == 12.5
+    assert (snap["latency_ms"]["p50"], snap["latency_ms"]["p99"]) == (4.2, 9.9)
     clock.t += 6
     assert state.snapshot()["quiet"]
 
