@@ -497,3 +497,51 @@ def test_anonymous_none_keeps_strangers_out(tmp_path, auth_file):
                                                        "record": False}
     finally:
         view.stop()
+
+
+def test_view_under_curve_watches_and_steers_with_its_own_key(tmp_path, bundle, auth_file):
+    """With CURVE on the bus and the control endpoint, the view subscribes and steers with its
+    own key (on both allow-lists): an operator's Apply arrives as `who` = "view (for robot)".
+    A view whose key is on neither list sees nothing and can change nothing."""
+    pytest.importorskip("edge.control_api", reason="the control endpoint (ops, issue 21) is not in this tree")
+    from edge.auth import make_keypair
+    from runtime_helpers import RunProcess, write_config
+
+    keys = tmp_path / "keys"
+    for name in ("server", "view", "stranger"):
+        make_keypair(keys, name)
+    watchers, operators = tmp_path / "watchers", tmp_path / "operators"
+    for folder in (watchers, operators):
+        folder.mkdir()
+        (folder / "view.key").write_text((keys / "view.key").read_text())
+    endpoint, control = free_tcp_endpoint(), free_tcp_endpoint()
+    config = write_config(tmp_path / "linegate.toml", {
+        "engine": {"bundle": str(bundle)},
+        "decision": {"threshold": THRESHOLD},
+        "publisher": {"endpoint": endpoint, "curve": {"secret_key": str(keys / "server.key_secret"),
+                                                      "allowed_keys": str(watchers)}},
+        "control": {"endpoint": control, "allowed_keys": str(operators)},
+        "source": [{"uri": "synthetic:fps=20,size=64"}],
+    })
+    run = RunProcess(config, tmp_path / "run.log")
+    views = {name: View(tmp_path / f"view-{name}.log", endpoint, "--control", control, "--auth", str(auth_file),
+                        "--server-key", str(keys / "server.key"), "--client-key", str(keys / f"{name}.key_secret"))
+             for name in ("view", "stranger")}
+    try:
+        view, stranger = views["view"], views["stranger"]
+        _wait(lambda: view.get("/api/live/snapshot")["parts"] > 10, 60, "decisions through CURVE")
+        status, reply = view.post("/api/control/threshold", {"value": 0.3333}, OPERATOR_TOKEN)
+        assert status == 200 and reply["result"]["threshold"] == pytest.approx(0.3333), reply
+        _wait(lambda: any(e["what"] == "threshold" for e in view.get("/api/live/snapshot")["events"]), 15,
+              "the threshold event")
+        event = next(e for e in view.get("/api/live/snapshot")["events"] if e["what"] == "threshold")
+        assert event["who"] == "view (for robot)" and event["after"] == pytest.approx(0.3333)
+        # The stranger: no message at all, and its control requests get no answer.
+        assert stranger.get("/api/live/snapshot")["parts"] == 0
+        status, reply = stranger.post("/api/control/pause", {}, OPERATOR_TOKEN)
+        assert status == 502 and "no reply from" in reply["error"], reply
+        assert view.get("/api/live/snapshot")["paused"] is False
+    finally:
+        for v in views.values():
+            v.stop()
+        run.kill()
