@@ -334,6 +334,17 @@ def test_threshold_what_if_and_rejects_from_the_record(tmp_path, bundle, browser
         page.locator("#slider").fill(str(scores[2 * len(scores) // 3]))
         slid = float(page.input_value("#value"))
         assert int(page.inner_text("#whatif-count")) == sum(s >= slid for s in scores)
+        # One camera's what-if (for a per-camera threshold): its own recent parts only.
+        with open_store(str(db)) as store:
+            cam1 = [(d["score"], d["decision"]) for d in store.decisions(camera="cam1", limit=1000)]
+        page.fill("#camera", "cam1")
+        page.dispatch_event("#camera", "change")
+        _wait_js(page, f"document.body.dataset.scores === '{len(cam1)}'")
+        page.fill("#value", str(value))
+        assert int(page.inner_text("#whatif-count")) == sum(d != "error" and s >= value for s, d in cam1)
+        page.fill("#camera", "")
+        page.dispatch_event("#camera", "change")
+        _wait_js(page, f"document.body.dataset.scores === '{len(recorded)}'")
         assert page.is_disabled("#apply")  # anonymous viewer, and no control endpoint
         page.fill("#value", str(value))
         _shot(page, shots, "threshold")

@@ -230,8 +230,13 @@ class View:
         if isinstance(record, Response):
             return record
         n = max(1, min(int(request.query_params.get("n") or 1000), 100000))
-        rows = await record.scores(n)
-        return json_response({"n": n, "scores": [list(r) for r in rows]})
+        camera = request.query_params.get("camera") or None
+        if camera is None:
+            rows = [list(r) for r in await record.scores(n)]
+        else:  # one camera's (a per-camera threshold's what-if): its own last n decisions
+            rows = [[d.get("score"), d.get("threshold"), d.get("decision")]
+                    for d in await record.decisions(camera=camera, limit=n)]
+        return json_response({"n": n, "camera": camera, "scores": rows})
 
     async def record_events(self, request: Request) -> Response:
         record = self._record(request)

@@ -64,7 +64,7 @@ function update(fromSlider) {
   const would = wouldReject(v);
   text.replaceChildren("At threshold ", el("b", { id: "whatif-value", text: v.toString() }), ": ",
     el("b", { id: "whatif-count", text: String(would) }), " of ", el("b", { id: "whatif-n", text: String(scores.length) }),
-    " recent parts would have been rejected (they were: ", el("b", { id: "whatif-now", text: String(now) }),
+    " recent parts" + (document.getElementById("camera").value.trim() ? " of " + document.getElementById("camera").value.trim() : "") + " would have been rejected (they were: ", el("b", { id: "whatif-now", text: String(now) }),
     ", " + (scores.length ? (100 * now / scores.length).toFixed(1) : "–") + " % → " +
     (scores.length ? (100 * would / scores.length).toFixed(1) : "–") + " %)");
   text.dataset.count = would;
@@ -72,9 +72,11 @@ function update(fromSlider) {
 }
 
 async function loadScores() {
-  const n = document.getElementById("n").value;
+  const q = new URLSearchParams({ n: document.getElementById("n").value });
+  const camera = document.getElementById("camera").value.trim();
+  if (camera) q.set("camera", camera);
   try {
-    scores = (await api("/api/record/scores?n=" + n)).scores;
+    scores = (await api("/api/record/scores?" + q)).scores;
   } catch (e) { say(e.message, false); scores = []; }
   if (inForce === null && scores.length) inForce = scores[0][1];
   const values = scores.map((r) => r[0]).filter((s) => s !== null);
@@ -149,6 +151,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   document.getElementById("slider").addEventListener("input", () => update(true));
   document.getElementById("value").addEventListener("input", () => update(false));
   document.getElementById("n").addEventListener("change", loadScores);
+  document.getElementById("camera").addEventListener("change", () => me.record && loadScores());
   document.getElementById("apply").addEventListener("click", () => {
     const value = parseFloat(document.getElementById("value").value);
     const camera = document.getElementById("camera").value.trim() || null;
