@@ -42,7 +42,7 @@ def _collect(endpoint: str, got: list[dict], stop: threading.Event, ready: threa
 
 
 def one_run(bundles: list[str], frames: list[np.ndarray], rate: float, seconds: float, max_batch: int,
-            swap_every: float | None) -> dict:
+            swap_every: float | None, pace: float | None = None) -> dict:
     """One pipeline run; with swap_every, a load of the other bundle every swap_every seconds."""
     from edge.active import EngineSettings, open_model
     from edge.control import Controller
@@ -55,6 +55,8 @@ def one_run(bundles: list[str], frames: list[np.ndarray], rate: float, seconds: 
     options = RunOptions(max_batch=max_batch, wait_subscribers=1, wait_timeout_s=20, queue_capacity=256)
     pipeline = Pipeline(model.bundle, model.engine, model.rule, [source], publisher, options)
     controller = Controller(pipeline, engine=EngineSettings())
+    if pace is not None:
+        controller.warm_pace = pace
     pipeline.monitor = controller
     got: list[dict] = []
     stop, ready = threading.Event(), threading.Event()
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     rounds = []
     for r in range(args.rounds):
         plain = one_run(bundles, frames, args.rate, args.seconds, args.max_batch, None)
-        swapped = one_run(bundles, frames, args.rate, args.seconds, args.max_batch, args.swap_every)
+        swapped = one_run(bundles, frames, args.rate, args.seconds, args.max_batch, args.swap_every, args.pace)
         windows = [(s["asked"] - swapped["started"], s["done"] - swapped["started"] + args.after)
                    for s in swapped["swaps"]]
         out = {"round": r}
@@ -126,26 +128,32 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "p99_ms_windows_without_swaps": pooled("without_swaps", "windows")["p99_median_of_rounds"],
         "p99_ms_windows_with_swaps": pooled("with_swaps", "windows")["p99_median_of_rounds"],
         "p99_ms_outside_windows_with_swaps": pooled("with_swaps", "outside")["p99_median_of_rounds"],
-        "load_s_median": float(np.median([s["load_s"] for r in rounds for s in r["swaps"]])),
+        "load_s_median": round(float(np.median([s["load_s"] for r in rounds for s in r["swaps"]])), 3),
         "swaps": sum(len(r["swaps"]) for r in rounds),
         "every_frame_decided": all(r[k]["decisions"] == r[k]["frames_read"] and r[k]["seq_contiguous"]
                                    for r in rounds for k in ("without_swaps", "with_swaps")),
     }
     summary["p99_ratio_windows"] = round(summary["p99_ms_windows_with_swaps"]
                                          / summary["p99_ms_windows_without_swaps"], 3)
-    return {"command": command, "machine": B.machine(), "frames": described,
-            "settings": {"bundles": bundles, "rate": args.rate, "seconds": args.seconds, "swap_every": args.swap_every,
+    return {"command": command, "note": args.note, "machine": B.machine(), "frames": described,
+            "settings": {"bundles": bundles, "warm_pace": args.pace, "rate": args.rate, "seconds": args.seconds, "swap_every": args.swap_every,
                          "after_s": args.after, "max_batch": args.max_batch, "rounds": args.rounds},
             "summary": summary, "rounds": rounds}
+
+
+def _name(bundle: str) -> str:
+    path = Path(bundle)
+    return f"{path.parent.name}/{path.name}" if path.name == "bundle" else path.name
 
 
 def markdown(result: dict) -> str:
     s, st = result["summary"], result["settings"]
     lines = [
         "# Hot swap cost", "", f"Command: `{result['command']}`", "",
+        *([result["note"], ""] if result.get("note") else []),
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; frames: {result['frames']}; "
-        f"{st['rate']} frames/s for {st['seconds']} s per run, max_batch {st['max_batch']}, a swap every "
-        f"{st['swap_every']} s alternating {' and '.join(Path(b).name for b in st['bundles'])}; window = load "
+        f"warm-up pace {st['warm_pace'] if st['warm_pace'] is not None else 'default'}; {st['rate']} frames/s for {st['seconds']} s per run, max_batch {st['max_batch']}, a swap every "
+        f"{st['swap_every']} s alternating {' and '.join(_name(b) for b in st['bundles'])}; window = load "
         f"request to {st['after_s']} s after the swap.", "",
         "| round | swaps | load s (each) | p99 ms in windows, with swaps | p99 ms same seconds, no swaps | "
         "p99 ms outside windows, with swaps | p99 ms all, no swaps | max ms in windows |",
@@ -174,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after", type=float, default=1.0, help="seconds after a swap still in its window")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--pace", type=float, default=None,
+                   help="warm-up pacing of the swapped-in engine (default edge.active.SWAP_WARM_PACE; 0: none)")
     p.add_argument("--out", type=Path, required=True, help="OUT.json and OUT.md are written")
+    p.add_argument("--note", default="", help="a line for the report (e.g. how the bundles were made)")
     args = p.parse_args(argv)
     command = "python -m benchmarks.swap_cost " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     result = run(args, command)

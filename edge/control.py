@@ -33,7 +33,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from .active import ActiveModel, EngineSettings, batch_sizes, open_model, warm_up
+from .active import SWAP_WARM_PACE, ActiveModel, EngineSettings, batch_sizes, open_model, warm_up
 from .auth import allowed_keys, load_secret_key
 from .config import Config, ConfigError, is_local_endpoint
 from .control_api import (COMMANDS, CONTROL_VERSION, REPLAY_TOPICS, ControlError, pack, reply_body,
@@ -157,6 +157,7 @@ class Controller:
         self.replay = replay
         self.reload_config = reload_config
         self.settings_version = 0
+        self.warm_pace = SWAP_WARM_PACE  # see edge.active
         self.started_mono = time.monotonic()
         self.bundle_path = str(pipeline.model.bundle.path)
         self._manifest = _manifest_digest(self.bundle_path)
@@ -277,7 +278,8 @@ class Controller:
               aggregate: str | None = None) -> ActiveModel:
         log.info("loading bundle %s (asked by %s); the current model keeps judging meanwhile", bundle, who)
         try:
-            return open_model(bundle, engine, threshold, aggregate, self.pipeline.options.max_batch)
+            return open_model(bundle, engine, threshold, aggregate, self.pipeline.options.max_batch,
+                              pace=self.warm_pace)
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("load of %s (asked by %s) refused: %s; %s keeps running", bundle, who, exc,
                         self.pipeline.model.model_id)
@@ -375,7 +377,7 @@ class Controller:
                                       cfg.engine.spin_between_calls)
             try:
                 model = open_model(cfg.engine.bundle, settings, cfg.decision.threshold, cfg.decision.aggregate,
-                                   cfg.batching.max_batch)
+                                   cfg.batching.max_batch, pace=self.warm_pace)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ControlError(f"bundle {cfg.engine.bundle} refused: {exc}") from None
             self.engine = settings

@@ -87,3 +87,4 @@ def test_scraped_metrics_agree_with_a_subscriber(tiny_bundle):
     assert states == {"cam0": "ended", "cam1": "ended"}
     assert [(e["what"], e["who"]) for e in (m.header for m in collector.messages("event"))] == [
         ("start", "local"), ("pause", "test"), ("resume", "test")]
+
