@@ -33,7 +33,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from .active import ActiveModel, EngineSettings, batch_sizes, open_model, warm_up
+from .active import SWAP_WARM_PACE, ActiveModel, EngineSettings, batch_sizes, open_model, warm_up
 from .auth import allowed_keys, load_secret_key
 from .config import Config, ConfigError, is_local_endpoint
 from .control_api import (COMMANDS, CONTROL_VERSION, REPLAY_TOPICS, ControlError, pack, reply_body,
@@ -44,6 +44,7 @@ from .overlay import OverlayPolicy
 log = logging.getLogger(__name__)
 
 EVENTS_HELD = 10_000
+REFUSAL_LOG_EVERY_S = 60.0  # a refused client retries every 100 ms: one log line per key a minute
 # Config keys a reload applies while running; every other changed key is named in the log and
 # waits for a restart.
 LIVE_KEYS = ("decision.threshold", "decision.aggregate", "overlay.accepts_every", "overlay.jpeg_quality",
@@ -156,6 +157,7 @@ class Controller:
         self.replay = replay
         self.reload_config = reload_config
         self.settings_version = 0
+        self.warm_pace = SWAP_WARM_PACE  # see edge.active
         self.started_mono = time.monotonic()
         self.bundle_path = str(pipeline.model.bundle.path)
         self._manifest = _manifest_digest(self.bundle_path)
@@ -276,7 +278,8 @@ class Controller:
               aggregate: str | None = None) -> ActiveModel:
         log.info("loading bundle %s (asked by %s); the current model keeps judging meanwhile", bundle, who)
         try:
-            return open_model(bundle, engine, threshold, aggregate, self.pipeline.options.max_batch)
+            return open_model(bundle, engine, threshold, aggregate, self.pipeline.options.max_batch,
+                              pace=self.warm_pace)
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("load of %s (asked by %s) refused: %s; %s keeps running", bundle, who, exc,
                         self.pipeline.model.model_id)
@@ -374,7 +377,7 @@ class Controller:
                                       cfg.engine.spin_between_calls)
             try:
                 model = open_model(cfg.engine.bundle, settings, cfg.decision.threshold, cfg.decision.aggregate,
-                                   cfg.batching.max_batch)
+                                   cfg.batching.max_batch, pace=self.warm_pace)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ControlError(f"bundle {cfg.engine.bundle} refused: {exc}") from None
             self.engine = settings
@@ -404,12 +407,20 @@ class _KeyNames:
         for path in sorted(self.directory.glob("*.key")):
             self.names[z85.encode(z85.decode(_public_of(path)))] = path.stem
         allowed_keys(directory)  # raises ValueError naming the directory when it holds none
+        self._logged: dict[bytes, float] = {}  # key -> when its refusal was last logged
+        self._refused: dict[bytes, int] = {}  # key -> handshakes refused since then
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.names:
             return True
-        log.warning("control: refused a CURVE client with key %s: not in the control allow-list %s "
-                    "(a key that may watch may not steer)", key.decode("ascii", "replace"), self.directory)
+        now = time.monotonic()
+        self._refused[key] = self._refused.get(key, 0) + 1
+        if now - self._logged.get(key, -REFUSAL_LOG_EVERY_S) >= REFUSAL_LOG_EVERY_S:
+            log.warning("control: refused a CURVE client with key %s: not in the control allow-list %s "
+                        "(a key that may watch may not steer); %d attempt(s) since the last such line",
+                        key.decode("ascii", "replace"), self.directory, self._refused[key])
+            self._logged[key] = now
+            self._refused[key] = 0
         return False
 
 
@@ -463,6 +474,12 @@ class ControlServer:
             raise
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # handshakes that fail before ZAP is asked (a client without CURVE, a wrong server key)
+        # (a refused key fails with _AUTH, already logged by _KeyNames with the key)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL) if self.curve else None
+        self._failed_handshakes = 0
+        self._failed_logged = -REFUSAL_LOG_EVERY_S
         self._done: deque[tuple[list[bytes], dict]] = deque()  # replies of finished loads
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
@@ -480,11 +497,18 @@ class ControlServer:
 
     def _serve(self) -> None:
         sock = self._sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             while self._done:
                 envelope, reply = self._done.popleft()
                 sock.send_multipart([*envelope, pack(reply)])
-            if not sock.poll(50, zmq.POLLIN):
+            ready = dict(poller.poll(50))
+            if self._monitor is not None and self._monitor in ready:
+                self._handshake_failed()
+            if sock not in ready:
                 continue
             frames = sock.recv_multipart(copy=False)
             envelope, body = [f.bytes for f in frames[:-1]], frames[-1]
@@ -501,7 +525,24 @@ class ControlServer:
                 reply = reply_body(False, error=f"internal error: {type(exc).__name__}: {exc}")
             if reply is not None:
                 sock.send_multipart([*envelope, pack(reply)])
+        if self._monitor is not None:
+            sock.disable_monitor()
+            self._monitor.close(linger=0)
         sock.close(linger=0)
+
+    def _handshake_failed(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self._failed_handshakes += 1
+            now = time.monotonic()
+            if now - self._failed_logged >= REFUSAL_LOG_EVERY_S:
+                log.warning("control: refused a connection whose CURVE handshake failed (%s: a client without "
+                            "CURVE or with the wrong server key); %d since the last such line",
+                            getattr(event.get("event"), "name", event.get("event")), self._failed_handshakes)
+                self._failed_logged = now
+                self._failed_handshakes = 0
 
     def _dispatch(self, envelope: list[bytes], data: bytes, key_name: str) -> dict | None:
         try:
