@@ -66,7 +66,7 @@ function drawChart(chart) {
   const pad = { l: 40, r: 8, t: 8, b: 20 };
   const w = width - pad.l - pad.r, h = height - pad.t - pad.b;
   const rates = buckets.map((b) => (b[1] ? b[2] / b[1] : null));
-  const max = Math.max(0.05, ...rates.filter((r) => r !== null)) * 1.1;
+  const max = Math.min(1, Math.max(0.05, ...rates.filter((r) => r !== null)) * 1.1);
   ctx.clearRect(0, 0, width, height);
   ctx.strokeStyle = "#2a3540"; ctx.fillStyle = "#8b98a5"; ctx.font = "11px sans-serif";
   for (let i = 0; i <= 4; i++) {
@@ -117,7 +117,7 @@ function render(s) {
   document.getElementById("hour-rejects").textContent = fmt.int(s.hour.rejects);
   document.getElementById("hour-rate").textContent = "reject rate " + fmt.pct(s.hour.reject_rate);
   document.getElementById("latency").textContent =
-    s.latency_ms.p50 === null || s.latency_ms.p50 === undefined ? "–" : fmt.num(s.latency_ms.p50, 1) + " / " + fmt.num(s.latency_ms.p99, 1) + " ms";
+    s.latency_ms.p50 === null || s.latency_ms.p50 === undefined ? "–" : fmt.num(s.latency_ms.p50, 1) + " / " + fmt.num(s.latency_ms.p99, 1);
   document.getElementById("threshold").textContent = fmt.num(s.threshold);
   document.getElementById("model").textContent = "model " + (s.model_id || "–");
   const rt = s.runtime || {};
