@@ -462,7 +462,16 @@ def test_operator_applies_a_threshold_and_pauses_the_line(tmp_path, bundle, auth
         page.fill("#value", "0.37")
         _shot(page, shots, "threshold-operator")
 
+        # The rejects page follows the record on its own while the line runs.
+        page.goto(view.base + "/rejects")
+        page.wait_for_selector("body[data-loaded='1']")
+        first = page.locator(".thumb").first.get_attribute("data-id")
+        _wait(lambda: page.locator(".thumb").first.get_attribute("data-id") != first, 30, "newer rejects")
+
+        page.goto(view.base + "/threshold")
+        page.wait_for_selector("#pause:not([disabled])")
         page.click("#pause")
+        page.wait_for_selector("#msg.good")
         page.goto(view.base + "/")
         page.wait_for_selector("#banner[data-state='paused']", timeout=15000)
         _shot(page, shots, "live-paused")

@@ -1,6 +1,9 @@
 // The record's latest rejects as thumbnails; a click shows the full frame, overlay and header.
 "use strict";
 
+let shownKey = null;  // the query and row ids on screen
+const REFRESH_MS = 10000;  // new rejects appear on their own unless a time window ends in the past
+
 function epoch(input) {
   return input.value ? String(new Date(input.value).getTime() / 1000) : "";
 }
@@ -44,6 +47,9 @@ async function load() {
     return;
   }
   const thumbs = document.getElementById("thumbs");
+  const key = q.toString() + "|" + data.rows.map((r) => r.id).join(",");
+  if (key === shownKey) return;  // nothing new: leave the tiles (and the one selected) alone
+  shownKey = key;
   thumbs.replaceChildren();
   for (const row of data.rows) {
     const pic = row.overlay_path ? "overlay" : row.frame_path ? "frame" : null;
@@ -63,4 +69,7 @@ document.addEventListener("DOMContentLoaded", () => {
   whoAmI().catch(() => { window.location = "/login"; });
   document.getElementById("filters").addEventListener("submit", (e) => { e.preventDefault(); load(); });
   load();
+  setInterval(() => {
+    if (!document.hidden && !document.getElementById("until").value) load();
+  }, REFRESH_MS);
 });
