@@ -234,13 +234,24 @@ def test_choose_aggregate_by_calibration_auroc():
     assert {k: choice.auroc[k] for k in ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max")} == \
         pytest.approx({"mean": 0.25, "topk:25": 0.25, "topk:10": 0.5, "topk:5": 1.0, "topk:1": 1.0, "max": 1.0})
     assert list(choice.auroc) == list(AGGREGATE_CANDIDATES) == list(choice.separation)
-    # topk:5, topk:1 and max tie on AUROC; the single hot cell stands (2 - 1.285) / 0.129 SD above
-    # the good scores under topk:1 and max, only (4/3 - 1.285) / 0.129 under topk:5: the widest wins,
-    # and between the two equal ones the earlier
-    assert choice.separation["max"] == pytest.approx((2 - np.percentile([1.0, 1.1, 1.2, 1.3], 95)) /
-                                                     np.std([1.0, 1.1, 1.2, 1.3], ddof=1), rel=1e-5)
+    # topk:5, topk:1 and max tie on AUROC; the single hot cell stands (2 - 1.15) / 0.129 SD above
+    # the median good score under topk:1 and max, only (4/3 - 1.15) / 0.129 under topk:5: the widest
+    # wins, and between the two equal ones the earlier
+    assert choice.separation["max"] == pytest.approx((2 - 1.15) / np.std([1.0, 1.1, 1.2, 1.3], ddof=1), rel=1e-5)
     assert choice.separation["topk:5"] < choice.separation["max"]
     assert choice.chosen == "topk:1" and "widest separation" in choice.reason
+
+
+def test_auroc_standard_error_and_the_tie_it_makes():
+    from training.calibrate import auroc_standard_error, choose_best
+
+    # Hanley & McNeil's example: AUROC 0.8 on 50 + 50 images has SE ~0.044
+    assert auroc_standard_error(0.8, 50, 50) == pytest.approx(0.0447, abs=5e-4)
+    assert auroc_standard_error(1.0, 30, 30) == 0.0
+    assert auroc_standard_error(0.85, 25, 95) > auroc_standard_error(0.85, 250, 950)
+    aurocs, seps = {"a": 0.86, "b": 0.83}, {"a": 1.0, "b": 2.0}
+    assert choose_best(aurocs, seps, 25, 95).chosen == "b"  # 0.03 apart is noise at 25 defects
+    assert choose_best(aurocs, seps, 2500, 9500).chosen == "a"  # and a real difference at 2,500
 
 
 def test_aggregate_tie_goes_to_the_widest_separation_not_the_list_order():

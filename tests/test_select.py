@@ -29,8 +29,11 @@ def test_auto_fits_both_and_keeps_the_calibration_winner(auto_run):
     assert set(choice["candidates"]) == {"padim", "patchcore"} and choice["requested"] == "auto"
     cands = {n: json.loads((run / "candidates" / n / "metrics.json").read_text()) for n in ("padim", "patchcore")}
     # the rule, recomputed from the candidates' own calibration figures (never the test's)
+    cal = cands["padim"]["calibration"]
+    n_normal = sum(cal["confusion"][0])
     again = choose_best({n: m["calibration"]["auroc"] for n, m in cands.items()},
-                        {n: m["calibration"]["separation"] for n, m in cands.items()}, "detector")
+                        {n: m["calibration"]["separation"] for n, m in cands.items()}, cal["n"] - n_normal, n_normal,
+                        "detector")
     assert again.chosen == choice["chosen"] == metrics["detector"]
     chosen = run / "candidates" / choice["chosen"]
     # the run is the chosen candidate's: same model file, same split, its detector in run.json

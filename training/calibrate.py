@@ -20,9 +20,10 @@ from edge.decision import aggregate_maps
 # max). Small defects light a few cells of the map: the mean of the whole map drowns them.
 AGGREGATE_CANDIDATES = ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max",
                         "topk:5+blur:1", "topk:1+blur:1", "max+blur:1")
-# Calibration AUROCs this close count as a tie, broken by the widest separation: with the tens to
-# hundreds of calibration images a line has, a difference this small is within the AUROC's own
-# sampling noise (its standard error is ~0.01 at 30 + 30 images).
+# Calibration AUROCs closer than the best one's standard error (and never closer than this) count
+# as a tie, broken by the widest separation: with the tens to hundreds of calibration images a
+# line has, such a difference is sampling noise (the standard error is ~0.04 at 25 defects and
+# 95 good parts), and picking the top AUROC among noise picks the calibration set's accidents.
 AUROC_TIE = 0.005
 THRESHOLD_METHODS = ("binormal, youden, f1, fpr:RATE (RATE: the largest tolerated false-reject rate of good "
                      "parts, 0..1) or cost:C@P (an escaped defect costs C false rejects; P: the line's defect rate, 0..1)")
@@ -227,17 +228,25 @@ def aggregate_aurocs(maps: np.ndarray, anomalous: np.ndarray,
 
 
 def separation(scores: np.ndarray, anomalous: np.ndarray) -> float:
-    """How far the defective calibration images score above the good ones, in units of the good
-    scores' spread: (5th percentile of the defects - 95th percentile of the good) / SD of the good.
-    Positive: a gap that wide (a threshold in it survives drift and unseen parts); negative: the
-    classes overlap. It does not depend on the score's units, so aggregates (and detectors) whose
-    scores live on different scales compare fairly."""
+    """How far the typical defective calibration image scores above the typical good one, in
+    units of the good scores' spread: (median of the defects - median of the good) / SD of the
+    good. It does not depend on the score's units, so aggregates (and detectors) whose scores
+    live on different scales compare fairly; medians keep it steady with few defects, where the
+    extremes (the min/max margin) would be one image each."""
     scores, anomalous = _checked(scores, anomalous)
     good, bad = scores[~anomalous], scores[anomalous]
     spread = float(np.std(good, ddof=1)) if good.size > 1 else 0.0
     if not np.isfinite(spread) or spread <= 0:
         spread = float(np.ptp(scores)) or 1.0
-    return float((np.percentile(bad, 5) - np.percentile(good, 95)) / spread)
+    return float((np.median(bad) - np.median(good)) / spread)
+
+
+def auroc_standard_error(auroc: float, n_anomalous: int, n_normal: int) -> float:
+    """Hanley & McNeil (1982): the standard error of an AUROC measured on this many images."""
+    a = min(max(float(auroc), 0.0), 1.0)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_anomalous - 1) * (q1 - a * a) + (n_normal - 1) * (q2 - a * a)) / (n_anomalous * n_normal)
+    return float(np.sqrt(max(var, 0.0)))
 
 
 @dataclass(frozen=True)
@@ -252,18 +261,23 @@ class Choice:
         return asdict(self)
 
 
-def choose_best(aurocs: dict[str, float], separations: dict[str, float], what: str = "aggregate") -> Choice:
-    """The candidate with the best calibration AUROC; candidates within AUROC_TIE of the best are
-    a tie, broken by the widest separation (then by the order given)."""
+def choose_best(aurocs: dict[str, float], separations: dict[str, float], n_anomalous: int, n_normal: int,
+                what: str = "aggregate") -> Choice:
+    """The candidate with the best calibration AUROC; candidates within the best AUROC's standard
+    error (at least AUROC_TIE) of it are a tie, broken by the widest separation (then by the
+    order given)."""
     best = max(aurocs.values())
-    tied = [name for name, auc in aurocs.items() if auc >= best - AUROC_TIE]
+    tolerance = max(AUROC_TIE, auroc_standard_error(best, n_anomalous, n_normal))
+    tied = [name for name, auc in aurocs.items() if auc >= best - tolerance]
     chosen = max(tied, key=lambda name: separations[name])  # max keeps the first of equals
     if len(tied) == 1:
-        reason = f"best calibration AUROC ({aurocs[chosen]:.4f})"
+        reason = f"best calibration AUROC ({aurocs[chosen]:.4f}), the others more than {tolerance:.3f} below"
     else:
-        reason = (f"calibration AUROC {aurocs[chosen]:.4f}, within {AUROC_TIE} of the best ({best:.4f}) like "
+        reason = (f"calibration AUROC {aurocs[chosen]:.4f}, within {tolerance:.3f} (the AUROC's standard error on "
+                  f"{n_normal} good and {n_anomalous} defective images) of the best ({best:.4f}) like "
                   f"{', '.join(n for n in tied if n != chosen)}; the widest separation of good and defective "
-                  f"calibration images ({separations[chosen]:+.2f} SD of the good scores)")
+                  f"calibration images (median defect {separations[chosen]:+.2f} SD of the good scores above the "
+                  "median good one)")
     return Choice(chosen, aurocs, separations, f"{what} {chosen}: {reason}")
 
 
@@ -272,7 +286,8 @@ def choose_aggregate(cal_maps: np.ndarray, cal_anomalous: np.ndarray,
     """`--aggregate auto`: chosen on the calibration maps alone (the test set cannot influence it)."""
     aurocs = aggregate_aurocs(cal_maps, cal_anomalous, candidates)
     seps = {name: separation(aggregate_maps(cal_maps, name), cal_anomalous) for name in candidates}
-    return choose_best(aurocs, seps)
+    y = np.asarray(cal_anomalous, dtype=bool)
+    return choose_best(aurocs, seps, int(y.sum()), int((~y).sum()))
 
 
 def binary_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: float) -> dict:

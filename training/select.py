@@ -37,8 +37,11 @@ def train_auto(train_one: Callable[..., dict], out: str | Path, candidates: tupl
     for number, name in enumerate(candidates, 1):
         log.info("--model auto: fitting candidate %d of %d, %s", number, len(candidates), name)
         results[name] = train_one(out=out / "candidates" / name, model=name, report=report, **options)
+    first = next(iter(results.values()))["calibration"]  # every candidate calibrates on the same images
+    n_normal = first["confusion"][0][0] + first["confusion"][0][1]
     choice = calibrate.choose_best({n: m["calibration"]["auroc"] for n, m in results.items()},
-                                   {n: m["calibration"]["separation"] for n, m in results.items()}, "detector")
+                                   {n: m["calibration"]["separation"] for n, m in results.items()},
+                                   first["n"] - n_normal, n_normal, "detector")
     log.info("--model auto: %s", choice.reason)
     chosen_dir = out / "candidates" / choice.chosen
     for name in RUN_FILES:
