@@ -286,7 +286,10 @@ class Controller:
             raise ControlError(f"bundle {bundle} refused: {exc}; {self.pipeline.model.model_id} keeps running") from None
 
     def _swap(self, new: ActiveModel, bundle: str) -> None:
-        self.pipeline.swap_model(new)
+        old = self.pipeline.swap_model(new)
+        if old.engine is not new.engine:  # free the old engine (GPU memory) once its last call returned
+            threading.Thread(target=self.pipeline.retire_engine, args=(old.engine,), name="retire",
+                             daemon=True).start()
         self.pipeline.publisher.model_id = new.model_id  # stats and events from now on
         self.bundle_path = bundle
         self._manifest = _manifest_digest(bundle)

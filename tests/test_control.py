@@ -376,3 +376,59 @@ def test_replay_buffer_keeps_the_last_decisions_and_frames_within_the_byte_budge
     nothing = ReplayBuffer(decisions=0)
     nothing.record("decision", 0, pack_header({"seq": 0}), None)
     assert nothing.replay("decision", 0)["missing"] == [[0, 0]]
+
+
+class _ClosableEngine:
+    """The real ONNX Runtime engine plus the close() a TensorRT engine has (its GPU memory is
+    freed only then; no GPU here): records whether close came while a call was running and
+    refuses calls after it, as a closed TensorRT engine would fail them."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.closed, self.in_call, self.closed_mid_call, self.calls_after_close = engine, False, False, False, 0
+
+    def infer(self, batch):
+        if self.closed:
+            self.calls_after_close += 1
+            raise RuntimeError("engine closed")
+        self.in_call = True
+        try:
+            time.sleep(0.002)  # widen the window a close could hit
+            return self.engine.infer(batch)
+        finally:
+            self.in_call = False
+
+    def close(self) -> None:
+        self.closed_mid_call |= self.in_call
+        self.closed = True
+
+
+def test_a_swapped_out_engine_is_closed_after_its_last_call(tmp_path):
+    from edge.bundle import load_bundle
+    from edge.control import Controller
+    from edge.decision import DecisionRule
+    from edge.engine import open_engine
+    from edge.pipeline import Pipeline, RunOptions
+    from edge.publisher import Publisher
+    from edge.sources import parse_source
+
+    a = load_bundle(make_tiny_bundle(tmp_path / "a"))
+    b = make_offset_bundle(tmp_path / "b")
+    engine = _ClosableEngine(open_engine(a))
+    sources = [parse_source(f"synthetic:count=400,fps=200,size=64,seed={i}", f"cam{i}") for i in range(2)]
+    publisher = Publisher(free_tcp_endpoint())
+    pipeline = Pipeline(a, engine, DecisionRule.from_bundle(a), sources, publisher, RunOptions(max_batch=4))
+    controller = Controller(pipeline)
+    pipeline.monitor = controller
+
+    def swap_soon() -> None:
+        while sum(pipeline.decisions_by_result.values()) < 100:
+            time.sleep(0.01)
+        controller.load(str(b), "test")
+
+    import threading
+    threading.Thread(target=swap_soon, daemon=True).start()
+    summary = pipeline.run()
+    wait_until(lambda: engine.closed, 10, "the old engine closed")
+    assert summary.frames == 800 and summary.errors == 0
+    assert not engine.closed_mid_call and engine.calls_after_close == 0
+    assert pipeline.model.model_id == "tiny-offset"
