@@ -190,6 +190,7 @@ def test_hot_swap_under_load_loses_no_frame_and_each_decision_names_its_model(tm
     assert [d["seq"] for d in decisions] == list(range(2 * count))  # contiguous: nothing lost
     for cam in ("cam0", "cam1"):  # every frame read got exactly one decision
         assert sorted(d["frame_id"] for d in decisions if d["camera_id"] == cam) == list(range(count))
+    assert not [d for d in decisions if d["decision"] == "error"]  # frames queued across a swap re-preprocessed
     for d in decisions:  # the model id is the model that judged it (its scores say which)
         assert d["model_id"] == ("tiny-offset" if d["score"] >= 10 else "tiny-test"), d
         assert d["threshold"] == (10.5 if d["model_id"] == "tiny-offset" else 0.5)
