@@ -433,3 +433,30 @@ def test_a_swapped_out_engine_is_closed_after_its_last_call(tmp_path):
     assert summary.frames == 800 and summary.errors == 0
     assert not engine.closed_mid_call and engine.calls_after_close == 0
     assert pipeline.model.model_id == "tiny-offset"
+
+
+@pytest.mark.parametrize("raw, key, says", [
+    ({"control": {"endpoint": "tcp://0.0.0.0:5557"}}, "control.endpoint", "allow_remote = true"),
+    ({"control": {"endpoint": "tcp://127.0.0.1:5556"}}, "control.endpoint", "the publisher's endpoint"),
+    ({"control": {"endpoint": "localhost:5557"}}, "control.endpoint", "not a ZeroMQ endpoint"),
+    ({"control": {"endpoint": "tcp://127.0.0.1:5557"},
+      "publisher": {"curve": {"secret_key": "s", "allowed_keys": "d"}}}, "control.allowed_keys", "its own allow-list"),
+    ({"metrics": {"listen": "9108"}}, "metrics.listen", "HOST:PORT"),
+    ({"publisher": {"frames": "all"}}, "publisher.frames", "none, reject"),
+    ({"control": {"replay_decisions": -1}}, "control.replay_decisions", ">= 0"),
+])
+def test_control_and_metrics_config_errors_name_the_key(raw, key, says):
+    from edge.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as info:
+        validate({"engine": {"bundle": "b"}, "source": [{"uri": "synthetic"}], **raw}, "line.toml")
+    assert f"key '{key}'" in str(info.value) and says in str(info.value)
+
+
+def test_local_endpoints():
+    from edge.config import is_local_endpoint
+
+    assert all(is_local_endpoint(e) for e in ("tcp://127.0.0.1:5557", "tcp://localhost:1", "tcp://[::1]:1",
+                                              "ipc:///run/linegate/control.sock", "inproc://x"))
+    assert not any(is_local_endpoint(e) for e in ("tcp://*:5557", "tcp://0.0.0.0:5557", "tcp://10.0.0.5:5557",
+                                                  "tcp://eth0:5557"))
