@@ -372,6 +372,7 @@ def test_replay_buffer_keeps_the_last_decisions_and_frames_within_the_byte_budge
     frames = buffer.replay("frame", 0)
     assert [h["seq"] for h, _ in frames["messages"]] == [9, 10, 11] and frames["missing"] == [[0, 8]]
     assert all(p == bytes(3000) for _, p in frames["messages"])
+    assert len(buffer.replay("frame", 0, max_bytes=5000)["messages"]) == 2  # a reply's payloads are bounded too
     page = buffer.replay("decision", 0, None, 2)
     assert [h["seq"] for h, _ in page["messages"]] == [7, 8]  # `max` bounds a reply; the client pages on
     nothing = ReplayBuffer(decisions=0)
