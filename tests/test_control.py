@@ -461,3 +461,51 @@ def test_local_endpoints():
                                               "ipc:///run/linegate/control.sock", "inproc://x"))
     assert not any(is_local_endpoint(e) for e in ("tcp://*:5557", "tcp://0.0.0.0:5557", "tcp://10.0.0.5:5557",
                                                   "tcp://eth0:5557"))
+
+
+def test_hot_swap_between_detectors(small_runs, tmp_path):
+    """PaDiM -> FCDD -> PatchCore -> PaDiM, each trained on pillQC images, while a line runs:
+    each decision carries the model, threshold and aggregate of the bundle that judged it."""
+    from edge.bundle import load_bundle
+    from edge.control import Controller
+    from edge.decision import DecisionRule
+    from edge.engine import open_engine
+    from edge.pipeline import Pipeline, RunOptions
+    from edge.publisher import Publisher
+    from edge.sources import parse_source
+
+    bundles = {d: load_bundle(small_runs(d) / "bundle") for d in ("padim", "fcdd", "patchcore")}
+    assert len({b.model_id for b in bundles.values()}) == 3
+    first = bundles["padim"]
+    sources = [parse_source(f"synthetic:count=160,fps=40,size=96,seed={i}", f"cam{i}") for i in range(2)]
+    publisher = Publisher(free_tcp_endpoint())
+    pipeline = Pipeline(first, open_engine(first), DecisionRule.from_bundle(first), sources, publisher,
+                        RunOptions(max_batch=4, wait_subscribers=2, wait_timeout_s=20))
+    controller = Controller(pipeline)
+    pipeline.monitor = controller
+    collector = Collector(publisher.endpoint, ("decision", "event"))
+    collector.start()
+    order = ["fcdd", "patchcore", "padim"]
+
+    def swaps() -> None:
+        for i, detector in enumerate(order):
+            while sum(pipeline.decisions_by_result.values()) < 60 * (i + 1):
+                time.sleep(0.01)
+            controller.load(str(bundles[detector].path), "test")
+
+    import threading
+    threading.Thread(target=swaps, daemon=True).start()
+    summary = pipeline.run()
+    try:
+        collector.wait_for(lambda: len(collector.decisions()) == summary.frames, 10, "every decision")
+    finally:
+        collector.stop()
+    decisions = sorted(collector.decisions(), key=lambda d: d["seq"])
+    assert summary.frames == 320 and [d["seq"] for d in decisions] == list(range(320))
+    assert not [d for d in decisions if d["decision"] == "error"]
+    by_id = {b.model_id: b for b in bundles.values()}
+    for d in decisions:
+        bundle = by_id[d["model_id"]]
+        assert d["threshold"] == bundle.decision["threshold"] and d["aggregate"] == bundle.decision["aggregate"]
+    runs = [d["model_id"] for i, d in enumerate(decisions) if i == 0 or d["model_id"] != decisions[i - 1]["model_id"]]
+    assert runs == [bundles[d].model_id for d in ["padim", *order]]
