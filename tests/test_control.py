@@ -204,7 +204,7 @@ def test_hot_swap_under_load_loses_no_frame_and_each_decision_names_its_model(tm
 def test_sighup_reloads_live_settings_names_the_rest_and_refuses_a_broken_file(tiny_bundle, tmp_path):
     other = make_offset_bundle(tmp_path / "other", size=40, offset=5.0, model_id="tiny-five")
     sources = [{"uri": "synthetic:fps=60,size=64", "id": "cam0"}]
-    run, col, endpoint, path = start_line(tmp_path, tiny_bundle, sources)
+    run, col, endpoint, path = start_line(tmp_path, tiny_bundle, sources, topics=("decision", "event", "overlay"))
     text = path.read_text()
     client = ControlClient(endpoint)
 
@@ -221,19 +221,22 @@ def test_sighup_reloads_live_settings_names_the_rest_and_refuses_a_broken_file(t
         wait_until(lambda: len(col.decisions()) >= 10, 30, "first decisions")
         # live: the threshold and batching; not live: the publisher's sndhwm (named in the log)
         changed = text.replace("max_batch = 4", "max_batch = 6").replace("[decision]", "")
-        changed = changed.replace("[publisher]", "[decision]\nthreshold = 0.05\n[publisher]\nsndhwm = 77")
+        changed = changed.replace("[publisher]", "[decision]\nthreshold = 0.95\n[overlay]\naccepts_every = 1\n"
+                                  "[publisher]\nsndhwm = 77")
+        assert not [m for m in col.messages("overlay") if m.header["decision"] == "accept"]
         reload(changed, expect_event=True)
         event = _events(col, "reload")[-1]
         assert event["who"] == "sighup" and event["before"]["decision.threshold"] is None
-        assert event["after"]["decision.threshold"] == 0.05 and event["after"]["batching.max_batch"] == 6
+        assert event["after"]["decision.threshold"] == 0.95 and event["after"]["batching.max_batch"] == 6
         assert "publisher.sndhwm" not in event["after"]
         assert "publisher.sndhwm changed in the file but cannot change while running" in run.log()
         n = len(col.decisions())
         wait_until(lambda: len(col.decisions()) >= n + 10, 20, "decisions after the reload")
-        assert _by_seq(col)[-1]["threshold"] == 0.05
+        assert _by_seq(col)[-1]["threshold"] == 0.95
+        assert [m for m in col.messages("overlay") if m.header["decision"] == "accept"]  # overlay policy, live
         status = client.status()
         version = status["settings_version"]
-        assert status["threshold"] == 0.05
+        assert status["threshold"] == 0.95
 
         # a file that no longer validates, or whose bundle does not load: nothing changes
         reload(changed.replace("max_batch = 6", "max_batch = 0"), expect_event=False)
@@ -241,11 +244,11 @@ def test_sighup_reloads_live_settings_names_the_rest_and_refuses_a_broken_file(t
         reload(changed.replace(str(tiny_bundle), str(tmp_path / "missing")), expect_event=False)
         assert "batching.max_batch" in run.log() and "not valid TOML" in run.log()
         status = client.status()
-        assert status["settings_version"] == version and status["threshold"] == 0.05
+        assert status["settings_version"] == version and status["threshold"] == 0.95
         assert status["model_id"] == "tiny-test" and len(_events(col, "reload")) == 1
 
         # a new bundle path: a hot swap, its calibrated threshold unless the file sets one
-        reload(changed.replace(str(tiny_bundle), str(other)).replace("threshold = 0.05", ""), expect_event=True)
+        reload(changed.replace(str(tiny_bundle), str(other)).replace("threshold = 0.95", ""), expect_event=True)
         event = _events(col, "reload")[-1]
         assert event["before"]["model_id"] == "tiny-test" and event["after"]["model_id"] == "tiny-five"
         n = len(col.decisions())
