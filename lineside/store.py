@@ -306,6 +306,12 @@ class Store:
                            "ORDER BY updated_ts DESC LIMIT 1")
         return Path(rows[0][0]) if rows else None
 
+    def image_roots(self) -> dict[str, Path]:
+        """Each line's image root (several lines may share a PostgreSQL record); a decision's
+        "line" says which root its paths are relative to."""
+        rows = self._query("SELECT line, image_root FROM lines WHERE image_root IS NOT NULL")
+        return {line: Path(root) for line, root in rows}
+
     _DECISION_SELECT = (
         "SELECT d.id, d.header, d.line, d.recorded_ts, d.replayed, "
         "(SELECT i.path FROM images i WHERE i.run_id = d.run_id AND i.decision_seq = d.seq AND "
