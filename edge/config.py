@@ -445,6 +445,12 @@ def check_files(config: Config) -> Checked:
         policy = sc.policy or source.default_policy
         lines.append(f"source {sc.id}: {sc.uri} ({type(source).__name__}, policy {policy}"
                      f"{', roi ' + str(sc.roi) if sc.roi else ''}{', size ' + str(sc.size) if sc.size else ''})")
+    control = config.control
+    if control.endpoint is not None:
+        lines.append(f"control: {control.endpoint} ({'CURVE' if config.publisher.curve else 'no CURVE'}; replay "
+                     f"{control.replay_decisions} decisions, {control.replay_frames_mb:g} MB of frames)")
+    if config.metrics.listen is not None:
+        lines.append(f"metrics: http://{config.metrics.listen}/metrics")
     curve = config.publisher.curve
     if curve is not None:
         try:
@@ -462,5 +468,5 @@ def check_files(config: Config) -> Checked:
                 n = len(allowed_keys(control.allowed_keys))
             except ValueError as exc:
                 raise config.error("key 'control.allowed_keys'", str(exc)) from None
-            lines.append(f"control: {control.endpoint} (CURVE), {n} operator key(s)")
+            lines.append(f"control allow-list: {control.allowed_keys}, {n} operator key(s)")
     return Checked(bundle, sources, lines)

@@ -44,6 +44,7 @@ from .overlay import OverlayPolicy
 log = logging.getLogger(__name__)
 
 EVENTS_HELD = 10_000
+REPLY_BYTES = 64 << 20  # a replay reply stops adding frames past this (at least one goes): the client pages
 REFUSAL_LOG_EVERY_S = 60.0  # a refused client retries every 100 ms: one log line per key a minute
 # Config keys a reload applies while running; every other changed key is named in the log and
 # waits for a restart.
@@ -93,9 +94,11 @@ class ReplayBuffer:
             q = self._held[topic]
             return (q[0][0], q[-1][0]) if q else (None, None)
 
-    def replay(self, topic: str, from_seq: int, to_seq: int | None = None, limit: int = 1000) -> dict[str, Any]:
-        """The messages held with from_seq <= seq <= to_seq (at most ``limit``), and which
-        requested seqs are no longer held (``missing``: [first, last] ranges)."""
+    def replay(self, topic: str, from_seq: int, to_seq: int | None = None, limit: int = 1000,
+               max_bytes: int = REPLY_BYTES) -> dict[str, Any]:
+        """The messages held with from_seq <= seq <= to_seq (at most ``limit``, and payloads of
+        about ``max_bytes``), and which requested seqs are no longer held (``missing``:
+        [first, last] ranges)."""
         if topic not in self._held:
             raise ControlError(f"replay topic {topic!r}: expected one of {', '.join(REPLAY_TOPICS)}")
         with self._lock:
@@ -107,13 +110,14 @@ class ReplayBuffer:
             missing = []
             if oldest is not None and end is not None and from_seq < oldest and from_seq <= end:
                 missing.append([from_seq, min(oldest - 1, end)])
-            picked = []
+            picked, size = [], 0
             if q and end is not None:
                 start = max(from_seq, oldest) - oldest
                 for item in itertools.islice(q, start, None):
-                    if item[0] > end or len(picked) >= limit:
+                    if item[0] > end or len(picked) >= limit or (picked and size >= max_bytes):
                         break
                     picked.append((item[1], item[2]))
+                    size += len(item[2]) if item[2] else 0
         messages = [[msgpack.unpackb(h, raw=False), p] for h, p in picked]
         return {"messages": messages, "missing": missing, "oldest_seq": oldest if q else None,
                 "newest_seq": newest}
@@ -286,7 +290,10 @@ class Controller:
             raise ControlError(f"bundle {bundle} refused: {exc}; {self.pipeline.model.model_id} keeps running") from None
 
     def _swap(self, new: ActiveModel, bundle: str) -> None:
-        self.pipeline.swap_model(new)
+        old = self.pipeline.swap_model(new)
+        if old.engine is not new.engine:  # free the old engine (GPU memory) once its last call returned
+            threading.Thread(target=self.pipeline.retire_engine, args=(old.engine,), name="retire",
+                             daemon=True).start()
         self.pipeline.publisher.model_id = new.model_id  # stats and events from now on
         self.bundle_path = bundle
         self._manifest = _manifest_digest(bundle)

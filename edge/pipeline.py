@@ -206,6 +206,8 @@ class Pipeline:
         self.decisions_by_result: dict[tuple[str, str], int] = {}  # (camera, decision) -> count
         self.last_frame_ts: dict[str, float] = {}  # per camera: capture time of the last frame batched
         self.camera_fps = dict.fromkeys(ids, 0.0)  # decisions/s over the last stats interval
+        self.engine_busy: Engine | None = None  # the engine of the batch in flight (see retire_engine)
+        self._model_lock = threading.Lock()  # reading the model and marking its engine busy: one step
         self._batch_ids = itertools.count()
         ids = [s.camera_id for s in sources]
         self._decisions = dict.fromkeys(ids, 0)  # per camera, whole run
@@ -228,8 +230,25 @@ class Pipeline:
     def swap_model(self, model: ActiveModel) -> ActiveModel:
         """Put ``model`` in force from the next batch on; returns the one it replaces. The
         caller has validated and warmed it (edge.active.open_model)."""
-        old, self.model = self.model, model
+        with self._model_lock:
+            old, self.model = self.model, model
         return old
+
+    def retire_engine(self, engine: Engine, timeout_s: float = 120.0) -> bool:
+        """Close an engine swapped out (a TensorRT engine holds GPU memory until closed) once
+        the batch in flight, if it used it, has returned; engines without close() are left
+        to the garbage collector. Call from a thread that may wait; True if closed."""
+        close = getattr(engine, "close", None)
+        if close is None or engine is self.model.engine:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while self.engine_busy is engine:
+            if time.monotonic() > deadline:
+                log.warning("the swapped-out engine is still in a call after %.0f s; not closing it", timeout_s)
+                return False
+            time.sleep(0.005)
+        close()
+        return True
 
     # -- pause ------------------------------------------------------------------------------
 
@@ -290,7 +309,9 @@ class Pipeline:
                     batch = self._drop_paused(batch)
                     if not batch:
                         continue
-                model = self.model  # once per batch: the whole batch is judged by this model
+                with self._model_lock:  # once per batch: the whole batch is judged by this model
+                    model = self.model
+                    self.engine_busy = model.engine
                 shape = (self.options.max_batch, *model.geometry.tensor_shape)
                 buffer = buffers.get(shape)
                 if buffer is None:
@@ -308,6 +329,7 @@ class Pipeline:
                 errors = None
                 if failure is not None or len(good) != len(batch):
                     errors = [f.error or failure for f in batch]
+                self.engine_busy = None
                 self._results.put(_Result(batch, scores, maps, errors, batch_id, model))
         finally:
             self._results.put(_END)

@@ -190,6 +190,7 @@ def test_hot_swap_under_load_loses_no_frame_and_each_decision_names_its_model(tm
     assert [d["seq"] for d in decisions] == list(range(2 * count))  # contiguous: nothing lost
     for cam in ("cam0", "cam1"):  # every frame read got exactly one decision
         assert sorted(d["frame_id"] for d in decisions if d["camera_id"] == cam) == list(range(count))
+    assert not [d for d in decisions if d["decision"] == "error"]  # frames queued across a swap re-preprocessed
     for d in decisions:  # the model id is the model that judged it (its scores say which)
         assert d["model_id"] == ("tiny-offset" if d["score"] >= 10 else "tiny-test"), d
         assert d["threshold"] == (10.5 if d["model_id"] == "tiny-offset" else 0.5)
@@ -371,8 +372,92 @@ def test_replay_buffer_keeps_the_last_decisions_and_frames_within_the_byte_budge
     frames = buffer.replay("frame", 0)
     assert [h["seq"] for h, _ in frames["messages"]] == [9, 10, 11] and frames["missing"] == [[0, 8]]
     assert all(p == bytes(3000) for _, p in frames["messages"])
+    assert len(buffer.replay("frame", 0, max_bytes=5000)["messages"]) == 2  # a reply's payloads are bounded too
     page = buffer.replay("decision", 0, None, 2)
     assert [h["seq"] for h, _ in page["messages"]] == [7, 8]  # `max` bounds a reply; the client pages on
     nothing = ReplayBuffer(decisions=0)
     nothing.record("decision", 0, pack_header({"seq": 0}), None)
     assert nothing.replay("decision", 0)["missing"] == [[0, 0]]
+
+
+class _ClosableEngine:
+    """The real ONNX Runtime engine plus the close() a TensorRT engine has (its GPU memory is
+    freed only then; no GPU here): records whether close came while a call was running and
+    refuses calls after it, as a closed TensorRT engine would fail them."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.closed, self.in_call, self.closed_mid_call, self.calls_after_close = engine, False, False, False, 0
+
+    def infer(self, batch):
+        if self.closed:
+            self.calls_after_close += 1
+            raise RuntimeError("engine closed")
+        self.in_call = True
+        try:
+            time.sleep(0.002)  # widen the window a close could hit
+            return self.engine.infer(batch)
+        finally:
+            self.in_call = False
+
+    def close(self) -> None:
+        self.closed_mid_call |= self.in_call
+        self.closed = True
+
+
+def test_a_swapped_out_engine_is_closed_after_its_last_call(tmp_path):
+    from edge.bundle import load_bundle
+    from edge.control import Controller
+    from edge.decision import DecisionRule
+    from edge.engine import open_engine
+    from edge.pipeline import Pipeline, RunOptions
+    from edge.publisher import Publisher
+    from edge.sources import parse_source
+
+    a = load_bundle(make_tiny_bundle(tmp_path / "a"))
+    b = make_offset_bundle(tmp_path / "b")
+    engine = _ClosableEngine(open_engine(a))
+    sources = [parse_source(f"synthetic:count=400,fps=200,size=64,seed={i}", f"cam{i}") for i in range(2)]
+    publisher = Publisher(free_tcp_endpoint())
+    pipeline = Pipeline(a, engine, DecisionRule.from_bundle(a), sources, publisher, RunOptions(max_batch=4))
+    controller = Controller(pipeline)
+    pipeline.monitor = controller
+
+    def swap_soon() -> None:
+        while sum(pipeline.decisions_by_result.values()) < 100:
+            time.sleep(0.01)
+        controller.load(str(b), "test")
+
+    import threading
+    threading.Thread(target=swap_soon, daemon=True).start()
+    summary = pipeline.run()
+    wait_until(lambda: engine.closed, 10, "the old engine closed")
+    assert summary.frames == 800 and summary.errors == 0
+    assert not engine.closed_mid_call and engine.calls_after_close == 0
+    assert pipeline.model.model_id == "tiny-offset"
+
+
+@pytest.mark.parametrize("raw, key, says", [
+    ({"control": {"endpoint": "tcp://0.0.0.0:5557"}}, "control.endpoint", "allow_remote = true"),
+    ({"control": {"endpoint": "tcp://127.0.0.1:5556"}}, "control.endpoint", "the publisher's endpoint"),
+    ({"control": {"endpoint": "localhost:5557"}}, "control.endpoint", "not a ZeroMQ endpoint"),
+    ({"control": {"endpoint": "tcp://127.0.0.1:5557"},
+      "publisher": {"curve": {"secret_key": "s", "allowed_keys": "d"}}}, "control.allowed_keys", "its own allow-list"),
+    ({"metrics": {"listen": "9108"}}, "metrics.listen", "HOST:PORT"),
+    ({"publisher": {"frames": "all"}}, "publisher.frames", "none, reject"),
+    ({"control": {"replay_decisions": -1}}, "control.replay_decisions", ">= 0"),
+])
+def test_control_and_metrics_config_errors_name_the_key(raw, key, says):
+    from edge.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as info:
+        validate({"engine": {"bundle": "b"}, "source": [{"uri": "synthetic"}], **raw}, "line.toml")
+    assert f"key '{key}'" in str(info.value) and says in str(info.value)
+
+
+def test_local_endpoints():
+    from edge.config import is_local_endpoint
+
+    assert all(is_local_endpoint(e) for e in ("tcp://127.0.0.1:5557", "tcp://localhost:1", "tcp://[::1]:1",
+                                              "ipc:///run/linegate/control.sock", "inproc://x"))
+    assert not any(is_local_endpoint(e) for e in ("tcp://*:5557", "tcp://0.0.0.0:5557", "tcp://10.0.0.5:5557",
+                                                  "tcp://eth0:5557"))

@@ -88,3 +88,37 @@ def test_scraped_metrics_agree_with_a_subscriber(tiny_bundle):
     assert [(e["what"], e["who"]) for e in (m.header for m in collector.messages("event"))] == [
         ("start", "local"), ("pause", "test"), ("resume", "test")]
 
+
+
+def test_linegate_run_metrics_flag_serves_metrics_over_http(tiny_bundle, tmp_path):
+    import signal
+    import socket
+    import subprocess
+
+    from conftest import linegate_cmd
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(linegate_cmd("run", "--bundle", str(tiny_bundle), "--source", "synthetic:fps=30,size=64",
+                                         "--publish", free_tcp_endpoint(), "--metrics", f"127.0.0.1:{port}",
+                                         "--control", free_tcp_endpoint()), stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                scraped = _scrape(f"http://127.0.0.1:{port}/metrics")
+                if sum(scraped.get("linegate_decisions_total", {}).values()) > 0:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            time.sleep(0.2)
+        assert scraped["linegate_frames_read_total"][(("camera", "cam0"),)] > 0
+        assert scraped["linegate_threshold"][(("camera", "cam0"),)] == 0.5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        log.close()
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in (tmp_path / "run.log").read_text()

@@ -467,6 +467,7 @@ def test_install_script_refuses_without_root_a_bundle_or_its_config(tiny_bundle,
 
 def test_service_modules_start_without_torch():
     code = ("import sys\nimport edge.config, edge.service, edge.stats, edge.auth, edge.control, edge.metrics\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export')))\n")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export', "
+            "'starlette', 'aiohttp', 'flask', 'fastapi', 'django', 'tornado')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
