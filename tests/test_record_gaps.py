@@ -256,3 +256,38 @@ def test_under_curve_a_recorder_on_the_control_list_replays_and_one_off_it_write
         assert gaps and gaps[-1]["first_seq"] == 0 and all(g["reason"].startswith("replay failed: TimeoutError")
                                                            for g in gaps)
     assert "cannot ask" in (tmp_path / "stranger.log").read_text()
+
+
+def test_a_postgresql_server_that_drops_the_recorder_costs_a_restart_not_a_row(tmp_path):
+    control = control_endpoint()
+    from record_helpers import PG_ADMIN, pg_database
+
+    url, drop = pg_database()
+    try:
+        endpoint = free_tcp_endpoint()
+        log = tmp_path / "record.log"
+        extra = ("--control", control, "--images", str(tmp_path / "images"))
+        recorder = start_recorder(endpoint, url, log, *extra)
+        collector = Collector(endpoint)
+        collector.start()
+        runtime = runtime_with_control(tmp_path, endpoint, control, RECORDER_SUBSCRIPTIONS + 1)
+        import psycopg
+
+        with open_store(url) as store, psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            wait_for(lambda: store.count("decisions") >= 60, 30, "a steady run on record")
+            # The database server ends the recorder's session (a failover, an admin, a restart).
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                          (url.rsplit("/", 1)[1],))
+        assert recorder.proc.wait(30) == 1  # exit 1: systemd restarts it (2 would stop it)
+        assert "cannot be written" in log.read_text() and "exiting for a restart" in log.read_text()
+        recorder = start_recorder(endpoint, url, log, *extra)  # what systemd does after RestartSec
+        assert runtime.wait(60) == 0
+        frames, _ = runtime_count(runtime.log())
+        seen = collector.finish()
+        with open_store(url) as store:
+            run_id = seen[0]["run_id"]
+            wait_for(lambda: store.count("decisions") >= frames, 30, "every decision on record")
+            assert recorder.stop() == 0
+            assert store.seqs(run_id) == list(range(frames)) and store.count("gaps") == 0
+    finally:
+        drop()
