@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_tcp_endpoint, linegate_cmd
 from lineside.store import open_store
-from record_helpers import Collector, runtime_count, start_recorder, wait_for
+from record_helpers import Collector, no_leftover_processes, runtime_count, start_recorder, wait_for  # noqa: F401
 from test_record_run import RECORDER_SUBSCRIPTIONS, run_runtime
 
 FRAMES, FPS, DOWN_S = 800, 100, 2.5  # 8 s of run: the recorder is back well before its end

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import free_tcp_endpoint, linegate_cmd, make_tiny_bundle, write_grey_images
 from lineside.store import open_store
-from record_helpers import Collector, Proc, db_target, runtime_count, start_recorder, wait_for  # noqa: F401
+from record_helpers import (Collector, Proc, db_target, no_leftover_processes, runtime_count,  # noqa: F401
+                            start_recorder, wait_for)
 
 RECORDER_SUBSCRIPTIONS = 4  # decision, overlay, frame, event
 
