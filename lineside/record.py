@@ -385,6 +385,13 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("endpoint", metavar="ENDPOINT", help="the runtime's publisher, e.g. tcp://edge-box:5556")
     parser.add_argument("--db", required=True, metavar="PATH|postgresql://...",
@@ -396,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="delete images older than N days (decision rows stay)")
     parser.add_argument("--max-gb", type=_positive(float), metavar="G",
                         help="keep the image store under G GB (10^9 bytes), deleting the oldest images first")
-    parser.add_argument("--min-free-mb", type=float, default=100.0, metavar="M",
+    parser.add_argument("--min-free-mb", type=_not_negative, default=100.0, metavar="M",
                         help="stop image writes while the image store's file system has less than M MiB free, "
                              "leaving room for the database (default 100)")
     parser.add_argument("--full-retry-s", type=_positive(float), default=5.0, metavar="S",

@@ -329,14 +329,14 @@ class Store:
 
     def decisions(self, since: float | None = None, until: float | None = None, camera: str | None = None,
                   decision: str | None = None, limit: int = 1000, run_id: str | None = None,
-                  seq: int | None = None, oldest_first: bool = False) -> list[dict[str, Any]]:
+                  seq: int | None = None, oldest_first: bool = False, line: str | None = None) -> list[dict[str, Any]]:
         """Decisions, newest first (by capture time): every header field plus "id" (row id),
         "frame_path" and "overlay_path" (relative to image_root; None when not kept or gone
         to retention), "line", "recorded_ts" and "replayed" (came by a replay request)."""
         where, params = [], []
         for clause, value in (("d.capture_ts >= ?", since), ("d.capture_ts < ?", until),
                               ("d.camera_id = ?", camera), ("d.decision = ?", decision),
-                              ("d.run_id = ?", run_id), ("d.seq = ?", seq)):
+                              ("d.run_id = ?", run_id), ("d.seq = ?", seq), ("d.line = ?", line)):
             if value is not None:
                 where.append(clause)
                 params.append(value)
