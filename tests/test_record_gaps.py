@@ -40,31 +40,36 @@ def test_without_replay_every_decision_is_on_record_or_in_a_gap_row(tmp_path, ho
     endpoint, db = free_tcp_endpoint(), str(tmp_path / "record.db")
     log = tmp_path / "record.log"
     recorder = start_recorder(endpoint, db, log, "--images", str(tmp_path / "images"))
-    collector = Collector(endpoint)
+    collector = Collector(endpoint, ("decision", "overlay", "frame"))
     collector.start()
-    # Every part a reject with a 224x224 overlay, a small send queue: a stalled recorder
-    # overflows it and loses messages (the TCP buffers alone would hold mere decisions).
+    # Every part a reject with an overlay and its full-resolution frame, a small send queue: a
+    # stalled recorder overflows it and loses messages (TCP buffers alone hold mere decisions).
     runtime = run_runtime(tmp_path, endpoint, [f"synthetic:count={FRAMES},fps={FPS},size=224"],
-                          RECORDER_SUBSCRIPTIONS + 1, "--threshold", "0.0", "--sndhwm", "20")
+                          RECORDER_SUBSCRIPTIONS + 3, "--threshold", "0.0", "--sndhwm", "20",
+                          "--publish-frames", "reject")
     with open_store(db) as store:
         wait_for(lambda: store.count("decisions") >= 60, 30, "a steady run on record")
         recorder = interrupt(how, recorder, endpoint, db, log)
         assert runtime.wait(60) == 0
         frames, _ = runtime_count(runtime.log())
         seen = collector.finish()
-        assert frames == FRAMES and [h["seq"] for h in seen] == list(range(frames))
+        by_topic = {t: [h for h in seen if h["_topic"] == t] for t in ("decision", "overlay", "frame")}
+        assert frames == FRAMES and [h["seq"] for h in by_topic["decision"]] == list(range(frames))
         run_id = seen[0]["run_id"]
-        wait_for(lambda: len(set(store.seqs(run_id)) | gap_seqs(store, run_id)) >= frames, 30,
-                 "every seq on record or in a gap row")
+        overlays, reject_frames = ({h["seq"] for h in by_topic[t]} for t in ("overlay", "frame"))
+        wait_for(lambda: len(set(store.seqs(run_id)) | gap_seqs(store, run_id)) >= frames
+                 and images_complete(store, run_id, overlays, reject_frames), 30,
+                 "every decision and image on record or in a gap row")
         assert recorder.stop() == 0
         stored, lost = set(store.seqs(run_id)), gap_seqs(store, run_id)
         assert stored | lost == set(range(frames)) and not stored & lost
         if how == "kill":  # down for 2.5 s at 100 frames/s: a gap, written down as such
             assert len(lost) >= 100
-            assert all(g["reason"] == "no --control endpoint to ask for a replay" for g in store.gaps(run_id=run_id)
-                       if g["topic"] == "decision")
+        else:  # stalled: the images (megabytes a second) overflowed the queues, and that is on record
+            assert gap_seqs(store, run_id, "frame")
+        assert all(g["reason"] == "no --control endpoint to ask for a replay" for g in store.gaps(run_id=run_id))
         # What is stored is what the second subscriber saw, field for field.
-        by_seq = {h["seq"]: h for h in seen}
+        by_seq = {h["seq"]: h for h in by_topic["decision"]}
         for row in store.decisions(limit=frames, run_id=run_id):
             assert row["capture_ts"] == by_seq[row["seq"]]["capture_ts"]
             assert row["score"] == by_seq[row["seq"]]["score"]
