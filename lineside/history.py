@@ -125,6 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=parse_when, metavar="WHEN", help="30m, 2h, 7d (ago), or 2026-12-03T08:00")
     parser.add_argument("--until", type=parse_when, metavar="WHEN")
     parser.add_argument("--camera", help="only this camera id")
+    parser.add_argument("--line", help="only this line (a record shared by several recorders' --line)")
     parser.add_argument("--decision", choices=["accept", "reject", "error"])
     parser.add_argument("--limit", type=int, default=50, help="rows to show (default 50; 0: all)")
     parser.add_argument("--csv", metavar="FILE", help="write the matching decisions, every field, to FILE ('-': stdout)")
@@ -156,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
                       f"(settings v{e.get('settings_version')})")
             return 0
         rows = store.decisions(since=args.since, until=args.until, camera=args.camera, decision=args.decision,
-                               limit=args.limit or 2**62)
+                               limit=args.limit or 2**62, line=args.line)
         if args.csv:
             if args.csv == "-":
                 write_csv(rows, sys.stdout)

@@ -65,6 +65,14 @@ class ImageStore:
         self.deleted = 0
         self.bytes = 0  # bytes of this line's images on disk (as recorded), kept by the recorder
         self._next_age_check = 0.0
+        self._remove_partial_files()
+
+    def _remove_partial_files(self) -> None:
+        """A recorder killed mid-write leaves NAME.part; only the newest two days can hold one."""
+        for day in sorted(p for p in self.root.iterdir() if p.is_dir())[-2:]:
+            for part in day.glob("*/*.part"):
+                part.unlink(missing_ok=True)
+                log.info("removed %s, left by a recorder stopped while writing it", part)
 
     def load_usage(self, store: Store) -> None:
         self.bytes = store.image_bytes(self.line)

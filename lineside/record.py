@@ -34,7 +34,8 @@ from .store import Store, StoreUnavailable, is_postgres, open_store
 log = logging.getLogger("linegate.record")
 
 TOPICS = ("decision", "overlay", "frame", "event")
-IMAGE_TOPICS = ("overlay", "frame")
+ROW_TOPICS, IMAGE_TOPICS = ("decision", "event"), ("overlay", "frame")
+ROW_QUEUE, IMAGE_QUEUE = 100_000, 1000  # messages each socket may hold while the recorder is busy
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2  # 1: systemd restarts it; 2: fix the configuration
 
 
@@ -77,7 +78,11 @@ class Recorder:
         self.store.set_line(self.line, str(self.images.root.resolve()) if self.images else None, self.endpoint)
         if self.images is not None:
             self.images.load_usage(self.store)
-        with Subscriber(self.endpoint, TOPICS, rcvhwm=100_000, curve=self.curve) as sub:
+        # Two sockets: rows are small, so decisions and events may queue deep while the database
+        # is slow; images may be megabytes, so few of them queue (bounded memory) and what
+        # overflows is replayed or written down as a gap, like any other miss.
+        with Subscriber(self.endpoint, ROW_TOPICS, rcvhwm=ROW_QUEUE, curve=self.curve) as rows, \
+                Subscriber(self.endpoint, IMAGE_TOPICS, rcvhwm=IMAGE_QUEUE, curve=self.curve) as images:
             log.info("recording %s (line %r) into %s%s", self.endpoint, self.line, self.store.target,
                      f", images in {self.images.root}" if self.images else ", no image store")
             self._start_check()
@@ -85,14 +90,15 @@ class Recorder:
                 ready.set()
             next_flush, next_report = time.monotonic(), time.monotonic() + 60.0
             while not stop.is_set():
-                try:
-                    msg = sub.recv(50)
-                except ValueError as exc:  # not linegate's, or a newer schema: say so, keep recording
-                    log.error("message skipped: %s", exc)
-                    self.counts["unreadable"] += 1
-                    continue
-                if msg is not None:
-                    self.on_message(msg.topic, msg.header, msg.payload)
+                for sub in (rows, images):
+                    try:
+                        msg = sub.recv(25)
+                    except ValueError as exc:  # not linegate's, or a newer schema: say so, keep recording
+                        log.error("message skipped: %s", exc)
+                        self.counts["unreadable"] += 1
+                        continue
+                    if msg is not None:
+                        self.on_message(msg.topic, msg.header, msg.payload)
                 now = time.monotonic()
                 if now >= next_flush or self._pending() >= self.flush_rows:
                     self.flush()
@@ -100,8 +106,24 @@ class Recorder:
                 if now >= next_report:  # a line a minute: the journal shows it is alive and counting
                     self.report()
                     next_report = now + 60.0
+            self._drain((rows, images))
             self.flush()
         self.report()
+
+    def _drain(self, subs: tuple[Subscriber, ...], limit_s: float = 2.0) -> None:
+        """At a stop, take what the sockets already hold (briefly): less to replay next start."""
+        deadline = time.monotonic() + limit_s
+        busy = True
+        while busy and time.monotonic() < deadline:
+            busy = False
+            for sub in subs:
+                try:
+                    msg = sub.recv(0)
+                except ValueError:
+                    continue
+                if msg is not None:
+                    busy = True
+                    self.on_message(msg.topic, msg.header, msg.payload)
 
     def report(self) -> None:
         c = self.counts
@@ -363,6 +385,13 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("endpoint", metavar="ENDPOINT", help="the runtime's publisher, e.g. tcp://edge-box:5556")
     parser.add_argument("--db", required=True, metavar="PATH|postgresql://...",
@@ -374,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="delete images older than N days (decision rows stay)")
     parser.add_argument("--max-gb", type=_positive(float), metavar="G",
                         help="keep the image store under G GB (10^9 bytes), deleting the oldest images first")
-    parser.add_argument("--min-free-mb", type=float, default=100.0, metavar="M",
+    parser.add_argument("--min-free-mb", type=_not_negative, default=100.0, metavar="M",
                         help="stop image writes while the image store's file system has less than M MiB free, "
                              "leaving room for the database (default 100)")
     parser.add_argument("--full-retry-s", type=_positive(float), default=5.0, metavar="S",

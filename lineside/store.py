@@ -306,6 +306,12 @@ class Store:
                            "ORDER BY updated_ts DESC LIMIT 1")
         return Path(rows[0][0]) if rows else None
 
+    def image_roots(self) -> dict[str, Path]:
+        """Each line's image root (several lines may share a PostgreSQL record); a decision's
+        "line" says which root its paths are relative to."""
+        rows = self._query("SELECT line, image_root FROM lines WHERE image_root IS NOT NULL")
+        return {line: Path(root) for line, root in rows}
+
     _DECISION_SELECT = (
         "SELECT d.id, d.header, d.line, d.recorded_ts, d.replayed, "
         "(SELECT i.path FROM images i WHERE i.run_id = d.run_id AND i.decision_seq = d.seq AND "
@@ -323,14 +329,14 @@ class Store:
 
     def decisions(self, since: float | None = None, until: float | None = None, camera: str | None = None,
                   decision: str | None = None, limit: int = 1000, run_id: str | None = None,
-                  seq: int | None = None, oldest_first: bool = False) -> list[dict[str, Any]]:
+                  seq: int | None = None, oldest_first: bool = False, line: str | None = None) -> list[dict[str, Any]]:
         """Decisions, newest first (by capture time): every header field plus "id" (row id),
         "frame_path" and "overlay_path" (relative to image_root; None when not kept or gone
         to retention), "line", "recorded_ts" and "replayed" (came by a replay request)."""
         where, params = [], []
         for clause, value in (("d.capture_ts >= ?", since), ("d.capture_ts < ?", until),
                               ("d.camera_id = ?", camera), ("d.decision = ?", decision),
-                              ("d.run_id = ?", run_id), ("d.seq = ?", seq)):
+                              ("d.run_id = ?", run_id), ("d.seq = ?", seq), ("d.line = ?", line)):
             if value is not None:
                 where.append(clause)
                 params.append(value)

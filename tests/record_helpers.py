@@ -57,10 +57,25 @@ def db_target(request, tmp_path) -> str:
         drop()
 
 
+_STARTED: list["Proc"] = []
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """A test that fails half way leaves no recorder or runtime running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop().proc
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class Proc:
     """A linegate subcommand as a process, its stderr (the log) in a file."""
 
     def __init__(self, args: list[str], log: Path) -> None:
+        _STARTED.append(self)
         self.log_path = log
         self._log = open(log, "a")
         self.proc = subprocess.Popen(linegate_cmd(*args), stdout=subprocess.DEVNULL, stderr=self._log)

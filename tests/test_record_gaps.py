@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_tcp_endpoint, linegate_cmd
 from lineside.store import open_store
-from record_helpers import Collector, runtime_count, start_recorder, wait_for
+from record_helpers import Collector, no_leftover_processes, runtime_count, start_recorder, wait_for  # noqa: F401
 from test_record_run import RECORDER_SUBSCRIPTIONS, run_runtime
 
 FRAMES, FPS, DOWN_S = 800, 100, 2.5  # 8 s of run: the recorder is back well before its end
@@ -40,31 +40,36 @@ def test_without_replay_every_decision_is_on_record_or_in_a_gap_row(tmp_path, ho
     endpoint, db = free_tcp_endpoint(), str(tmp_path / "record.db")
     log = tmp_path / "record.log"
     recorder = start_recorder(endpoint, db, log, "--images", str(tmp_path / "images"))
-    collector = Collector(endpoint)
+    collector = Collector(endpoint, ("decision", "overlay", "frame"))
     collector.start()
-    # Every part a reject with a 224x224 overlay, a small send queue: a stalled recorder
-    # overflows it and loses messages (the TCP buffers alone would hold mere decisions).
+    # Every part a reject with an overlay and its full-resolution frame, a small send queue: a
+    # stalled recorder overflows it and loses messages (TCP buffers alone hold mere decisions).
     runtime = run_runtime(tmp_path, endpoint, [f"synthetic:count={FRAMES},fps={FPS},size=224"],
-                          RECORDER_SUBSCRIPTIONS + 1, "--threshold", "0.0", "--sndhwm", "20")
+                          RECORDER_SUBSCRIPTIONS + 3, "--threshold", "0.0", "--sndhwm", "20",
+                          "--publish-frames", "reject")
     with open_store(db) as store:
         wait_for(lambda: store.count("decisions") >= 60, 30, "a steady run on record")
         recorder = interrupt(how, recorder, endpoint, db, log)
         assert runtime.wait(60) == 0
         frames, _ = runtime_count(runtime.log())
         seen = collector.finish()
-        assert frames == FRAMES and [h["seq"] for h in seen] == list(range(frames))
+        by_topic = {t: [h for h in seen if h["_topic"] == t] for t in ("decision", "overlay", "frame")}
+        assert frames == FRAMES and [h["seq"] for h in by_topic["decision"]] == list(range(frames))
         run_id = seen[0]["run_id"]
-        wait_for(lambda: len(set(store.seqs(run_id)) | gap_seqs(store, run_id)) >= frames, 30,
-                 "every seq on record or in a gap row")
+        overlays, reject_frames = ({h["seq"] for h in by_topic[t]} for t in ("overlay", "frame"))
+        wait_for(lambda: len(set(store.seqs(run_id)) | gap_seqs(store, run_id)) >= frames
+                 and images_complete(store, run_id, overlays, reject_frames), 30,
+                 "every decision and image on record or in a gap row")
         assert recorder.stop() == 0
         stored, lost = set(store.seqs(run_id)), gap_seqs(store, run_id)
         assert stored | lost == set(range(frames)) and not stored & lost
         if how == "kill":  # down for 2.5 s at 100 frames/s: a gap, written down as such
             assert len(lost) >= 100
-            assert all(g["reason"] == "no --control endpoint to ask for a replay" for g in store.gaps(run_id=run_id)
-                       if g["topic"] == "decision")
+        else:  # stalled: the images (megabytes a second) overflowed the queues, and that is on record
+            assert gap_seqs(store, run_id, "frame")
+        assert all(g["reason"] == "no --control endpoint to ask for a replay" for g in store.gaps(run_id=run_id))
         # What is stored is what the second subscriber saw, field for field.
-        by_seq = {h["seq"]: h for h in seen}
+        by_seq = {h["seq"]: h for h in by_topic["decision"]}
         for row in store.decisions(limit=frames, run_id=run_id):
             assert row["capture_ts"] == by_seq[row["seq"]]["capture_ts"]
             assert row["score"] == by_seq[row["seq"]]["score"]
@@ -82,11 +87,13 @@ def runtime_with_control(tmp_path, endpoint: str, control: str, subscribers: int
                        "--publish-frames", "reject", *extra)
 
 
-def check_images_complete(store, run_id: str, seen_overlays: set[int], seen_frames: set[int]) -> None:
+def images_complete(store, run_id: str, seen_overlays: set[int], seen_frames: set[int]) -> bool:
     """Every overlay and reject frame published is in the image store or in a gap row."""
     for topic, seen in (("overlay", seen_overlays), ("frame", seen_frames)):
         stored = {r[0] for r in store._query("SELECT seq FROM images WHERE run_id = ? AND topic = ?", (run_id, topic))}
-        assert stored | gap_seqs(store, run_id, topic) >= seen, topic
+        if not stored | gap_seqs(store, run_id, topic) >= seen:
+            return False
+    return True
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
@@ -108,15 +115,18 @@ def test_with_replay_a_recorder_down_for_seconds_misses_nothing(tmp_path, how):
         decisions = [h for h in seen if h["_topic"] == "decision"]
         assert frames == rejects == FRAMES and [h["seq"] for h in decisions] == list(range(frames))
         run_id = decisions[0]["run_id"]
-        wait_for(lambda: store.count("decisions") >= frames, 30, "every decision on record")
+        overlays = {h["seq"] for h in seen if h["_topic"] == "overlay"}
+        reject_frames = {h["seq"] for h in seen if h["_topic"] == "frame"}
+        assert len(overlays) == len(reject_frames) == frames
+        wait_for(lambda: store.count("decisions") >= frames and images_complete(store, run_id, overlays, reject_frames),
+                 30, "every decision, overlay and reject frame on record")
         assert recorder.stop() == 0
         assert store.seqs(run_id) == list(range(frames))  # every one, once
         assert not gap_seqs(store, run_id)  # the runtime held all that was missed
         if how == "kill":
             replayed = [d for d in store.decisions(limit=frames, run_id=run_id) if d["replayed"]]
             assert len(replayed) >= 100  # 2.5 s at 100 frames/s came back by replay
-        check_images_complete(store, run_id, {h["seq"] for h in seen if h["_topic"] == "overlay"},
-                              {h["seq"] for h in seen if h["_topic"] == "frame"})
+        assert not gap_seqs(store, run_id, "overlay") and not gap_seqs(store, run_id, "frame")
         # A reject's record points at its full-resolution frame and its overlay.
         last = store.decisions(limit=1, run_id=run_id)[0]
         assert last["frame_path"].endswith("_frame.png") and last["overlay_path"].endswith("_overlay.jpg")
@@ -251,3 +261,38 @@ def test_under_curve_a_recorder_on_the_control_list_replays_and_one_off_it_write
         assert gaps and gaps[-1]["first_seq"] == 0 and all(g["reason"].startswith("replay failed: TimeoutError")
                                                            for g in gaps)
     assert "cannot ask" in (tmp_path / "stranger.log").read_text()
+
+
+def test_a_postgresql_server_that_drops_the_recorder_costs_a_restart_not_a_row(tmp_path):
+    control = control_endpoint()
+    from record_helpers import PG_ADMIN, pg_database
+
+    url, drop = pg_database()
+    try:
+        endpoint = free_tcp_endpoint()
+        log = tmp_path / "record.log"
+        extra = ("--control", control, "--images", str(tmp_path / "images"))
+        recorder = start_recorder(endpoint, url, log, *extra)
+        collector = Collector(endpoint)
+        collector.start()
+        runtime = runtime_with_control(tmp_path, endpoint, control, RECORDER_SUBSCRIPTIONS + 1)
+        import psycopg
+
+        with open_store(url) as store, psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            wait_for(lambda: store.count("decisions") >= 60, 30, "a steady run on record")
+            # The database server ends the recorder's session (a failover, an admin, a restart).
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                          (url.rsplit("/", 1)[1],))
+        assert recorder.proc.wait(30) == 1  # exit 1: systemd restarts it (2 would stop it)
+        assert "cannot be written" in log.read_text() and "exiting for a restart" in log.read_text()
+        recorder = start_recorder(endpoint, url, log, *extra)  # what systemd does after RestartSec
+        assert runtime.wait(60) == 0
+        frames, _ = runtime_count(runtime.log())
+        seen = collector.finish()
+        with open_store(url) as store:
+            run_id = seen[0]["run_id"]
+            wait_for(lambda: store.count("decisions") >= frames, 30, "every decision on record")
+            assert recorder.stop() == 0
+            assert store.seqs(run_id) == list(range(frames)) and store.count("gaps") == 0
+    finally:
+        drop()

@@ -53,6 +53,16 @@ def test_seq_jumps_become_gap_rows_per_topic_and_run_and_duplicates_are_stored_o
     assert ("r1", "decision", 7, 8) in {(g["run_id"], g["topic"], g["first_seq"], g["last_seq"]) for g in store.gaps()}
 
 
+def test_a_half_written_image_of_a_killed_recorder_is_removed_at_start(tmp_path):
+    part = tmp_path / "images" / "2026-12-03" / "cam0" / "081500.000_abc_7_frame.png.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"half")
+    kept = part.with_name("081500.000_abc_6_frame.png")
+    kept.write_bytes(b"whole")
+    ImageStore(tmp_path / "images", "L")
+    assert not part.exists() and kept.read_bytes() == b"whole"
+
+
 def test_images_link_to_their_decision_also_without_decision_seq(recorder, tmp_path):
     ts = time.time()
     recorder.on_message("decision", header("decision", 7, run=None, ts=ts, frame_id=70), None)
@@ -105,6 +115,8 @@ def test_history_lists_gaps_and_events_and_parses_times(recorder, tmp_path):
     assert "threshold by alice: 0.5 -> 0.7 (settings v2)" in out.stdout
     out = subprocess.run(linegate_cmd("history", db, "--since", "1h"), capture_output=True, text=True, timeout=60)
     assert len(out.stdout.splitlines()) == 2 and "1 gap row(s)" in out.stderr
+    out = subprocess.run(linegate_cmd("history", db, "--line", "other"), capture_output=True, text=True, timeout=60)
+    assert out.stdout == ""
     out = subprocess.run(linegate_cmd("history", str(tmp_path / "none.db")), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "no such record" in out.stderr

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import free_tcp_endpoint, linegate_cmd, make_tiny_bundle, write_grey_images
 from lineside.store import open_store
-from record_helpers import Collector, Proc, db_target, runtime_count, start_recorder, wait_for  # noqa: F401
+from record_helpers import (Collector, Proc, db_target, no_leftover_processes, runtime_count,  # noqa: F401
+                            start_recorder, wait_for)
 
 RECORDER_SUBSCRIPTIONS = 4  # decision, overlay, frame, event
 
@@ -138,18 +139,42 @@ def test_retention_keeps_the_image_store_under_max_gb_with_the_newest_images_and
     assert "retention:" in recorder.log()
 
 
-@pytest.fixture()
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
+def mount_tmpfs(mount: Path, options: str) -> None:
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount(8) to make a 2 MiB tmpfs for the full-disk test")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+        pytest.skip("needs root and mount(8) to make a small tmpfs for the full-disk test")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}): full-disk test skipped")
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    mount_tmpfs(tmp_path / "small", "size=2m")
     try:
-        yield mount
+        yield tmp_path / "small"
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "small")], check=False)
+
+
+def test_enospc_from_the_file_system_itself_stops_and_resumes_image_writes(tmp_path, caplog):
+    """Out of inodes with bytes to spare: the free-space check passes, the write gets ENOSPC."""
+    from lineside.imagestore import ImageStore
+
+    mount = tmp_path / "inodes"
+    mount_tmpfs(mount, "size=2m,nr_inodes=6")
+    try:
+        store = ImageStore(mount / "images", "L", min_free_bytes=0, retry_s=0.01)
+        written = [store.write(f"2026-12-03/cam0/{i}.jpg", b"j" * 100) for i in range(8)]
+        assert written[0] and not written[-1] and store.full_since is not None
+        assert "is FULL (No space left on device): image writes stopped" in caplog.text
+        for path in (mount / "images" / "2026-12-03" / "cam0").iterdir():
+            path.unlink()  # inodes return
+        time.sleep(0.02)
+        assert store.write("2026-12-03/cam0/again.jpg", b"j" * 100) and store.full_since is None
+        assert "has room again: image writes resumed" in caplog.text
+        assert not list(mount.rglob("*.part"))  # no half-written file left behind
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 

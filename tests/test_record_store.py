@@ -71,6 +71,8 @@ def test_filters_images_events_and_gaps(db_target):
         assert [d["seq"] for d in store.decisions(since=T0 + 4, until=T0 + 7)] == [6, 5, 4]
         assert [d["seq"] for d in store.decisions(limit=2, oldest_first=True)] == [0, 1]
         assert str(store.image_root) == "/srv/images"
+        store.set_line("L2", "/srv/line2", "tcp://edge2:5556")
+        assert {k: str(v) for k, v in store.image_roots().items()} == {"L1": "/srv/images", "L2": "/srv/line2"}
         assert store.image_bytes("L1") == 1000
         assert store.max_seq("run-a", "decision") == 15  # the gap row is on record as a known loss
         assert store.max_seq("run-a", "frame") == 0 and store.max_seq("run-b", "decision") is None

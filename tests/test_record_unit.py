@@ -70,3 +70,19 @@ def test_the_recorder_unit_passes_systemd_analyze_verify(tmp_path):
     out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(broken)], capture_output=True, text=True,
                          timeout=60)
     assert "linegate-record.service:" in out.stdout + out.stderr
+
+
+def test_the_recorder_imports_from_edge_only_the_bus_and_control_contracts():
+    import ast
+
+    allowed = {"edge.subscriber", "edge.auth", "edge.control_api", "edge.publisher"}
+    for module in ("record", "store", "imagestore", "history"):
+        tree = ast.parse((REPO / "lineside" / f"{module}.py").read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        edge = {n for n in names if n.split(".")[0] == "edge"}
+        assert edge <= allowed, (module, edge - allowed)
+        assert not {n for n in names if n.split(".")[0] in ("torch", "training", "export")}, module
+    code = "import sys, lineside.record, lineside.history; print(sorted(m for m in sys.modules if m == 'psycopg'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"  # psycopg only for postgresql://: an SQLite recorder runs without it
