@@ -129,3 +129,63 @@ def test_the_cli_does_not_need_the_view_extra():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'playwright')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_view_imports_from_edge_only_the_bus_and_control_contracts():
+    import ast
+
+    from conftest import REPO
+
+    allowed = {"edge.subscriber", "edge.auth", "edge.control_api"}
+    for path in sorted((REPO / "lineside" / "view").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        edge = {n for n in names if n.split(".")[0] == "edge"}
+        assert edge <= allowed, (path.name, edge - allowed)
+        assert not {n for n in names if n.split(".")[0] in ("torch", "training", "export")}, path.name
+
+
+def _view_unit_command() -> list[str]:
+    import shlex
+
+    from conftest import REPO
+
+    unit = (REPO / "systemd" / "linegate-view.service").read_text()
+    env = dict(line.split("=", 1) for line in (REPO / "systemd" / "linegate-view.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
+    for key, value in env.items():
+        exec_start = exec_start.replace("${" + key + "}", value).replace("$" + key, value)
+    return shlex.split(exec_start)
+
+
+def test_the_view_unit_and_its_environment_file_give_a_command_line_view_accepts():
+    from linegate.cli import build_parser
+
+    argv = _view_unit_command()
+    assert argv[0] == "/opt/linegate/venv/bin/linegate"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "view" and args.bus == "tcp://127.0.0.1:5556" and args.http == ("0.0.0.0", 8080)
+    assert args.db == "/var/lib/linegate-record/record.db" and args.auth == "/etc/linegate/view-users.toml"
+
+
+def test_the_view_unit_passes_systemd_analyze_verify(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    stand_in = tmp_path / "bin" / "linegate"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f"#!/bin/sh\nexec {sys.executable} -m linegate.cli \"$@\"\n")
+    stand_in.chmod(0o755)
+    unit = tmp_path / "linegate-view.service"
+    unit.write_text((REPO / "systemd" / "linegate-view.service").read_text()
+                    .replace("/opt/linegate/venv/bin/linegate", str(stand_in)))
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "linegate-view.service" not in out.stdout + out.stderr, out.stdout + out.stderr
