@@ -265,9 +265,10 @@ def test_live_page_counts_what_a_watcher_counted(tmp_path, bundle, browser, shot
         run.stop()
 
 
-def test_pictures_are_thinned_and_the_bus_is_kept_up_with(tmp_path, bundle):
-    """The view follows a fast run without missing a message (it never asks the runtime to
-    wait: the bus would drop for it alone, and the gaps would show)."""
+def test_the_view_keeps_up_with_a_full_speed_run(tmp_path, bundle):
+    """The view follows a run at full speed (an overlay for every frame) without missing a
+    message (it never asks the runtime to wait: the bus would drop for it alone, and the gaps
+    would show), keeping only the newest picture per camera for the pages."""
     endpoint = free_tcp_endpoint()
     count = 600
     run = runtime(tmp_path / "run.log", bundle, endpoint, "--wait-subscribers", "4", "--wait-timeout", "60",
