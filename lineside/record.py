@@ -1,8 +1,9 @@
 """``linegate record``: every decision and event on record, reject images archived, no silent hole.
 
-The recorder subscribes to ``decision``, ``overlay``, ``frame`` and ``event``; writes rows in
-batches (one transaction per ~0.25 s) to the record (lineside.store) and images to the image
-store (lineside.imagestore).
+The recorder subscribes to ``decision`` and ``event`` on one socket (deep queue: rows are
+small) and to ``overlay`` and ``frame`` on another (short queue: images can be megabytes);
+writes rows in batches (one transaction per ~0.25 s) to the record (lineside.store) and
+images to the image store (lineside.imagestore).
 
 Holes: the seq of each topic counts up per runtime start (``run_id``). On start, and whenever
 a seq jumps, the recorder asks the runtime's control endpoint (``--control``) to replay the
