@@ -204,7 +204,7 @@ def test_hot_swap_under_load_loses_no_frame_and_each_decision_names_its_model(tm
 def test_sighup_reloads_live_settings_names_the_rest_and_refuses_a_broken_file(tiny_bundle, tmp_path):
     other = make_offset_bundle(tmp_path / "other", size=40, offset=5.0, model_id="tiny-five")
     sources = [{"uri": "synthetic:fps=60,size=64", "id": "cam0"}]
-    run, col, endpoint, path = start_line(tmp_path, tiny_bundle, sources)
+    run, col, endpoint, path = start_line(tmp_path, tiny_bundle, sources, topics=("decision", "event", "overlay"))
     text = path.read_text()
     client = ControlClient(endpoint)
 
@@ -221,19 +221,22 @@ def test_sighup_reloads_live_settings_names_the_rest_and_refuses_a_broken_file(t
         wait_until(lambda: len(col.decisions()) >= 10, 30, "first decisions")
         # live: the threshold and batching; not live: the publisher's sndhwm (named in the log)
         changed = text.replace("max_batch = 4", "max_batch = 6").replace("[decision]", "")
-        changed = changed.replace("[publisher]", "[decision]\nthreshold = 0.05\n[publisher]\nsndhwm = 77")
+        changed = changed.replace("[publisher]", "[decision]\nthreshold = 0.95\n[overlay]\naccepts_every = 1\n"
+                                  "[publisher]\nsndhwm = 77")
+        assert not [m for m in col.messages("overlay") if m.header["decision"] == "accept"]
         reload(changed, expect_event=True)
         event = _events(col, "reload")[-1]
         assert event["who"] == "sighup" and event["before"]["decision.threshold"] is None
-        assert event["after"]["decision.threshold"] == 0.05 and event["after"]["batching.max_batch"] == 6
+        assert event["after"]["decision.threshold"] == 0.95 and event["after"]["batching.max_batch"] == 6
         assert "publisher.sndhwm" not in event["after"]
         assert "publisher.sndhwm changed in the file but cannot change while running" in run.log()
         n = len(col.decisions())
         wait_until(lambda: len(col.decisions()) >= n + 10, 20, "decisions after the reload")
-        assert _by_seq(col)[-1]["threshold"] == 0.05
+        assert _by_seq(col)[-1]["threshold"] == 0.95
+        assert [m for m in col.messages("overlay") if m.header["decision"] == "accept"]  # overlay policy, live
         status = client.status()
         version = status["settings_version"]
-        assert status["threshold"] == 0.05
+        assert status["threshold"] == 0.95
 
         # a file that no longer validates, or whose bundle does not load: nothing changes
         reload(changed.replace("max_batch = 6", "max_batch = 0"), expect_event=False)
@@ -241,11 +244,11 @@ def test_sighup_reloads_live_settings_names_the_rest_and_refuses_a_broken_file(t
         reload(changed.replace(str(tiny_bundle), str(tmp_path / "missing")), expect_event=False)
         assert "batching.max_batch" in run.log() and "not valid TOML" in run.log()
         status = client.status()
-        assert status["settings_version"] == version and status["threshold"] == 0.05
+        assert status["settings_version"] == version and status["threshold"] == 0.95
         assert status["model_id"] == "tiny-test" and len(_events(col, "reload")) == 1
 
         # a new bundle path: a hot swap, its calibrated threshold unless the file sets one
-        reload(changed.replace(str(tiny_bundle), str(other)).replace("threshold = 0.05", ""), expect_event=True)
+        reload(changed.replace(str(tiny_bundle), str(other)).replace("threshold = 0.95", ""), expect_event=True)
         event = _events(col, "reload")[-1]
         assert event["before"]["model_id"] == "tiny-test" and event["after"]["model_id"] == "tiny-five"
         n = len(col.decisions())
@@ -461,3 +464,51 @@ def test_local_endpoints():
                                               "ipc:///run/linegate/control.sock", "inproc://x"))
     assert not any(is_local_endpoint(e) for e in ("tcp://*:5557", "tcp://0.0.0.0:5557", "tcp://10.0.0.5:5557",
                                                   "tcp://eth0:5557"))
+
+
+def test_hot_swap_between_detectors(small_runs, tmp_path):
+    """PaDiM -> FCDD -> PatchCore -> PaDiM, each trained on pillQC images, while a line runs:
+    each decision carries the model, threshold and aggregate of the bundle that judged it."""
+    from edge.bundle import load_bundle
+    from edge.control import Controller
+    from edge.decision import DecisionRule
+    from edge.engine import open_engine
+    from edge.pipeline import Pipeline, RunOptions
+    from edge.publisher import Publisher
+    from edge.sources import parse_source
+
+    bundles = {d: load_bundle(small_runs(d) / "bundle") for d in ("padim", "fcdd", "patchcore")}
+    assert len({b.model_id for b in bundles.values()}) == 3
+    first = bundles["padim"]
+    sources = [parse_source(f"synthetic:count=160,fps=40,size=96,seed={i}", f"cam{i}") for i in range(2)]
+    publisher = Publisher(free_tcp_endpoint())
+    pipeline = Pipeline(first, open_engine(first), DecisionRule.from_bundle(first), sources, publisher,
+                        RunOptions(max_batch=4, wait_subscribers=2, wait_timeout_s=20))
+    controller = Controller(pipeline)
+    pipeline.monitor = controller
+    collector = Collector(publisher.endpoint, ("decision", "event"))
+    collector.start()
+    order = ["fcdd", "patchcore", "padim"]
+
+    def swaps() -> None:
+        for i, detector in enumerate(order):
+            while sum(pipeline.decisions_by_result.values()) < 60 * (i + 1):
+                time.sleep(0.01)
+            controller.load(str(bundles[detector].path), "test")
+
+    import threading
+    threading.Thread(target=swaps, daemon=True).start()
+    summary = pipeline.run()
+    try:
+        collector.wait_for(lambda: len(collector.decisions()) == summary.frames, 10, "every decision")
+    finally:
+        collector.stop()
+    decisions = sorted(collector.decisions(), key=lambda d: d["seq"])
+    assert summary.frames == 320 and [d["seq"] for d in decisions] == list(range(320))
+    assert not [d for d in decisions if d["decision"] == "error"]
+    by_id = {b.model_id: b for b in bundles.values()}
+    for d in decisions:
+        bundle = by_id[d["model_id"]]
+        assert d["threshold"] == bundle.decision["threshold"] and d["aggregate"] == bundle.decision["aggregate"]
+    runs = [d["model_id"] for i, d in enumerate(decisions) if i == 0 or d["model_id"] != decisions[i - 1]["model_id"]]
+    assert runs == [bundles[d].model_id for d in ["padim", *order]]
