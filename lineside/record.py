@@ -1,8 +1,9 @@
 """``linegate record``: every decision and event on record, reject images archived, no silent hole.
 
-The recorder subscribes to ``decision``, ``overlay``, ``frame`` and ``event``; writes rows in
-batches (one transaction per ~0.25 s) to the record (lineside.store) and images to the image
-store (lineside.imagestore).
+The recorder subscribes to ``decision`` and ``event`` on one socket (deep queue: rows are
+small) and to ``overlay`` and ``frame`` on another (short queue: images can be megabytes);
+writes rows in batches (one transaction per ~0.25 s) to the record (lineside.store) and
+images to the image store (lineside.imagestore).
 
 Holes: the seq of each topic counts up per runtime start (``run_id``). On start, and whenever
 a seq jumps, the recorder asks the runtime's control endpoint (``--control``) to replay the
@@ -444,9 +445,13 @@ def main(args: argparse.Namespace) -> int:
         line = args.line or args.endpoint
         images = None
         if images_dir is not None:
-            images = ImageStore(images_dir, line, max_bytes=int(args.max_gb * 1e9) if args.max_gb else None,
-                                keep_days=args.keep_days, min_free_bytes=int(args.min_free_mb * 2**20),
-                                retry_s=args.full_retry_s)
+            try:
+                images = ImageStore(images_dir, line, max_bytes=int(args.max_gb * 1e9) if args.max_gb else None,
+                                    keep_days=args.keep_days, min_free_bytes=int(args.min_free_mb * 2**20),
+                                    retry_s=args.full_retry_s)
+            except OSError as exc:
+                raise ValueError(f"image store {images_dir}: {exc.strerror or exc}; give --images a folder this "
+                                 "user may write") from None
         elif args.max_gb or args.keep_days:
             raise ValueError("--max-gb and --keep-days apply to the image store: give --images DIR")
         recorder = Recorder(store, args.endpoint, line=line, images=images, control=args.control,

@@ -422,15 +422,15 @@ def open_store(target: str, create: bool = False) -> Store:
         path = Path(target)
         if not create and not path.is_file():
             raise StoreError(f"{target}: no such record; `linegate record ENDPOINT --db {target}` creates it")
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: no implicit transactions; _transaction() says BEGIN/COMMIT itself.
             conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")  # readers (history, view) never block the recorder
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a crash of the process
             conn.execute("PRAGMA busy_timeout=30000")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{target}: cannot open as SQLite ({exc}); give a writable file path "
                              "or a postgresql:// URL") from None
         store = Store(target, conn, pg=False)

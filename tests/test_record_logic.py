@@ -120,3 +120,15 @@ def test_history_lists_gaps_and_events_and_parses_times(recorder, tmp_path):
     out = subprocess.run(linegate_cmd("history", str(tmp_path / "none.db")), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "no such record" in out.stderr
+
+
+def test_record_refuses_a_record_or_image_store_it_cannot_make_with_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for flags, said in ((["--db", str(blocker / "record.db")], "cannot open as SQLite"),
+                        (["--db", str(tmp_path / "r.db"), "--images", str(blocker / "images")],
+                         "give --images a folder this user may write"),
+                        (["--db", str(tmp_path / "r.db"), "--min-free-mb", "-1"], "must be 0 or more")):
+        out = subprocess.run(linegate_cmd("record", "tcp://127.0.0.1:1", *flags), capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and said in out.stderr, (flags, out.stderr)
