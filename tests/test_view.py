@@ -422,7 +422,6 @@ def test_control_is_refused_without_the_operator_role(tmp_path, bundle, auth_fil
 def test_operator_applies_a_threshold_and_pauses_the_line(tmp_path, bundle, auth_file, browser, shots):
     """Apply on the threshold page changes the runtime's threshold (seen in the next decisions'
     headers and as an event naming the operator); Pause shows the paused banner, Resume ends it."""
-    pytest.importorskip("edge.control_api", reason="the control endpoint (ops, issue 21) is not in this tree")
     endpoint, control = free_tcp_endpoint(), free_tcp_endpoint()
     db = tmp_path / "record.db"
     run = runtime(tmp_path / "run.log", bundle, endpoint, "--control", control)
@@ -522,7 +521,6 @@ def test_view_under_curve_watches_and_steers_with_its_own_key(tmp_path, bundle, 
     """With CURVE on the bus and the control endpoint, the view subscribes and steers with its
     own key (on both allow-lists): an operator's Apply arrives as `who` = "view (for robot)".
     A view whose key is on neither list sees nothing and can change nothing."""
-    pytest.importorskip("edge.control_api", reason="the control endpoint (ops, issue 21) is not in this tree")
     from edge.auth import make_keypair
     from runtime_helpers import RunProcess, write_config
 
