@@ -355,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_arguments(p)
     p.set_defaults(func=history.main)
 
+    from lineside.view.cli import add_arguments as add_view_arguments, main as view_main
+
+    p = sub.add_parser("view", help="the operator's browser page: live decisions, rejects, threshold")
+    add_view_arguments(p)
+    p.set_defaults(func=view_main)
+
     from benchmarks.bench import add_arguments as add_bench_arguments  # light: no torch, no onnx
 
     p = sub.add_parser("bench", help="throughput (backbone alone, model, pipeline), latency and memory "
