@@ -125,6 +125,9 @@ def allowed_keys(directory: str | Path) -> list[bytes]:
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory; it must hold the allowed subscribers' "
                          "public .key files")
+    if not os.access(directory, os.R_OK | os.X_OK):  # glob() would quietly find nothing in it
+        raise ValueError(f"{directory}: not readable by user {_user()}, which runs linegate; give that user "
+                         "read access to the allow-list folder (chgrp linegate DIR; chmod 750 DIR)")
     keys = []
     for path in sorted(directory.glob("*.key")):  # what zmq.auth.load_certificates reads, each named on error
         public = _read_certificate(path)[0]

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, BundleError, ModelFile
+from .bundle import Bundle, BundleError, ModelFile, check_model_io
 from .engine_tensorrt import GpuStatus, TensorRTEngine, TensorRTUnavailable, check_facts
 from .engine_tensorrt import probe as probe_gpu
 
@@ -85,8 +85,11 @@ class OnnxRuntimeEngine:
     @classmethod
     def from_bundle(cls, bundle: Bundle, model_file: str = "model.onnx", **kwargs) -> "OnnxRuntimeEngine":
         m = bundle.manifest
-        return cls(bundle.file(model_file), m["input"]["name"], m["outputs"]["score"]["name"],
-                   m["outputs"]["map"]["name"], **kwargs)
+        engine = cls(bundle.file(model_file), m["input"]["name"], m["outputs"]["score"]["name"],
+                     m["outputs"]["map"]["name"], **kwargs)
+        io = {"inputs": engine.session.get_inputs(), "outputs": engine.session.get_outputs()}
+        check_model_io(bundle, model_file, *({a.name: a.shape for a in io[k]} for k in ("inputs", "outputs")))
+        return engine
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores, maps = self.session.run(self.outputs, {self.input_name: batch})

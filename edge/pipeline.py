@@ -378,7 +378,10 @@ class Pipeline:
         h, w = self.bundle.input_size
         zeros = np.zeros((todo[-1], 3, h, w), np.float32)
         started = time.perf_counter()
+        log.info("warming the engine up at batch sizes %s", _ranges(todo))
         for n in todo:
+            if self._stop.is_set():
+                return
             try:
                 self.engine.infer(zeros[:n])
             except Exception as exc:  # noqa: BLE001 - logged; the run goes on
@@ -387,11 +390,26 @@ class Pipeline:
             done.add(n)
         log.info("engine warmed up at batch sizes %s in %.2f s", _ranges(todo), time.perf_counter() - started)
 
+    def _warm_up_or_stop(self) -> bool:
+        """The warm-up, in a thread of its own so that a stop request is honoured at once
+        (within the stop timeout) however long one warm-up call takes; False if stopped.
+        An abandoned warm-up call finishes on its own: no frame was read, nothing is lost."""
+        warm = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+        warm.start()
+        while warm.is_alive():
+            if self._stop.wait(0.05):
+                return False
+        return not self._stop.is_set()
+
     def _run(self) -> RunSummary:
         opts = self.options
         summary = RunSummary()
-        self._warm_up()
         self._started = time.monotonic()
+        if not self._warm_up_or_stop():
+            log.info("stopping (%s) during the engine warm-up: no frame was read", self.stop_reason)
+            summary.fatal = self.fatal
+            self.publisher.close(linger_ms=0)
+            return summary
         if opts.wait_subscribers:
             seen = self.publisher.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s, self._stop)
             if seen < opts.wait_subscribers and not self.stopping:

@@ -157,10 +157,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from edge.config import check_files, load_config
+    from edge.config import load_config
+    from edge.service import preflight
 
     config = load_config(args.file)
-    checked = check_files(config)
+    checked = preflight(config).checked  # everything `run` checks before reading a frame
     print(f"{args.file}: ok")
     for line in checked.lines:
         print(f"  {line}")
