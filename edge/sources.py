@@ -95,7 +95,11 @@ class FolderSource(Source):
             raise ValueError(f"folder source {self.path}: not a directory")
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
-        files = list_images(self.path)
+        # A link to a file that is gone is an image that cannot be read (like a file deleted
+        # mid-run), not something to skip without a word: it gets its frame and error decision.
+        dangling = [p for p in self.path.iterdir() if p.is_symlink() and not p.exists()
+                    and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+        files = sorted([*list_images(self.path), *dangling])
         self.state = "running"
         if not files:
             log.warning("%s: no image files in %s (looked for %s)", self.camera_id, self.path,
