@@ -78,6 +78,7 @@ class OnnxRuntimeEngine:
             raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({exc}); "
                               "re-export the bundle with `linegate export onnx RUN`") from exc
         self.providers = self.session.get_providers()
+        self._run_options = ort.RunOptions()  # its terminate flag ends a call in progress
         self.model_path = Path(model_path)
         self.input_name = input_name
         self.outputs = [score_name, map_name]
@@ -92,8 +93,14 @@ class OnnxRuntimeEngine:
         return engine
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = self.session.run(self.outputs, {self.input_name: batch})
+        scores, maps = self.session.run(self.outputs, {self.input_name: batch}, self._run_options)
         return scores, maps
+
+    def cancel_runs(self, cancel: bool = True) -> None:
+        """From another thread: end the call in progress (ONNX Runtime stops between two
+        nodes and raises), and every later call until cancel_runs(False). A stop during a
+        long warm-up uses it, so that the process never exits under a running session."""
+        self._run_options.terminate = cancel
 
 
 ENGINE_KINDS = ("auto", "onnxruntime", "tensorrt")

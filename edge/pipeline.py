@@ -385,7 +385,8 @@ class Pipeline:
             try:
                 self.engine.infer(zeros[:n])
             except Exception as exc:  # noqa: BLE001 - logged; the run goes on
-                log.warning("engine warm-up failed at batch %d (%s); going on without it", n, exc)
+                if not self._stop.is_set():  # else: the stop ended the call
+                    log.warning("engine warm-up failed at batch %d (%s); going on without it", n, exc)
                 return
             done.add(n)
         log.info("engine warmed up at batch sizes %s in %.2f s", _ranges(todo), time.perf_counter() - started)
@@ -398,6 +399,11 @@ class Pipeline:
         warm.start()
         while warm.is_alive():
             if self._stop.wait(0.05):
+                cancel = getattr(self.engine, "cancel_runs", None)  # ONNX Runtime ends the call
+                if cancel is not None:
+                    cancel(True)
+                    warm.join(timeout=max(0.1, self.options.stop_timeout_s / 2))
+                    cancel(False)
                 return False
         return not self._stop.is_set()
 
