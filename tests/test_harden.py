@@ -322,3 +322,210 @@ def test_sigterm_while_the_engine_loads_is_honoured_before_the_start(tiny_bundle
     log = run.log()
     assert code == 0, log  # not -15: the default handler would have killed it
     assert "received SIGTERM" in log and "running:" not in log
+
+
+# -- weak cases: say what happened -------------------------------------------------------------------
+
+@pytest.mark.parametrize("run_ids", [False, True])
+def test_watch_says_publisher_restarted_and_counts_it_apart_from_gaps(tmp_path, run_ids):
+    endpoint = f"ipc://{tmp_path}/bus.sock"
+    # each runtime with a context of its own, ended like a process ends: its listener is gone
+    contexts = [zmq.Context(), zmq.Context()]
+    first = Publisher(endpoint, context=contexts[0])
+    watch = subprocess.Popen(linegate_cmd("watch", endpoint, "--count", "10", "--timeout", "60"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for run_id, pub, context in (("a" * 32, first, contexts[0]), ("b" * 32, None, contexts[1])):
+            pub = pub or Publisher(endpoint, context=context)  # the runtime again, same endpoint: seq from 0
+            assert pub.wait_for_subscribers(2, 30) >= 2  # watch: decision + stats
+            extra = {"run_id": run_id} if run_ids else {}
+            for i in range(5):
+                assert pub.publish("decision", {"camera_id": "cam0", "frame_id": i, "decision": "accept", **extra})
+            pub.close()
+            context.term()  # waits for the linger: the 5 decisions are out
+        out, err = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        first.close()
+        for context in contexts:
+            context.term()
+    assert watch.returncode == 0, err
+    assert len(out.splitlines()) == 10
+    assert err.count("linegate watch: publisher restarted") == 1, err
+    if run_ids:
+        assert f"new run_id {'b' * 32}" in err
+    assert "the publisher restarted 1 time(s) (counted apart from missed messages)" in err
+    assert "missed" not in err.replace("apart from missed messages", "")  # a restart is not a loss
+
+
+def _make_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    from edge.auth import make_keypair
+
+    return make_keypair(directory, name)
+
+
+@pytest.mark.timeout(180)
+def test_refused_curve_subscribers_are_logged_on_the_runtime_and_watch_says_why_it_hears_nothing(
+        tiny_bundle, tmp_path):
+    from edge.auth import load_public_key
+
+    keys = tmp_path / "keys"
+    server_public, server_secret = _make_keys(keys, "server")
+    hmi_public, _ = _make_keys(keys, "hmi")
+    _, stranger_secret = _make_keys(tmp_path / "elsewhere", "stranger")
+    other_public, _ = _make_keys(tmp_path / "elsewhere", "notserver")
+    allowed = keys / "allowed"
+    allowed.mkdir()
+    shutil.copy(hmi_public, allowed)
+    endpoint = free_tcp_endpoint()
+    config = write_config(tmp_path / "c.toml", {
+        "engine": {"bundle": str(tiny_bundle)},
+        "publisher": {"endpoint": endpoint,
+                      "curve": {"secret_key": str(server_secret), "allowed_keys": str(allowed)}},
+        "source": [{"uri": "synthetic:fps=20,size=64"}]})
+    run = RunProcess(config, tmp_path / "run.log")
+    try:
+        _wait_log(run, "running:")
+        attempts = {
+            "stranger": ("--server-key", str(server_public), "--client-key", str(stranger_secret)),
+            "wrong server key": ("--server-key", str(other_public), "--client-key", str(stranger_secret)),
+            "plain": (),
+        }
+        outs = {name: _linegate("watch", endpoint, "--count", "1", "--timeout", "3", *args, timeout=60)
+                for name, args in attempts.items()}
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 0, run.log()
+    finally:
+        run.kill()
+    for name, out in outs.items():
+        assert out.returncode == 1 and out.stdout == "", (name, out.stderr)
+        assert f"no message in 3 s from {endpoint}: wrong key or wrong endpoint?" in out.stderr, (name, out.stderr)
+    log = run.log()
+    stranger_key = load_public_key(stranger_secret).decode()
+    refused = [line for line in log.splitlines() if stranger_key in line]
+    # the client retried for 3 s; the log says it once (rate-limited), with the key and the folder
+    assert len(refused) == 1, log
+    assert f"refused a subscriber whose public key {stranger_key} is not in the allow-list {allowed}" in refused[0]
+    assert log.count("a subscriber without CURVE (plain) tried to connect") == 1, log
+    assert log.count("wrong server public key for this publisher") == 1, log
+
+
+@pytest.mark.parametrize("change, key, words", [
+    ({"decision": {"aggregate": "max"}}, "decision.aggregate", "give a threshold too"),
+    ({"publisher": {"endpoint": "tcp://127.0.0.1"}}, "publisher.endpoint", "has no port"),
+    ({"publisher": {"endpoint": "tcp://127.0.0.1:99999"}}, "publisher.endpoint",
+     "port '99999' is not a port number (1-65535"),
+    ({"publisher": {"endpoint": "tcp://127.0.0.1:0"}}, "publisher.endpoint", "port '0' is not a port number"),
+    ({"publisher": {"endpoint": "ipc:///nonexistent-linegate/bus.sock"}}, "publisher.endpoint",
+     "folder /nonexistent-linegate does not exist"),
+    ({"publisher": {"endpoint": "udp://127.0.0.1:5556"}}, "publisher.endpoint", "binds tcp:// or ipc://"),
+    ({"publisher": {"endpoint": "tcp://192.0.2.1:5556"}}, "publisher.endpoint",  # TEST-NET-1: nobody's
+     "192.0.2.1 is not an address of this box"),
+    ({"engine": {"kind": "tensorrt"}}, "engine.kind", "the bundle has no TensorRT engine"),
+    ({"engine": {"precision": "fp16"}}, "engine.precision", "the bundle has no fp16 ONNX model"),
+    ({"engine": {"threads": 100000}}, "engine.threads", "the cores this process may use on this box"),
+])
+def test_check_config_refuses_what_run_refuses_before_reading_a_frame(tiny_bundle, tmp_path, change, key, words):
+    write_grey_images(tmp_path / "parts", [30])
+    config = {"engine": {"bundle": str(tiny_bundle)}, "publisher": {"endpoint": free_tcp_endpoint()},
+              "source": [{"uri": f"folder:{tmp_path / 'parts'}"}]}
+    for section, values in change.items():
+        config.setdefault(section, {}).update(values)
+    path = write_config(tmp_path / "c.toml", config)
+    for args in (("check-config", str(path)), ("run", "--config", str(path))):
+        out = _linegate(*args, timeout=60)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert f"key '{key}'" in out.stderr and words in out.stderr, (args, out.stderr)
+        assert "running:" not in out.stderr
+
+
+def test_an_unreadable_allow_list_folder_is_named_with_the_user(shared_dir):
+    user = _other_user()
+    server_public, server_secret = _make_keys(shared_dir / "keys", "server")
+    hmi_public, _ = _make_keys(shared_dir / "keys", "hmi")
+    allowed = shared_dir / "allowed"
+    allowed.mkdir()
+    shutil.copy(hmi_public, allowed)
+    bundle = make_tiny_bundle(shared_dir / "bundle")
+    write_grey_images(shared_dir / "parts", [30])
+    for path in [shared_dir / "keys", shared_dir / "parts", *(shared_dir / "parts").iterdir(), bundle,
+                 *bundle.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if user is not None:  # the service user owns its secret key
+        os.chown(server_secret, pwd_uid(user), -1)
+    allowed.chmod(0o700)  # but not the allow-list folder
+    config = write_config(shared_dir / "c.toml", {
+        "engine": {"bundle": str(bundle)},
+        "publisher": {"endpoint": "tcp://127.0.0.1:*",
+                      "curve": {"secret_key": str(server_secret), "allowed_keys": str(allowed)}},
+        "source": [{"uri": f"folder:{shared_dir / 'parts'}"}]})
+    config.chmod(0o644)
+    whom = user or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    out = _linegate("check-config", str(config), user=user, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"{allowed}: not readable by user {whom}" in out.stderr and "no *.key files" not in out.stderr
+
+
+def pwd_uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
+
+
+def test_a_dangling_symlink_in_a_folder_source_gets_an_error_decision(tiny_bundle, tmp_path):
+    write_grey_images(tmp_path / "parts", [30, 40])  # part000.png, part001.png
+    (tmp_path / "parts" / "part000b.png").symlink_to(tmp_path / "gone.png")  # between the two
+    endpoint = free_tcp_endpoint()
+    config = write_config(tmp_path / "c.toml", {
+        "engine": {"bundle": str(tiny_bundle)}, "publisher": {"endpoint": endpoint, "wait_subscribers": 1},
+        "source": [{"uri": f"folder:{tmp_path / 'parts'}"}]})
+    sub = Collector(endpoint, topics=("decision",))
+    sub.start()
+    run = RunProcess(config, tmp_path / "run.log")
+    try:
+        assert run.wait(timeout=60) == 0, run.log()
+        sub.wait_for(lambda: len(sub.decisions()) == 3, 10, "3 decisions")
+    finally:
+        run.kill()
+        sub.stop()
+    decisions = sub.decisions()
+    assert [d["source"] for d in decisions] == ["part000.png", "part000b.png", "part001.png"]
+    assert [d["decision"] for d in decisions] == ["accept", "error", "accept"]
+    assert "part000b.png" in decisions[1]["error"] and "No such file" in decisions[1]["error"]
+    assert "done: 3 frames, 0 rejects, 1 errors" in run.log()
+
+
+@pytest.mark.timeout(180)
+def test_nodrop_counts_and_reports_what_a_stalled_subscriber_cost_everyone(tiny_bundle, tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "parts").mkdir()
+    for i in range(200):  # noise: overlays that do not compress, so a stalled queue fills fast
+        cv2.imwrite(str(tmp_path / "parts" / f"p{i:03d}.png"), rng.integers(0, 100, (120, 160, 3), np.uint8))
+    endpoint = f"ipc://{tmp_path}/bus.sock"
+    config = write_config(tmp_path / "c.toml", {
+        "engine": {"bundle": str(tiny_bundle)},
+        "overlay": {"accepts_every": 1},
+        "publisher": {"endpoint": endpoint, "nodrop": True, "sndhwm": 10, "wait_subscribers": 3},
+        "source": [{"uri": f"folder:{tmp_path / 'parts'}"}]})
+    stalled = Subscriber(endpoint, topics=("",), rcvhwm=1)  # subscribes to everything, never reads
+    healthy = Collector(endpoint, topics=("decision", "stats"))
+    healthy.start()
+    run = RunProcess(config, tmp_path / "run.log")
+    try:
+        assert run.wait(timeout=120) == 0, run.log()
+        time.sleep(1.0)  # what the healthy one still has on its way
+    finally:
+        run.kill()
+        healthy.stop()
+        stalled.close()
+    log = run.log()
+    found = re.search(r"the publisher refused (\d+) message\(s\) \(([^)]*)\): a subscriber's queue was full "
+                      r"\(nodrop\), so no subscriber got them", log)
+    assert found, log
+    refused = dict((topic, int(n)) for n, topic in (part.split() for part in found.group(2).split(", ")))
+    assert refused.get("decision", 0) > 0
+    # what the healthy subscriber lost (a stalled queue blocks every later message: no later
+    # seq shows it as a gap) is exactly what the summary reports
+    assert len(healthy.decisions()) + refused["decision"] == 200
