@@ -394,7 +394,8 @@ class Pipeline:
     def _warm_up_or_stop(self) -> bool:
         """The warm-up, in a thread of its own so that a stop request is honoured at once
         (within the stop timeout) however long one warm-up call takes; False if stopped.
-        An abandoned warm-up call finishes on its own: no frame was read, nothing is lost."""
+        ONNX Runtime's call in progress is ended (cancel_runs: a process must not exit under a
+        running session); no frame was read, so nothing is lost."""
         warm = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
         warm.start()
         while warm.is_alive():
@@ -410,12 +411,11 @@ class Pipeline:
     def _run(self) -> RunSummary:
         opts = self.options
         summary = RunSummary()
-        self._started = time.monotonic()
         if not self._warm_up_or_stop():
             log.info("stopping (%s) during the engine warm-up: no frame was read", self.stop_reason)
-            summary.fatal = self.fatal
             self.publisher.close(linger_ms=0)
             return summary
+        self._started = time.monotonic()
         if opts.wait_subscribers:
             seen = self.publisher.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s, self._stop)
             if seen < opts.wait_subscribers and not self.stopping:
