@@ -75,6 +75,8 @@ def check_endpoint(endpoint: str) -> None:
         if not folder.is_dir():
             raise ValueError(f"{endpoint!r}: folder {folder} does not exist; create it (systemd: "
                              "RuntimeDirectory=linegate gives /run/linegate) or pick another path")
+        if os.path.lexists(rest) and not stat.S_ISSOCK(os.lstat(rest).st_mode):
+            raise ValueError(f"{endpoint!r}: {rest} exists and is not a socket; remove it or pick another path")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"{endpoint!r}: user {_user()} cannot create the socket in {folder}; give "
                              "that user write access to it or pick another path")
@@ -126,9 +128,8 @@ def claim_ipc_path(endpoint: str) -> None:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(mode):
-        raise ValueError(f"cannot publish on {endpoint!r}: {path} exists and is not a socket; "
-                         "remove it or pick another path")
+    if not stat.S_ISSOCK(mode):  # check_endpoint refused it already
+        raise ValueError(f"{endpoint!r}: {path} exists and is not a socket; remove it or pick another path")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:

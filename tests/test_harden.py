@@ -93,6 +93,9 @@ def test_a_second_instance_refuses_a_live_ipc_endpoint_and_replaces_only_a_stale
     other = _linegate("run", "--bundle", str(tiny_bundle), "--source", f"folder:{tmp_path / 'parts'}",
                       "--publish", endpoint)
     assert other.returncode == 2 and f"{sock_path} exists and is not a socket" in other.stderr
+    config.write_text(config.read_text().replace("synthetic:fps=20,size=64", f"folder:{tmp_path / 'parts'}"))
+    checked = _linegate("check-config", str(config))
+    assert checked.returncode == 2 and f"{sock_path} exists and is not a socket" in checked.stderr
     assert sock_path.read_text() == "not a socket"
 
 
@@ -388,6 +391,7 @@ def test_refused_curve_subscribers_are_logged_on_the_runtime_and_watch_says_why_
         _wait_log(run, "running:")
         attempts = {
             "stranger": ("--server-key", str(server_public), "--client-key", str(stranger_secret)),
+            "stranger again": ("--server-key", str(server_public), "--client-key", str(stranger_secret)),
             "wrong server key": ("--server-key", str(other_public), "--client-key", str(stranger_secret)),
             "plain": (),
         }
@@ -403,7 +407,7 @@ def test_refused_curve_subscribers_are_logged_on_the_runtime_and_watch_says_why_
     log = run.log()
     stranger_key = load_public_key(stranger_secret).decode()
     refused = [line for line in log.splitlines() if stranger_key in line]
-    # the client retried for 3 s; the log says it once (rate-limited), with the key and the folder
+    # it tried twice; the log says it once (rate-limited per key), with the key and the folder
     assert len(refused) == 1, log
     assert f"refused a subscriber whose public key {stranger_key} is not in the allow-list {allowed}" in refused[0]
     assert log.count("a subscriber without CURVE (plain) tried to connect") == 1, log
