@@ -280,12 +280,22 @@ def _user() -> str:
 
 
 def _unreadable(path: Path) -> BundleError:
-    return BundleError(f"{path}: not readable by user {_user()}, which runs linegate; give that user read "
+    # a folder above it that this user may not enter is the one to fix: name it
+    closed = next((p for p in reversed(Path(os.path.abspath(path)).parents) if not os.access(p, os.X_OK)), None)
+    where = f" ({closed} does not let that user in)" if closed is not None else ""
+    return BundleError(f"{path}: not readable by user {_user()}, which runs linegate{where}; give that user read "
                        "access to the bundle (e.g. chgrp -R linegate BUNDLE && chmod -R g+rX BUNDLE)")
 
 
 def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
-    path = Path(path)
+    """The bundle at ``path``, validated (manifest, files, checksums); BundleError otherwise."""
+    try:
+        return _load_bundle(Path(path), verify_checksums)
+    except PermissionError as exc:  # whatever stat or open was refused: a setting to fix
+        raise _unreadable(Path(exc.filename or path)) from None
+
+
+def _load_bundle(path: Path, verify_checksums: bool) -> Bundle:
     manifest_path = path / MANIFEST
     # An unreadable bundle is a setting to fix (exit 2), not a crash: check access first
     # (is_file() alone says "no manifest" for a folder this user may not enter).

@@ -145,10 +145,11 @@ def _other_user() -> str | None:
     return "nobody"
 
 
-@pytest.mark.parametrize("locked", ["model.onnx", "."])
+@pytest.mark.parametrize("locked", ["model.onnx", ".", ".."])
 def test_an_unreadable_bundle_is_a_configuration_error_naming_the_file_and_the_user(shared_dir, locked):
     user = _other_user()
-    bundle = make_tiny_bundle(shared_dir / "bundle")
+    (shared_dir / "private").mkdir(mode=0o755)
+    bundle = make_tiny_bundle(shared_dir / "private" / "bundle")
     write_grey_images(shared_dir / "parts", [30])
     for path in [shared_dir / "parts", *(shared_dir / "parts").iterdir(), bundle, *bundle.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -156,9 +157,9 @@ def test_an_unreadable_bundle_is_a_configuration_error_naming_the_file_and_the_u
         "engine": {"bundle": str(bundle)}, "publisher": {"endpoint": "tcp://127.0.0.1:*"},
         "source": [{"uri": f"folder:{shared_dir / 'parts'}"}]})
     config.chmod(0o644)
-    target = bundle / locked
+    target = (bundle / locked).resolve()
     target.chmod(0o700 if target.is_dir() else 0o600)  # the owner's alone; the service user is another
-    expected = str(target.resolve() if locked != "." else bundle)
+    expected = str(target if locked != ".." else bundle)  # a folder above: the bundle, and who shuts it
     whom = user or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
     for args in (("check-config", str(config)), ("run", "--config", str(config))):
         out = _linegate(*args, user=user, timeout=60)
@@ -167,6 +168,8 @@ def test_an_unreadable_bundle_is_a_configuration_error_naming_the_file_and_the_u
         lines = out.stderr.strip().splitlines()
         assert f"{expected}: not readable by user {whom}" in lines[-1], out.stderr
         assert "key 'engine.bundle'" in lines[-1]
+        if locked == "..":
+            assert f"({target} does not let that user in)" in lines[-1]
 
 
 # -- 4. a manifest that disagrees with its model --------------------------------------------------
