@@ -29,7 +29,7 @@ def _score(run, rgb: np.ndarray) -> float:
         return float(model(torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float()[None])[0][0])
 
 
-@pytest.mark.parametrize("spec, mirrors, quality", [("jpeg", (), 90), ("jpeg:75", (), 75),
+@pytest.mark.parametrize("spec, mirrors, quality", [("jpeg", (), 75), ("jpeg:80", (), 80),
                                                     ("hflip, JPEG:95", ("hflip",), 95), ("hflip", ("hflip",), None)])
 def test_jpeg_augment_names(spec, mirrors, quality):
     assert parse_augment(spec) == mirrors and jpeg_quality(spec) == quality

@@ -10,12 +10,14 @@ normal: leave them off where a part fitted the wrong way round is a defect.
 FCDD does not take it: it already trains with random flips and 90-degree turns (the seed's
 augmentation, training/fcdd_train.py).
 
-`jpeg[:Q]` adds a JPEG-compressed copy (quality Q, default 90) of each normal training
-image, compressed at the file's own resolution before the resize, as a camera that sends
-MJPEG (or a JPEG-saving frame grabber) delivers it. A model fitted on lossless images only
-takes JPEG's 8x8 block artefacts for an anomaly: the demo's PaDiM scored a normal part 9.1
-as PNG and 22.4 as JPEG q95, over its threshold of 21.3. With mirrors, the copies are
-mirrored too.
+`jpeg[:Q]` adds one JPEG-compressed copy of each normal training image, compressed at the
+file's own resolution before the resize, as a camera that sends MJPEG (or a JPEG-saving
+frame grabber) delivers it. The copies' qualities are spread evenly from Q (default 75) to
+95 over the images, since a line's compression is rarely known exactly and a model fitted
+at one quality still rejects a stronger one (the demo fitted at q90 alone: 14% of good parts
+rejected at q85, 99% at q75). A model fitted on lossless images only takes JPEG's 8x8 block
+artefacts for an anomaly: the demo's PaDiM rejected 99% of its good parts at JPEG q95
+(benchmarks/results/jpeg_robustness/). With mirrors, the copies are mirrored too.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 
 MIRRORS = {"hflip": (3,), "vflip": (2,)}  # the image axes of an (N, 3, H, W) tensor they flip
-JPEG_DEFAULT_QUALITY = 90
+JPEG_DEFAULT_QUALITY = 75
+JPEG_TOP_QUALITY = 95  # copies span Q..95: above 95 JPEG is close to lossless
 _HELP = "give hflip, vflip or hflip,vflip (each once), and/or jpeg[:QUALITY 1-100], or none"
 
 
@@ -50,7 +53,7 @@ def parse_augment(spec: str | None) -> tuple[str, ...]:
 
 
 def jpeg_quality(spec: str | None) -> int | None:
-    """The quality of the ``jpeg[:Q]`` item of an --augment spec, or None without one."""
+    """The lowest quality of the ``jpeg[:Q]`` item of an --augment spec, or None without one."""
     for name in _names(spec):
         if name.startswith("jpeg"):
             _, colon, text = name.partition(":")
@@ -58,7 +61,7 @@ def jpeg_quality(spec: str | None) -> int | None:
                 raise ValueError(f"--augment {spec!r}: {_HELP}")
             quality = int(text) if text.isdigit() else -1 if colon else JPEG_DEFAULT_QUALITY
             if not 1 <= quality <= 100:
-                raise ValueError(f"--augment {spec!r}: the JPEG quality must be an integer in 1-100 (e.g. jpeg:90)")
+                raise ValueError(f"--augment {spec!r}: the JPEG quality must be an integer in 1-100 (e.g. jpeg:75)")
             return quality
     return None
 
@@ -71,13 +74,24 @@ def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def jpeg_copies(paths: list[str], size: tuple[int, int], interpolation: str, quality: int) -> torch.Tensor:
-    """(N, 3, H, W) float tensors of the images at ``paths`` after a JPEG round trip, then the
-    runtime's preprocessing (training/data.py reads the originals the same way)."""
+def copy_qualities(n: int, lowest: int) -> list[int]:
+    """The JPEG quality of each of ``n`` copies: evenly from ``lowest`` to 95, interleaved so
+    that neighbouring images (often alike) get far-apart qualities."""
+    top = max(lowest, JPEG_TOP_QUALITY)
+    spread = np.linspace(lowest, top, n).round().astype(int) if n > 1 else np.array([lowest] * n)
+    order = np.argsort([(i * 0.6180339887) % 1.0 for i in range(n)], kind="stable")  # golden-ratio shuffle
+    return [int(q) for q in spread[order]]
+
+
+def jpeg_copies(paths: list[str], size: tuple[int, int], interpolation: str, lowest: int) -> torch.Tensor:
+    """(N, 3, H, W) float tensors of the images at ``paths`` after a JPEG round trip (quality
+    from ``lowest`` to 95, see copy_qualities), then the runtime's preprocessing
+    (training/data.py reads the originals the same way)."""
     from edge.images import preprocess, read_image
 
-    return torch.from_numpy(np.stack([preprocess(jpeg_round_trip(read_image(Path(p)), quality), size, interpolation)
-                                      for p in paths]))
+    qualities = copy_qualities(len(paths), lowest)
+    return torch.from_numpy(np.stack([preprocess(jpeg_round_trip(read_image(Path(p)), q), size, interpolation)
+                                      for p, q in zip(paths, qualities)]))
 
 
 def with_mirrors(images: torch.Tensor, mirrors: tuple[str, ...]) -> torch.Tensor:

@@ -277,7 +277,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     normal = with_mirrors(normal, mirrors)
     if mirrors or jpeg:
         log.info("training on %d normal images: %d and their %s", len(normal), len(train_set.paths),
-                 " and ".join([f"JPEG q{jpeg} copies"] * bool(jpeg) + [f"mirrors ({', '.join(mirrors)})"] * bool(mirrors)))
+                 " and ".join([f"JPEG copies (quality {jpeg}-95)"] * bool(jpeg) + [f"mirrors ({', '.join(mirrors)})"] * bool(mirrors)))
     backbone = load_backbone(weights, image_size)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, normal,
