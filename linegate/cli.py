@@ -21,14 +21,16 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _split_counts(text: str):
-    from training.data import SplitCounts
+    from training.data import SplitCounts, SplitFractions
 
+    if text == "auto":
+        return SplitFractions()
     try:
         values = [int(v) for v in text.split(",")]
         if len(values) != 4 or min(values) < 0:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError("--split takes four counts: TRAIN_NORMAL,CALIB_NORMAL,"
+        raise argparse.ArgumentTypeError("--split takes auto or four counts: TRAIN_NORMAL,CALIB_NORMAL,"
                                          "CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (seed: 70,30,15,2)") from None
     return SplitCounts(*values)
 
@@ -53,6 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_metrics(metrics: dict) -> None:
     test, cal = metrics["test"], metrics["calibration"]
+    if "detector_choice" in metrics:
+        print(metrics["detector_choice"]["reason"])
     print(f"calibration: score {cal['aggregate']} (asked: {cal['aggregate_requested']}), threshold "
           f"{cal['threshold']:.4g} ({cal['method']}), AUROC {cal['auroc']:.4f}")
     print(f"test: AUROC {test['auroc']:.4f}  accuracy {test['accuracy']:.4f}  precision "
@@ -214,17 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fit, calibrate and evaluate a detector; export the bundle")
     p.add_argument("data", help="one folder per class, or the MVTec AD layout")
     p.add_argument("--normal-class", default="normal")
-    p.add_argument("--model", default="padim", choices=["padim", "fcdd", "patchcore"])
+    p.add_argument("--model", default="auto", choices=["auto", "padim", "fcdd", "patchcore"],
+                   help="auto (default): fit PaDiM and PatchCore, keep the better on the calibration set "
+                        "(RUN/candidates/ holds both); or force one")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="imagenet",
                    help="backbone weights: imagenet (packaged), random, or a .pth file")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--split", type=_split_counts, default=None,
-                   help="TRAIN_NORMAL,CALIB_NORMAL,CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (default 70,30,15,2)")
-    p.add_argument("--aggregate", default="mean",
-                   help="image score from the anomaly map: mean (seed default), max, topk:P (mean of the "
-                        "top P%% patches) or auto (best AUROC on the calibration set)")
+                   help="auto (default: 60%% of the good images fit, 20%% calibrate, 20%% test; defects half "
+                        "calibrate, half test, 2 per class for outlier exposure) or four counts "
+                        "TRAIN_NORMAL,CALIB_NORMAL,CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (the seed protocol: "
+                        "70,30,15,2)")
+    p.add_argument("--aggregate", default="auto",
+                   help="image score from the anomaly map: auto (default: the best calibration AUROC, near "
+                        "ties to the widest separation), mean (the seeds'), max, topk:P (mean of the top P%% "
+                        "cells), each optionally after a Gaussian blur of the map: max+blur:1")
     p.add_argument("--threshold", default="binormal",
                    help="binormal (default: the cutoff with the best TPR - FPR between normal distributions "
                         "fitted to each class's Box-Cox transformed calibration scores; youden's point when "
