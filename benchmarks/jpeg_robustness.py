@@ -3,7 +3,7 @@ stream: `linegate demo`'s training set and split, and the parts its live run str
 synthetic source, seed + 1000), scored by the exported bundle through ONNX Runtime as each
 part arrives lossless and after a JPEG round trip at several qualities.
 
-    python -m benchmarks.jpeg_robustness --out benchmarks/results/jpeg_robustness [--augment none jpeg:90]
+    python -m benchmarks.jpeg_robustness --out benchmarks/results/jpeg_robustness [--augment none jpeg]
 
 Per model (--augment) and stream (png | jpeg:Q): normal parts' median score, their false
 reject rate at the bundle's threshold, the defects caught, and AUROC (scikit-learn).
@@ -52,13 +52,14 @@ def score(bundle_dir: Path, parts: list[tuple[np.ndarray, str]], quality: int | 
     reject = values >= rule.threshold
     return {"threshold": rule.threshold, "normal_median": float(np.median(values[normal])),
             "false_reject_rate": float(reject[normal].mean()), "defects_caught": float(reject[~normal].mean()),
-            "auroc": float(roc_auc_score(~normal, values)), "normal": int(normal.sum()), "defects": int((~normal).sum())}
+            "auroc": float(roc_auc_score(~normal, values)), "normal": int(normal.sum()),
+            "defects": int((~normal).sum())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/jpeg_robustness")
-    parser.add_argument("--augment", nargs="+", default=["none", "jpeg:90"])
+    parser.add_argument("--augment", nargs="+", default=["none", "jpeg"])
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=None,
                    help="PaDiM and PatchCore: add mirrored copies of the normal training images: hflip, "
                         "vflip or hflip,vflip. Only where a mirrored part looks normal (e.g. lit from above: "
-                        "hflip); a part fitted the wrong way round would then pass. jpeg[:Q] (Q: lowest quality) adds "
-                        "JPEG-compressed copies at qualities Q..95 (default Q 75): for a camera that sends MJPEG. Combine: hflip,jpeg:80. Default: none")
+                        "hflip); a part fitted the wrong way round would then pass. jpeg[:Q] adds JPEG-compressed "
+                        "copies at qualities Q..95 (default Q 75): for a camera that sends MJPEG. Combine: "
+                        "hflip,jpeg:80. Default: none")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/bundle")
     p.set_defaults(func=cmd_train)
 

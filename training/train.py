@@ -254,9 +254,9 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           neighbourhood: int | None = None) -> dict:
     """Train, calibrate and evaluate a detector; returns metrics (also in out/metrics.json).
     `model="auto"` fits PaDiM and PatchCore and keeps the better on the calibration set
-    (training/select.py). `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of
-    the normal training images (training/augment.py); calibration and test images are never
-    mirrored."""
+    (training/select.py). `augment` ("hflip", "vflip", "hflip,vflip", and/or "jpeg[:Q]") adds
+    mirrored and/or JPEG-compressed copies of the normal training images (training/augment.py);
+    calibration and test images are never augmented."""
     if model == AUTO:
         _check_choices(aggregate, threshold)
         given = {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims, "neighbourhood": neighbourhood}
@@ -294,8 +294,9 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
         normal = torch.cat([normal, jpeg_copies(train_set.paths, size, DEFAULT_INTERPOLATION, jpeg)])
     normal = with_mirrors(normal, mirrors)
     if mirrors or jpeg:
+        extras = [f"JPEG copies (quality {jpeg}-95)"] * bool(jpeg) + [f"mirrors ({', '.join(mirrors)})"] * bool(mirrors)
         log.info("training on %d normal images: %d and their %s", len(normal), len(train_set.paths),
-                 " and ".join([f"JPEG copies (quality {jpeg}-95)"] * bool(jpeg) + [f"mirrors ({', '.join(mirrors)})"] * bool(mirrors)))
+                 " and ".join(extras))
     backbone = load_backbone(weights, image_size)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, normal,
