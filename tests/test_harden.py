@@ -398,8 +398,14 @@ def test_refused_curve_subscribers_are_logged_on_the_runtime_and_watch_says_why_
             "wrong server key": ("--server-key", str(other_public), "--client-key", str(stranger_secret)),
             "plain": (),
         }
-        outs = {name: _linegate("watch", endpoint, "--count", "1", "--timeout", "3", *args, timeout=60)
-                for name, args in attempts.items()}
+        stranger_key = load_public_key(stranger_secret).decode()
+        said = {"stranger": stranger_key, "stranger again": stranger_key,
+                "wrong server key": "wrong server public key for this publisher",
+                "plain": "a subscriber without CURVE (plain) tried to connect"}
+        outs = {}
+        for name, args in attempts.items():
+            outs[name] = _linegate("watch", endpoint, "--count", "1", "--timeout", "3", *args, timeout=60)
+            _wait_log(run, said[name], timeout=30)  # the runtime's log says who it refused
         run.proc.send_signal(signal.SIGTERM)
         assert run.wait(timeout=30) == 0, run.log()
     finally:
@@ -408,7 +414,6 @@ def test_refused_curve_subscribers_are_logged_on_the_runtime_and_watch_says_why_
         assert out.returncode == 1 and out.stdout == "", (name, out.stderr)
         assert f"no message in 3 s from {endpoint}: wrong key or wrong endpoint?" in out.stderr, (name, out.stderr)
     log = run.log()
-    stranger_key = load_public_key(stranger_secret).decode()
     refused = [line for line in log.splitlines() if stranger_key in line]
     # it tried twice; the log says it once (rate-limited per key), with the key and the folder
     assert len(refused) == 1, log
