@@ -25,7 +25,7 @@ from edge.images import preprocess
 from edge.sources import SyntheticSource
 from edge.synthetic import NORMAL_CLASS, write_dataset
 from export.onnx_export import export_onnx
-from linegate.demo import DEMO_AGGREGATE, DEMO_SPLIT, N_NORMAL, N_PER_DEFECT
+from linegate.demo import DEMO_AGGREGATE, DEMO_SPLIT, N_NORMAL, N_PER_DEFECT  # the demo's training
 from training.augment import jpeg_round_trip
 from training.train import train
 
