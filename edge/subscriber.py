@@ -173,8 +173,8 @@ def json_line(header: dict[str, Any]) -> str:
 
 def _report_gaps(sub: Subscriber, reported: dict[str, int], msg: Message) -> None:
     if sub.restarts > reported.get(RESTARTS, 0):
-        print(f"linegate watch: publisher restarted (seq {msg.header.get('seq')} of {msg.topic} after a higher "
-              f"one{', new run_id ' + str(sub.run_id) if sub.run_id else ''}); not a loss", file=sys.stderr, flush=True)
+        how = f"new run_id {sub.run_id}" if sub.run_id else f"{msg.topic} seq back to {msg.header.get('seq')}"
+        print(f"linegate watch: publisher restarted ({how}); not a loss", file=sys.stderr, flush=True)
         reported[RESTARTS] = sub.restarts
     for topic, missed in sub.gaps.items():
         if missed > reported.get(topic, 0):
