@@ -46,9 +46,11 @@ def test_jpeg_copies_make_a_compressed_good_part_normal(tmp_path):
     write_dataset(data, 26, 3, size=SIZE, seed=0)
     plain, robust = tmp_path / "plain", tmp_path / "robust"
     train(data, plain, model="padim", image_size=SIZE, counts=COUNTS, report=False)
-    train(data, robust, model="padim", image_size=SIZE, counts=COUNTS, augment=f"jpeg:{QUALITY}", report=False)
+    train(data, robust, model="padim", image_size=SIZE, counts=COUNTS, augment=f"jpeg:{QUALITY}", report=True)
     meta = read_json(robust / "run.json")
     assert meta["augment"] == [f"jpeg:{QUALITY}"] and meta["train_images"] == 2 * COUNTS.train_normal
+    assert (f"fitted on {2 * COUNTS.train_normal} normal images including JPEG copies (jpeg:{QUALITY}, qualities "
+            f"from {QUALITY} to 95)") in (robust / "report" / "report.html").read_text()
     gen = PartGenerator(size=SIZE, seed=99)  # parts no model saw
     goods = [gen.make("normal") for _ in range(6)]
     spots = [gen.make("spot") for _ in range(6)]

@@ -153,8 +153,11 @@ def _augment_text(meta: dict) -> str:
     jpeg = [a for a in augment if a.startswith("jpeg")]
     if not augment:
         return ""
-    parts = [f"mirrors ({html.escape(', '.join(mirrors))}): a mirrored part counts as normal"] * bool(mirrors)
-    parts += [f"JPEG copies ({html.escape(jpeg[0])})"] * bool(jpeg)
+    parts = []
+    if mirrors:
+        parts.append(f"mirrors ({html.escape(', '.join(mirrors))}): a mirrored part counts as normal")
+    if jpeg:
+        parts.append(f"JPEG copies ({html.escape(jpeg[0])}, qualities from {jpeg[0][5:] or '75'} to 95)")
     return f", fitted on {meta.get('train_images')} normal images including {'; '.join(parts)}"
 
 
