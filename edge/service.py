@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .active import EngineSettings
 from .auth import CurveServer
-from .config import Checked, Config, check_files
+from .config import Checked, Config, check_files, load_config
+from .control import ControlServer, Controller, Monitors, ReplayBuffer
 from .decision import DecisionRule
 from .engine import Engine, open_engine
 from .memory import BatchMemory
@@ -90,10 +92,12 @@ class Notifier:
 
 
 def status_line(stats: dict[str, Any]) -> str:
-    """One line for systemctl status: ``12.5 frames/s; cam0 connected 10.0 fps, cam1 down; 1234 decisions``."""
+    """One line for systemctl status: ``12.5 frames/s; cam0 connected 10.0 fps, cam1 down; 1234 decisions``
+    (``PAUSED (frames counted, not judged); ...`` first while paused)."""
     cams = ", ".join(f"{cid} {c.get('state', '?')}" + (f" {c['fps']:.1f} fps" if c.get("fps") else "")
                      for cid, c in stats.get("cameras", {}).items())
-    return f"{stats.get('fps', 0.0):.1f} frames/s; {cams}; {stats.get('frames', 0)} decisions"
+    paused = "PAUSED (frames counted, not judged); " if stats.get("paused") else ""
+    return f"{paused}{stats.get('fps', 0.0):.1f} frames/s; {cams}; {stats.get('frames', 0)} decisions"
 
 
 class ServiceMonitor:
@@ -120,7 +124,8 @@ class ServiceMonitor:
             return
         # the first decision may still be in the engine when READY goes out: until it comes,
         # the stall counts from READY
-        last = pipeline.last_decision_mono if pipeline.last_decision_mono is not None else self._ready_at
+        # (while paused, frames counted and not judged are progress too)
+        last = pipeline.last_progress_mono if pipeline.last_progress_mono is not None else self._ready_at
         if now - last <= self.frame_stall_s:
             self.notifier.notify("WATCHDOG=1")
             self.watchdog_pings += 1
@@ -141,29 +146,32 @@ class ServiceMonitor:
         self.notifier.notify("STOPPING=1", "STATUS=stopping: finishing the batch in flight")
 
 
-def sighup_handler(stop: Callable[[str], None]) -> Callable[[int, Any], None]:
-    """What SIGHUP does (``systemctl reload``). Python's default for it ends the process at
-    once, losing the frames in flight; reloading the config is not in this build, so the run
-    goes on and says so. (The reload, when it comes, replaces this one function.)"""
-    def handler(_signum: int, _frame: Any) -> None:
-        # log from a thread: the handler may interrupt a log call of the main thread, and a
-        # stream is not reentrant
-        threading.Thread(target=log.warning, daemon=True, args=(
-            "received SIGHUP: reloading the config is not available in this build; ignored, the run "
-            "goes on (restart the service to apply a changed config)",)).start()
-
-    return handler
-
-
 def install_signal_handlers(stop: Callable[[str], None]) -> dict[int, Any]:
-    """SIGTERM and SIGINT call stop(reason) (which only sets an event), SIGHUP goes to
-    sighup_handler; returns the old handlers."""
+    """SIGTERM and SIGINT call stop(reason) (which only sets an event); SIGHUP, until the
+    reload handler replaces it, only logs (Python's default would end the process at once);
+    returns the old handlers."""
     def handler(signum: int, _frame: Any) -> None:
         stop(f"received {signal.Signals(signum).name}")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, sighup_handler(stop))
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _sighup_while_starting)
     return previous
+
+
+def _sighup_while_starting(_signum: int, _frame: Any) -> None:
+    # log from a thread: the handler may interrupt a log call of the main thread, and a
+    # stream is not reentrant
+    threading.Thread(target=log.warning, daemon=True, args=(
+        "received SIGHUP while starting: the config read for this start stays; ignored (send it again "
+        "once running to reload)",)).start()
+
+
+def install_reload_handler(reload: Callable[[], None]) -> Any:
+    """SIGHUP calls reload() (which only sets a flag); returns the old handler."""
+    def handler(_signum: int, _frame: Any) -> None:
+        reload()
+
+    return signal.signal(signal.SIGHUP, handler)
 
 
 class StopRequest:
@@ -226,20 +234,25 @@ def preflight(config: Config) -> Preflight:
     return Preflight(checked, rule, engine, max_batch, memory)
 
 
-def run_service(config: Config, notifier: Notifier | None = None) -> int:
-    """Build everything from a validated config, run until stopped, return the exit code."""
+def run_service(config: Config, notifier: Notifier | None = None,
+                reload: Callable[[], Config] | None = None) -> int:
+    """Build everything from a validated config, run until stopped, return the exit code.
+
+    reload: reads and validates the config again on SIGHUP (default: the config's file, when
+    it came from one)."""
     notifier = notifier or Notifier.from_env()
     stop = StopRequest()
     previous = install_signal_handlers(stop)
     try:
-        return _run_service(config, notifier, stop)
+        return _run_service(config, notifier, stop, reload)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         notifier.close()
 
 
-def _run_service(config: Config, notifier: Notifier, stop: StopRequest) -> int:
+def _run_service(config: Config, notifier: Notifier, stop: StopRequest,
+                 reload: Callable[[], Config] | None) -> int:
     ready = preflight(config)
     if stop.reason is not None:
         log.info("stopping (%s) before the start: no frame was read", stop.reason)
@@ -249,22 +262,52 @@ def _run_service(config: Config, notifier: Notifier, stop: StopRequest) -> int:
     curve = CurveServer(Path(pub.curve.secret_key), Path(pub.curve.allowed_keys)) if pub.curve else None
     publisher = Publisher(pub.endpoint, model_id=bundle.model_id, sndhwm=pub.sndhwm, linger_ms=pub.linger_ms,
                           nodrop=pub.nodrop, curve=curve)
-    log.info("publishing on %s%s", publisher.endpoint, " (CURVE)" if curve else "")
+    log.info("publishing on %s%s (run %s)", publisher.endpoint, " (CURVE)" if curve else "", publisher.run_id)
+    replay = ReplayBuffer(config.control.replay_decisions, int(config.control.replay_frames_mb * (1 << 20)))
+    publisher.on_publish = replay.record
     options = RunOptions(
         max_batch=ready.max_batch, max_wait_ms=config.batching.max_wait_ms,
         queue_capacity=config.batching.queue_capacity,
         overlay_accepts_every=config.overlay.accepts_every, jpeg_quality=config.overlay.jpeg_quality,
         wait_subscribers=pub.wait_subscribers, wait_timeout_s=pub.wait_timeout_s, linger_ms=pub.linger_ms,
         stats_interval_s=pub.stats_interval_s, stop_timeout_s=config.service.stop_timeout_s,
-        max_engine_failures=config.service.max_engine_failures)
+        max_engine_failures=config.service.max_engine_failures, publish_frames=pub.frames)
     monitor = ServiceMonitor(notifier, config.service.frame_stall_s)
-    pipeline = Pipeline(bundle, engine, rule, sources, publisher, options, monitor=monitor)
+    pipeline = Pipeline(bundle, engine, rule, sources, publisher, options)
+    if reload is None and Path(config.path).is_file():
+        path = config.path
+        reload = lambda: load_config(path)  # noqa: E731
+    engine_settings = EngineSettings(config.engine.kind, config.engine.precision, config.engine.threads,
+                                     config.engine.spin_between_calls)
+    controller = Controller(pipeline, config, engine_settings, replay, reload)
+    pipeline.monitor = Monitors(monitor, controller)
+    server = metrics = None
+    try:
+        if config.control.endpoint:
+            server = ControlServer(controller, config.control.endpoint,
+                                   pub.curve.secret_key if pub.curve else None, config.control.allowed_keys,
+                                   config.control.allow_remote).start()
+        if config.metrics.listen:
+            from .metrics import serve_metrics
+
+            metrics = serve_metrics(config.metrics.listen, pipeline, controller)
+    except ValueError as exc:
+        if server is not None:
+            server.close()
+        publisher.close(linger_ms=0)
+        raise config.error("key 'control.endpoint'" if server is None else "key 'metrics.listen'", str(exc)) from None
     stop.forward_to(pipeline.stop)
+    install_reload_handler(controller.request_reload)  # run_service restores the original
     try:
         summary = pipeline.run()
     except Exception as exc:  # noqa: BLE001 - a bug or a resource gone mid-run is not a config error
         log.exception("the run failed: %s", exc)
         return EXIT_RUN_FAILED
+    finally:
+        if server is not None:
+            server.close()
+        if metrics is not None:
+            metrics.close()
     log.info("done: %d frames, %d rejects, %d errors, %.1f frames/s; dropped %s, bad frames %s%s",
              summary.frames, summary.rejects, summary.errors, summary.fps, summary.dropped or "none",
              {k: v for k, v in summary.bad_frames.items() if v} or "none",

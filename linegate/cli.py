@@ -124,6 +124,7 @@ RUN_FLAG_KEYS = {
     "overlay_accepts": "overlay.accepts_every", "publish": "publisher.endpoint",
     "wait_subscribers": "publisher.wait_subscribers", "wait_timeout": "publisher.wait_timeout_s",
     "sndhwm": "publisher.sndhwm", "stop_timeout": "service.stop_timeout_s",
+    "control": "control.endpoint", "metrics": "metrics.listen", "publish_frames": "publisher.frames",
 }
 
 
@@ -157,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _run_config(args)
     if not args.verbose:
         logging.getLogger().setLevel(config.logging.level.upper())
-    return run_service(config)
+    return run_service(config, reload=lambda: _run_config(args))  # SIGHUP: the file again, flags on top
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sndhwm", type=int, default=1000, help="send high-water mark per subscriber")
     p.add_argument("--stop-timeout", type=float, metavar="S",
                    help="seconds from SIGTERM to exit, draining included (default 10)")
+    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint for `linegate ctl` (e.g. tcp://127.0.0.1:5557)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (e.g. 127.0.0.1:9108)")
+    p.add_argument("--publish-frames", choices=["none", "reject"], help="publish each reject's full frame (PNG)")
     # Every flag that maps to a config key defaults to None here, whatever its add_argument
     # says: only flags actually given override the --config file (defaults live in edge.config).
     p.set_defaults(func=cmd_run, **{dest: None for dest in RUN_FLAG_KEYS})
@@ -338,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="print decisions published by `linegate run`")
     add_watch_arguments(p)
     p.set_defaults(func=cmd_watch)
+
+    from lineside import ctl
+
+    p = sub.add_parser("ctl", help="steer a running line: status, threshold, pause, resume, load")
+    ctl.add_arguments(p)
+    p.set_defaults(func=ctl.main)
+
+    from lineside import history, record  # light: psycopg is imported only for a postgresql:// target
+
+    p = sub.add_parser("record", help="record every decision, event and reject image (SQLite or PostgreSQL)")
+    record.add_arguments(p)
+    p.set_defaults(func=record.main)
+    p = sub.add_parser("history", help="query the record made by `linegate record`")
+    history.add_arguments(p)
+    p.set_defaults(func=history.main)
 
     from benchmarks.bench import add_arguments as add_bench_arguments  # light: no torch, no onnx
 
