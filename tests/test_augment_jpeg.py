@@ -7,7 +7,6 @@ copies, close to it with them, and a real defect is still found.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch

@@ -5,7 +5,6 @@ Permission cases need a user that cannot read what root can: as root they run th
 `nobody` (setpriv), with their files in a folder that user may enter."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
