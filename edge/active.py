@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -119,12 +120,14 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
-def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False, pace: float = 0.0) -> list[int]:
+def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False, pace: float = 0.0,
+            stop: threading.Event | None = None) -> list[int]:
     """Run the engine once at each batch size (ONNX Runtime plans its memory per shape).
 
     strict: a failure or a wrong output raises (a model about to be swapped in must work);
     otherwise it is logged and the sizes warmed so far are returned. pace: after each call,
     sleep pace x its duration, leaving the cores to a model that is judging meanwhile.
+    stop: once set, no further size is run (a call it ended is not a failure to log).
     """
     todo = sorted(set(sizes))
     done: list[int] = []
@@ -132,6 +135,8 @@ def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False, pace
         return done
     zeros = np.zeros((todo[-1], *model.geometry.tensor_shape), np.float32)
     for n in todo:
+        if stop is not None and stop.is_set():
+            break
         started = time.perf_counter()
         try:
             scores, maps = model.infer(zeros[:n])
@@ -142,7 +147,8 @@ def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False, pace
         except Exception as exc:  # noqa: BLE001 - strict re-raises with the batch size
             if strict:
                 raise RuntimeError(f"warm-up at batch size {n} failed: {exc}") from exc
-            log.warning("engine warm-up failed at batch %d (%s); going on without it", n, exc)
+            if stop is None or not stop.is_set():  # else: the stop ended the call
+                log.warning("engine warm-up failed at batch %d (%s); going on without it", n, exc)
             break
         done.append(n)
         if pace > 0:

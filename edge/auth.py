@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,15 +127,24 @@ def allowed_keys(directory: str | Path) -> list[bytes]:
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory; it must hold the allowed subscribers' "
                          "public .key files")
-    keys = []
-    for path in sorted(directory.glob("*.key")):  # what zmq.auth.load_certificates reads, each named on error
-        public = _read_certificate(path)[0]
-        _check_z85(public, path, "public")
-        keys.append(public)
+    if not os.access(directory, os.R_OK | os.X_OK):  # glob() would quietly find nothing in it
+        raise ValueError(f"{directory}: not readable by user {_user()}, which runs linegate; give that user "
+                         "read access to the allow-list folder (chgrp linegate DIR; chmod 750 DIR)")
+    keys = [key for _, key in _allowed_files(directory)]
     if not keys:
         raise ValueError(f"{directory}: no *.key files; copy each allowed subscriber's public key "
                          "(made by `linegate keys`) into it")
     return keys
+
+
+def _allowed_files(directory: Path) -> list[tuple[Path, bytes]]:
+    """(file, public key) of each ``*.key`` file in an allow-list folder, each named on error."""
+    out = []
+    for path in sorted(directory.glob("*.key")):  # what zmq.auth.load_certificates reads
+        public = _read_certificate(path)[0]
+        _check_z85(public, path, "public")
+        out.append((path, public))
+    return out
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ class CurveServer:
         load_secret_key(self.secret_key)
         return len(allowed_keys(self.allowed_keys))
 
-    def start(self, context: zmq.Context, socket: zmq.Socket) -> ThreadAuthenticator:
+    def start(self, context: zmq.Context, socket: zmq.Socket) -> "CurveGuard":
         """Start the ZAP authenticator on ``context`` and make ``socket`` a CURVE server.
 
         Call before bind(); stop the returned authenticator after closing the socket.
@@ -166,12 +177,107 @@ class CurveServer:
         auth = ThreadAuthenticator(context, log=logging.getLogger("edge.auth.zap"))
         auth.start()
         try:
-            auth.configure_curve(domain="*", location=str(self.allowed_keys))
+            # our own check of the allow-list (pyzmq's ZAP callback hook), so that a refused
+            # key is logged here, on the runtime: the refused client is told nothing
+            auth.configure_curve_callback(domain="*", credentials_provider=AllowList(self.allowed_keys))
+            guard = CurveGuard(auth, HandshakeMonitor(socket))
         except Exception:
             auth.stop()
             raise
         log.info("CURVE on: %d allowed subscriber key(s) from %s", count, self.allowed_keys)
-        return auth
+        return guard
+
+
+class RateLimitedLog:
+    """Log the first occurrence of each key at once, then at most one line per ``every_s``
+    with the count since: a client retrying every 100 ms must not flood the journal."""
+
+    def __init__(self, every_s: float = 60.0, max_keys: int = 1000, clock=time.monotonic) -> None:
+        self.every_s, self.max_keys, self.clock = every_s, max_keys, clock
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed since)
+
+    def __call__(self, key: str, message: str, *args: object) -> bool:
+        now = self.clock()
+        last, suppressed = self._seen.get(key, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self._seen[key] = (last, suppressed + 1)
+            return False
+        if len(self._seen) >= self.max_keys and key not in self._seen:
+            self._seen.pop(next(iter(self._seen)))  # the oldest key: memory stays bounded
+        self._seen[key] = (now, 0)
+        more = f" ({suppressed} more time(s) in the last {self.every_s:.0f} s)" if suppressed else ""
+        log.warning(message + more, *args)
+        return True
+
+
+class AllowList:
+    """The CURVE allow-list as pyzmq's ZAP handler asks it (``callback(domain, key)``): the
+    public keys of the folder's ``*.key`` files, by name (the file stem)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.names = {z85_key: path.stem for path, z85_key in _allowed_files(self.directory)}
+        self._refused = RateLimitedLog()
+
+    def callback(self, _domain: str, key: bytes) -> bool:
+        if key in self.names:
+            return True
+        text = key.decode("ascii", "replace")
+        self._refused(text, "CURVE: refused a subscriber whose public key %s is not in the allow-list %s; "
+                      "to let it in, copy its .key file there and restart linegate", text, self.directory)
+        return False
+
+
+class HandshakeMonitor:
+    """Handshakes that fail before ZAP is asked: a plain (non-CURVE) subscriber against this
+    CURVE publisher, or one that has the wrong server key. libzmq reports them only as
+    socket monitor events; this thread reads them and logs them (rate-limited)."""
+
+    REASONS = {
+        zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a subscriber without CURVE (plain) tried to connect; "
+                                                    "give it --server-key and --client-key",
+        zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a subscriber's CURVE handshake failed to decrypt: it has "
+                                               "the wrong server public key for this publisher",
+    }
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        self._pair = socket.get_monitor_socket(events)
+        self._log = RateLimitedLog()
+        self.thread = threading.Thread(target=self._run, name="curve-monitor", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        try:
+            while True:
+                event = recv_monitor_message(self._pair)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                reason = self.REASONS.get(event["value"], f"a subscriber's handshake failed "
+                                          f"(ZeroMQ protocol error {event['value']:#x})")
+                self._log(str(event["value"]), "CURVE: %s", reason)
+        except zmq.ZMQError:  # the context is ending
+            return
+        finally:
+            self._pair.close(linger=0)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """After the monitored socket closed (which sends MONITOR_STOPPED)."""
+        self.thread.join(timeout_s)
+
+
+@dataclass
+class CurveGuard:
+    """What CurveServer.start leaves running: the ZAP authenticator and the handshake monitor."""
+
+    auth: ThreadAuthenticator
+    monitor: HandshakeMonitor
+
+    def stop(self) -> None:
+        self.monitor.stop()
+        self.auth.stop()
 
 
 @dataclass(frozen=True)

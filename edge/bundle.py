@@ -269,14 +269,45 @@ class Bundle:
         return self.path / name
 
 
+def _user() -> str:
+    """The user this process runs as (the service user), for messages about access."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
+def _unreadable(path: Path) -> BundleError:
+    # a folder above it that this user may not enter is the one to fix: name it
+    closed = next((p for p in reversed(Path(os.path.abspath(path)).parents) if not os.access(p, os.X_OK)), None)
+    where = f" ({closed} does not let that user in)" if closed is not None else ""
+    return BundleError(f"{path}: not readable by user {_user()}, which runs linegate{where}; give that user read "
+                       "access to the bundle (e.g. chgrp -R linegate BUNDLE && chmod -R g+rX BUNDLE)")
+
+
 def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
-    path = Path(path)
+    """The bundle at ``path``, validated (manifest, files, checksums); BundleError otherwise."""
+    try:
+        return _load_bundle(Path(path), verify_checksums)
+    except PermissionError as exc:  # whatever stat or open was refused: a setting to fix
+        raise _unreadable(Path(exc.filename or path)) from None
+
+
+def _load_bundle(path: Path, verify_checksums: bool) -> Bundle:
     manifest_path = path / MANIFEST
+    # An unreadable bundle is a setting to fix (exit 2), not a crash: check access first
+    # (is_file() alone says "no manifest" for a folder this user may not enter).
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise _unreadable(path)
     if not manifest_path.is_file():
         raise BundleError(f"{path}: not a model bundle (no {MANIFEST}); create one with "
                           "`linegate export onnx RUN`")
     try:
         manifest = json.loads(manifest_path.read_text())
+    except PermissionError:
+        raise _unreadable(manifest_path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc}); re-export the bundle") from exc
     validate_manifest(manifest, str(manifest_path))
@@ -285,13 +316,49 @@ def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
         if not file_path.is_file():
             raise BundleError(f"{file_path}: listed in the manifest but missing; copy the whole "
                               "bundle directory or re-export it")
+        if not os.access(file_path, os.R_OK):
+            raise _unreadable(file_path)
         expected = facts.get("sha256") if isinstance(facts, dict) else None
         if not isinstance(expected, str):
             raise BundleError(f"{manifest_path}: key 'files.{name}.sha256' is missing")
-        if verify_checksums and sha256_file(file_path) != expected:
-            raise BundleError(f"{file_path}: sha256 does not match the manifest (file corrupt or "
-                              "replaced); copy the bundle again or re-export it")
+        try:
+            if verify_checksums and sha256_file(file_path) != expected:
+                raise BundleError(f"{file_path}: sha256 does not match the manifest (file corrupt or "
+                                  "replaced); copy the bundle again or re-export it")
+        except PermissionError:
+            raise _unreadable(file_path) from None
     return Bundle(path, manifest)
+
+
+def _dims_agree(model: list, manifest: list) -> bool:
+    """Shapes agree where both give a fixed size: a symbolic or -1 dimension (the batch) is any."""
+    if len(model) != len(manifest):
+        return False
+    fixed = lambda d: isinstance(d, int) and not isinstance(d, bool) and d > 0  # noqa: E731
+    return all(a == b for a, b in zip(model, manifest) if fixed(a) and fixed(b))
+
+
+def check_model_io(bundle: Bundle, model_name: str, inputs: dict[str, list], outputs: dict[str, list]) -> None:
+    """Refuse a model whose input and output names and shapes are not the manifest's.
+
+    ``inputs``/``outputs``: name -> shape as the engine reports them (symbolic dimensions as
+    strings or None). A manifest that says 128 x 128 over a graph built for 224 x 224 would
+    otherwise load, fail on every frame and have the service restarted for ever.
+    """
+    m = bundle.manifest
+    where = f"{bundle.path / model_name} and {bundle.path / MANIFEST}"
+    fix = "the manifest does not belong to this model; re-export the bundle with `linegate export onnx RUN`"
+    wanted = [("input", m["input"]["name"], m["input"]["shape"], inputs),
+              ("outputs.score", m["outputs"]["score"]["name"], m["outputs"]["score"].get("shape"), outputs),
+              ("outputs.map", m["outputs"]["map"]["name"], m["outputs"]["map"]["shape"], outputs)]
+    for key, name, shape, actual in wanted:
+        if name not in actual:
+            side = "inputs" if actual is inputs else "outputs"
+            raise BundleError(f"{where} disagree: the manifest's {key}.name is {name!r} but the model's "
+                              f"{side} are {sorted(actual)}; {fix}")
+        if shape is not None and not _dims_agree(list(actual[name]), list(shape)):
+            raise BundleError(f"{where} disagree: the manifest's {key}.shape is {list(shape)} but the model's "
+                              f"{name!r} is {list(actual[name])}; {fix}")
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -40,7 +41,9 @@ import numpy as np
 from .auth import allowed_keys, load_secret_key
 from .batcher import POLICIES
 from .bundle import Bundle, load_bundle
-from .decision import aggregate_maps
+from .decision import DecisionRule, aggregate_maps
+from .engine import choose_engine
+from .publisher import check_endpoint
 from .sources import CAMERA_OPTIONS, Source, parse_source
 
 ENGINE_KINDS = ("auto", "onnxruntime", "tensorrt")
@@ -312,8 +315,20 @@ def validate(raw: dict[str, Any], where: str) -> Config:
     if "://" not in endpoint:
         raise config.error("key 'publisher.endpoint'", f"{endpoint!r} is not a ZeroMQ endpoint; use e.g. "
                            "tcp://*:5556 or ipc:///run/linegate/decisions.sock")
+    cores = usable_cores()
+    if config.engine.threads > cores:
+        raise config.error("key 'engine.threads'", f"must be <= {cores}, the cores this process may use on "
+                           f"this box (got {config.engine.threads}); 0 lets ONNX Runtime choose")
     _check_control(config)
     return config
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as taskset and systemd's CPUAffinity= set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -440,6 +455,22 @@ def check_files(config: Config) -> Checked:
         raise config.error("key 'engine.bundle'", str(exc)) from None
     lines = [f"bundle {bundle.path}: model {bundle.model_id}, input {bundle.input_size[1]}x"
              f"{bundle.input_size[0]}, files {', '.join(sorted(bundle.manifest['files']))}"]
+    # What `run` would refuse later, before reading a frame, is refused here (check-config too).
+    try:
+        DecisionRule.from_bundle(bundle, config.decision.threshold, config.decision.aggregate)
+    except ValueError as exc:
+        raise config.error("key 'decision.aggregate'", str(exc)) from None
+    try:
+        choice = choose_engine(bundle, config.engine.kind, config.engine.precision)
+    except (ValueError, RuntimeError) as exc:  # BundleError, TensorRTUnavailable
+        key = "engine.precision" if config.engine.precision and "no " + config.engine.precision in str(exc) \
+            else "engine.kind"
+        raise config.error(f"key '{key}'", str(exc)) from None
+    lines.append(f"engine: {choice.kind} {choice.model.name} ({choice.reason})")
+    try:
+        check_endpoint(config.publisher.endpoint)
+    except ValueError as exc:
+        raise config.error("key 'publisher.endpoint'", str(exc)) from None
     sources = build_sources(config)
     for sc, source in zip(config.sources, sources):
         policy = sc.policy or source.default_policy

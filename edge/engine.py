@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, BundleError, ModelFile
+from .bundle import Bundle, BundleError, ModelFile, check_model_io
 from .engine_tensorrt import GpuStatus, TensorRTEngine, TensorRTUnavailable, check_facts
 from .engine_tensorrt import probe as probe_gpu
 
@@ -78,6 +78,7 @@ class OnnxRuntimeEngine:
             raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({exc}); "
                               "re-export the bundle with `linegate export onnx RUN`") from exc
         self.providers = self.session.get_providers()
+        self._run_options = ort.RunOptions()  # its terminate flag ends a call in progress
         self.model_path = Path(model_path)
         self.input_name = input_name
         self.outputs = [score_name, map_name]
@@ -85,12 +86,21 @@ class OnnxRuntimeEngine:
     @classmethod
     def from_bundle(cls, bundle: Bundle, model_file: str = "model.onnx", **kwargs) -> "OnnxRuntimeEngine":
         m = bundle.manifest
-        return cls(bundle.file(model_file), m["input"]["name"], m["outputs"]["score"]["name"],
-                   m["outputs"]["map"]["name"], **kwargs)
+        engine = cls(bundle.file(model_file), m["input"]["name"], m["outputs"]["score"]["name"],
+                     m["outputs"]["map"]["name"], **kwargs)
+        io = {"inputs": engine.session.get_inputs(), "outputs": engine.session.get_outputs()}
+        check_model_io(bundle, model_file, *({a.name: a.shape for a in io[k]} for k in ("inputs", "outputs")))
+        return engine
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = self.session.run(self.outputs, {self.input_name: batch})
+        scores, maps = self.session.run(self.outputs, {self.input_name: batch}, self._run_options)
         return scores, maps
+
+    def cancel_runs(self, cancel: bool = True) -> None:
+        """From another thread: end the call in progress (ONNX Runtime stops between two
+        nodes and raises), and every later call until cancel_runs(False). A stop during a
+        long warm-up uses it, so that the process never exits under a running session."""
+        self._run_options.terminate = cancel
 
 
 ENGINE_KINDS = ("auto", "onnxruntime", "tensorrt")

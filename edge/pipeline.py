@@ -539,15 +539,36 @@ class Pipeline:
         if not todo:
             return
         started = time.perf_counter()
-        warmed = warm_up(self.model, todo)
+        log.info("warming the engine up at batch sizes %s", _ranges(todo))
+        warmed = warm_up(self.model, todo, stop=self._stop)
         done.update(warmed)
-        if warmed:
+        if warmed and not self._stop.is_set():
             log.info("engine warmed up at batch sizes %s in %.2f s", _ranges(warmed), time.perf_counter() - started)
+
+    def _warm_up_or_stop(self) -> bool:
+        """The warm-up, in a thread of its own so that a stop request is honoured at once
+        (within the stop timeout) however long one warm-up call takes; False if stopped.
+        ONNX Runtime's call in progress is ended (cancel_runs: a process must not exit under a
+        running session); no frame was read, so nothing is lost."""
+        warm = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+        warm.start()
+        while warm.is_alive():
+            if self._stop.wait(0.05):
+                cancel = getattr(self.engine, "cancel_runs", None)  # ONNX Runtime ends the call
+                if cancel is not None:
+                    cancel(True)
+                    warm.join(timeout=max(0.1, self.options.stop_timeout_s / 2))
+                    cancel(False)
+                return False
+        return not self._stop.is_set()
 
     def _run(self) -> RunSummary:
         opts = self.options
         summary = RunSummary()
-        self._warm_up()
+        if not self._warm_up_or_stop():
+            log.info("stopping (%s) during the engine warm-up: no frame was read", self.stop_reason)
+            self.publisher.close(linger_ms=0)
+            return summary
         self._started = time.monotonic()
         if opts.wait_subscribers:
             seen = self.publisher.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s, self._stop)

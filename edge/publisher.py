@@ -19,15 +19,24 @@ own, with pyzmq's ZAP authenticator admitting only the allow-listed subscriber k
 """
 from __future__ import annotations
 
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import stat
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
 import zmq
 
 from .auth import CurveServer
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TOPICS = ("decision", "overlay", "stats", "event", "frame")
@@ -38,6 +47,108 @@ RESERVED_KEYS = ("v", "topic", "seq", "publish_ts", "model_id", "run_id")
 class EndpointInUse(RuntimeError):
     """The endpoint is taken by another process: a state of the box, which may pass (the
     instance before this one still closing), not an error in the configuration."""
+
+
+ENDPOINT_EXAMPLES = "use e.g. tcp://*:5556, tcp://127.0.0.1:5556 or ipc:///run/linegate/decisions.sock"
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Refuse, before anything binds, an endpoint the publisher could not bind as meant.
+
+    ZeroMQ itself accepts some of these and does something else: ``tcp://127.0.0.1:99999``
+    binds a random port, an ipc path in a missing folder fails only at bind. ValueError
+    names the endpoint and what to write instead. Whether the port or path is free is not
+    checked here (that is a state of the box, see ``Publisher``).
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or not rest:
+        raise ValueError(f"{endpoint!r} is not a ZeroMQ endpoint; {ENDPOINT_EXAMPLES}")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"{endpoint!r} has no port; add one, e.g. {scheme}://{rest}:5556")
+        if port != "*":
+            if not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{endpoint!r}: port {port!r} is not a port number (1-65535, or * for "
+                                 "a free one)")
+        _check_local_host(endpoint, host.strip("[]"))
+    elif scheme == "ipc":
+        if rest.startswith("@"):  # Linux abstract namespace: no file
+            return
+        folder = Path(rest).parent
+        if not folder.is_dir():
+            raise ValueError(f"{endpoint!r}: folder {folder} does not exist; create it (systemd: "
+                             "RuntimeDirectory=linegate gives /run/linegate) or pick another path")
+        if os.path.lexists(rest) and not stat.S_ISSOCK(os.lstat(rest).st_mode):
+            raise ValueError(f"{endpoint!r}: {rest} exists and is not a socket; remove it or pick another path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{endpoint!r}: user {_user()} cannot create the socket in {folder}; give "
+                             "that user write access to it or pick another path")
+    elif scheme not in ("inproc",):
+        raise ValueError(f"{endpoint!r}: the publisher binds tcp:// or ipc:// endpoints, not {scheme}://; "
+                         f"{ENDPOINT_EXAMPLES}")
+
+
+def _check_local_host(endpoint: str, host: str) -> None:
+    """A bind address must be one of this box's (or * / an interface name ZeroMQ knows)."""
+    if host == "*":
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:  # a name: an interface (eth0) or a host name
+        if host in {name for _, name in socket.if_nameindex()}:
+            return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))  # port 0: tests the address only, takes no real port
+    except OSError as exc:
+        raise ValueError(f"{endpoint!r}: {host} is not an address of this box ({exc.strerror}); bind to "
+                         "one of its own addresses, or * for all of them") from None
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
+def claim_ipc_path(endpoint: str) -> None:
+    """Before binding ``ipc://PATH``: refuse a path another process serves, clear a stale one.
+
+    libzmq's ipc bind unlinks whatever is at PATH and binds anew, so a second instance would
+    silently take the endpoint from a live one (whose subscribers can then no longer reach
+    it). A socket file someone accepts connections on is live: EndpointInUse, as for a TCP
+    port in use. One nobody listens on is left by a process that died: replaced, and logged.
+    Anything else at PATH (a regular file, a folder) is not ours to delete.
+    """
+    scheme, _, path = endpoint.partition("://")
+    if scheme != "ipc" or path.startswith("@") or not path:
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):  # check_endpoint refused it already
+        raise ValueError(f"{endpoint!r}: {path} exists and is not a socket; remove it or pick another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            log.warning("%s: a stale socket file (nobody listens on it, left by a process that ended); "
+                        "replacing it", path)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT,):
+                return  # removed meanwhile
+            raise ValueError(f"cannot publish on {endpoint!r}: cannot tell whether {path} is in use "
+                             f"({exc.strerror})") from None
+    raise EndpointInUse(f"cannot publish on {endpoint!r}: another process (perhaps another linegate) "
+                        f"serves {path}; stop it or pick another path")
 
 
 def _msgpack_default(obj: Any) -> Any:
@@ -89,10 +200,12 @@ class Publisher:
         if nodrop:
             sock.setsockopt(zmq.XPUB_NODROP, 1)
         try:
+            check_endpoint(endpoint)
+            claim_ipc_path(endpoint)
             if curve is not None:
                 self._auth = curve.start(self._context, sock)
             sock.bind(endpoint)
-        except (zmq.ZMQError, ValueError) as exc:
+        except (zmq.ZMQError, ValueError, EndpointInUse) as exc:
             sock.close(linger=0)
             self._stop_auth()
             if self._own_context:
@@ -102,8 +215,7 @@ class Publisher:
             if exc.errno == zmq.EADDRINUSE:
                 raise EndpointInUse(f"cannot publish on {endpoint!r}: {exc.strerror}; another process "
                                     "(perhaps another linegate) uses it; stop it or pick another port") from exc
-            raise ValueError(f"cannot publish on {endpoint!r}: {exc.strerror}; use e.g. tcp://*:5556, "
-                             "tcp://127.0.0.1:5556 or ipc:///tmp/linegate.sock") from exc
+            raise ValueError(f"cannot publish on {endpoint!r}: {exc.strerror}; {ENDPOINT_EXAMPLES}") from exc
         self._sock: zmq.Socket | None = sock
         # "tcp://127.0.0.1:*" binds a random port; LAST_ENDPOINT is the address to connect to.
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -26,15 +26,19 @@ import logging
 import os
 import signal
 import socket
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .active import EngineSettings
 from .auth import CurveServer
-from .config import Config, check_files, load_config
+from .config import Checked, Config, check_files, load_config
 from .control import ControlServer, Controller, Monitors, ReplayBuffer
 from .decision import DecisionRule
-from .engine import open_engine
+from .engine import Engine, open_engine
+from .memory import BatchMemory
+from .memory import measure as measure_memory
 from .pipeline import Pipeline, RunOptions
 from .publisher import Publisher
 
@@ -143,11 +147,23 @@ class ServiceMonitor:
 
 
 def install_signal_handlers(stop: Callable[[str], None]) -> dict[int, Any]:
-    """SIGTERM and SIGINT call stop(reason) (which only sets an event); returns the old handlers."""
+    """SIGTERM and SIGINT call stop(reason) (which only sets an event); SIGHUP, until the
+    reload handler replaces it, only logs (Python's default would end the process at once);
+    returns the old handlers."""
     def handler(signum: int, _frame: Any) -> None:
         stop(f"received {signal.Signals(signum).name}")
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _sighup_while_starting)
+    return previous
+
+
+def _sighup_while_starting(_signum: int, _frame: Any) -> None:
+    # log from a thread: the handler may interrupt a log call of the main thread, and a
+    # stream is not reentrant
+    threading.Thread(target=log.warning, daemon=True, args=(
+        "received SIGHUP while starting: the config read for this start stays; ignored (send it again "
+        "once running to reload)",)).start()
 
 
 def install_reload_handler(reload: Callable[[], None]) -> Any:
@@ -158,19 +174,43 @@ def install_reload_handler(reload: Callable[[], None]) -> Any:
     return signal.signal(signal.SIGHUP, handler)
 
 
-def run_service(config: Config, notifier: Notifier | None = None,
-                reload: Callable[[], Config] | None = None) -> int:
-    """Build everything from a validated config, run until stopped, return the exit code.
+class StopRequest:
+    """A stop asked for by a signal, before or after the pipeline exists: the handlers are
+    installed first thing, so a SIGTERM while the bundle loads or the engine warms up is
+    honoured (within the stop timeout) rather than killing the process or waiting."""
 
-    reload: reads and validates the config again on SIGHUP (default: the config's file, when
-    it came from one)."""
-    notifier = notifier or Notifier.from_env()
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._target: Callable[[str], None] | None = None
+
+    def __call__(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        if self._target is not None:
+            self._target(reason)
+
+    def forward_to(self, stop: Callable[[str], None]) -> None:
+        self._target = stop
+        if self.reason is not None:
+            stop(self.reason)
+
+
+@dataclass
+class Preflight:
+    """Everything `run` checks before reading a frame (check-config runs the same)."""
+
+    checked: Checked
+    rule: DecisionRule
+    engine: Engine
+    max_batch: int  # what batches can really reach: max_batch, bounded by the queue
+    memory: BatchMemory
+
+
+def preflight(config: Config) -> Preflight:
+    """Files, decision rule, engine (its inputs and outputs against the manifest), and the
+    memory the batch size will take; ConfigError/BundleError name what to fix."""
     checked = check_files(config)  # bundle checksums, sources, keys: errors name the file and key
-    bundle, sources = checked.bundle, checked.sources
-    try:
-        rule = DecisionRule.from_bundle(bundle, config.decision.threshold, config.decision.aggregate)
-    except ValueError as exc:
-        raise config.error("key 'decision.aggregate'", str(exc)) from None
+    bundle = checked.bundle
+    rule = DecisionRule.from_bundle(bundle, config.decision.threshold, config.decision.aggregate)
     engine_kwargs: dict[str, Any] = {}
     if config.engine.precision:
         engine_kwargs["precision"] = config.engine.precision
@@ -179,6 +219,45 @@ def run_service(config: Config, notifier: Notifier | None = None,
     if config.engine.spin_between_calls:
         engine_kwargs["spin_between_calls"] = True
     engine = open_engine(bundle, config.engine.kind, **engine_kwargs)  # logs which engine and why
+    batching = config.batching
+    # A batch is taken from the frame queue, so it never holds more than the queue does:
+    # buffers and warm-up beyond that would take memory no batch can use.
+    max_batch = min(batching.max_batch, batching.queue_capacity)
+    if max_batch < batching.max_batch:
+        log.info("batching: max_batch %d is more than the queue holds (queue_capacity %d): batches stop at %d",
+                 batching.max_batch, batching.queue_capacity, max_batch)
+    memory = measure_memory(engine, bundle.input_size, max_batch, batching.queue_capacity)
+    if not memory.fits():
+        raise config.error("key 'batching.max_batch'", f"{memory.describe()}: it cannot fit; use max_batch "
+                           f"<= {memory.largest_fitting()} (and a smaller queue_capacity) or a box with more memory")
+    checked.lines.append(f"memory: {memory.describe()}")
+    return Preflight(checked, rule, engine, max_batch, memory)
+
+
+def run_service(config: Config, notifier: Notifier | None = None,
+                reload: Callable[[], Config] | None = None) -> int:
+    """Build everything from a validated config, run until stopped, return the exit code.
+
+    reload: reads and validates the config again on SIGHUP (default: the config's file, when
+    it came from one)."""
+    notifier = notifier or Notifier.from_env()
+    stop = StopRequest()
+    previous = install_signal_handlers(stop)
+    try:
+        return _run_service(config, notifier, stop, reload)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        notifier.close()
+
+
+def _run_service(config: Config, notifier: Notifier, stop: StopRequest,
+                 reload: Callable[[], Config] | None) -> int:
+    ready = preflight(config)
+    if stop.reason is not None:
+        log.info("stopping (%s) before the start: no frame was read", stop.reason)
+        return EXIT_OK
+    bundle, sources, rule, engine = ready.checked.bundle, ready.checked.sources, ready.rule, ready.engine
     pub = config.publisher
     curve = CurveServer(Path(pub.curve.secret_key), Path(pub.curve.allowed_keys)) if pub.curve else None
     publisher = Publisher(pub.endpoint, model_id=bundle.model_id, sndhwm=pub.sndhwm, linger_ms=pub.linger_ms,
@@ -187,7 +266,7 @@ def run_service(config: Config, notifier: Notifier | None = None,
     replay = ReplayBuffer(config.control.replay_decisions, int(config.control.replay_frames_mb * (1 << 20)))
     publisher.on_publish = replay.record
     options = RunOptions(
-        max_batch=config.batching.max_batch, max_wait_ms=config.batching.max_wait_ms,
+        max_batch=ready.max_batch, max_wait_ms=config.batching.max_wait_ms,
         queue_capacity=config.batching.queue_capacity,
         overlay_accepts_every=config.overlay.accepts_every, jpeg_quality=config.overlay.jpeg_quality,
         wait_subscribers=pub.wait_subscribers, wait_timeout_s=pub.wait_timeout_s, linger_ms=pub.linger_ms,
@@ -217,17 +296,14 @@ def run_service(config: Config, notifier: Notifier | None = None,
             server.close()
         publisher.close(linger_ms=0)
         raise config.error("key 'control.endpoint'" if server is None else "key 'metrics.listen'", str(exc)) from None
-    previous = install_signal_handlers(pipeline.stop)
-    previous[signal.SIGHUP] = install_reload_handler(controller.request_reload)
+    stop.forward_to(pipeline.stop)
+    install_reload_handler(controller.request_reload)  # run_service restores the original
     try:
         summary = pipeline.run()
     except Exception as exc:  # noqa: BLE001 - a bug or a resource gone mid-run is not a config error
         log.exception("the run failed: %s", exc)
         return EXIT_RUN_FAILED
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        notifier.close()
         if server is not None:
             server.close()
         if metrics is not None:
@@ -236,10 +312,22 @@ def run_service(config: Config, notifier: Notifier | None = None,
              summary.frames, summary.rejects, summary.errors, summary.fps, summary.dropped or "none",
              {k: v for k, v in summary.bad_frames.items() if v} or "none",
              (f", {summary.discarded} discarded at the stop timeout" if summary.discarded else "")
-             + (f", {summary.unqueued} read after the stop and not inspected" if summary.unqueued else ""))
+             + (f", {summary.unqueued} read after the stop and not inspected" if summary.unqueued else "")
+             + _refused_text(publisher))
     if summary.fatal:
         log.error("exiting with status %d: %s", EXIT_RUN_FAILED, summary.fatal)
         return EXIT_RUN_FAILED
     if summary.timed_out:
         return EXIT_STOP_TIMEOUT
     return EXIT_OK
+
+
+def _refused_text(publisher: Publisher) -> str:
+    """The messages the publisher could not hand to ZeroMQ (nodrop: a subscriber's queue was
+    full, and then every subscriber lost them); ``dropped`` above is the sources' policy."""
+    refused = {topic: n for topic, n in publisher.dropped.items() if n}
+    if not refused:
+        return ""
+    return (f"; the publisher refused {sum(refused.values())} message(s) "
+            f"({', '.join(f'{n} {t}' for t, n in refused.items())}): a subscriber's queue was full "
+            "(nodrop), so no subscriber got them")

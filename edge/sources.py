@@ -29,7 +29,7 @@ URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://"
 SOURCE_FORMS = ("folder:PATH", "video:PATH", "camera:INDEX", "camera:/dev/videoN",
                 "camera:ANY_STRING_OPENCV_OPENS", "rtsp://... / http://... (or another stream URL)",
                 "gst:GSTREAMER_PIPELINE (ending in appsink; needs OpenCV built with GStreamer)",
-                "synthetic", "synthetic:count=200,fps=30,defect_rate=0.3,seed=1,size=224")
+                "synthetic", "synthetic:count=200,fps=30,defect_rate=0.3,seed=1,size=224,jpeg=90")
 CAMERA_OPTIONS = ("backoff_s", "backoff_max_s", "io_timeout_s", "reopen_after_s")
 MAX_BLOCKED_READS = 2  # readers given up on (reopen_after_s) that may still hold a thread each
 
@@ -95,7 +95,11 @@ class FolderSource(Source):
             raise ValueError(f"folder source {self.path}: not a directory")
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
-        files = list_images(self.path)
+        # A link to a file that is gone is an image that cannot be read (like a file deleted
+        # mid-run), not something to skip without a word: it gets its frame and error decision.
+        dangling = [p for p in self.path.iterdir() if p.is_symlink() and not p.exists()
+                    and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+        files = sorted([*list_images(self.path), *dangling])
         self.state = "running"
         if not files:
             log.warning("%s: no image files in %s (looked for %s)", self.camera_id, self.path,
@@ -399,8 +403,9 @@ class SyntheticSource(Source):
     """Synthetic parts with ground-truth labels; finite with a count, live (infinite) without."""
 
     def __init__(self, camera_id: str = "cam0", count: int | None = None, fps: float | None = None,
-                 defect_rate: float = 0.3, seed: int = 0, size: int = 224) -> None:
+                 defect_rate: float = 0.3, seed: int = 0, size: int = 224, jpeg: int | None = None) -> None:
         super().__init__(camera_id)
+        self.jpeg = jpeg  # deliver each part after a JPEG round trip at this quality, as an MJPEG camera
         from edge.synthetic import PartGenerator  # lazy: only synthetic feeds need it
 
         self.generator = PartGenerator(size=size, seed=seed)
@@ -418,13 +423,17 @@ class SyntheticSource(Source):
                     return
                 next_t += 1.0 / self.fps
             image, label = self.generator.sample(self.defect_rate)
+            if self.jpeg is not None:
+                _, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                                       [cv2.IMWRITE_JPEG_QUALITY, self.jpeg])
+                image = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
             produced += 1
             yield self._stamp(image, label=label)
         if self.count is not None and produced >= self.count:
             self.state = "ended"
 
 
-_SYNTHETIC_KEYS = {"count": int, "fps": float, "defect_rate": float, "seed": int, "size": int}
+_SYNTHETIC_KEYS = {"count": int, "fps": float, "defect_rate": float, "seed": int, "size": int, "jpeg": int}
 
 
 def _synthetic_options(text: str) -> dict:
@@ -444,7 +453,8 @@ def _synthetic_options(text: str) -> dict:
                              f"{_SYNTHETIC_KEYS[key].__name__}") from None
     # (test, what it says): a bad rate or count must not quietly run unpaced or produce nothing
     checks = {"count": (lambda v: v >= 1, "at least 1"), "fps": (lambda v: v > 0, "above 0"),
-              "defect_rate": (lambda v: 0 <= v <= 1, "between 0 and 1"), "size": (lambda v: v >= 16, "at least 16")}
+              "defect_rate": (lambda v: 0 <= v <= 1, "between 0 and 1"), "size": (lambda v: v >= 16, "at least 16"),
+              "jpeg": (lambda v: 1 <= v <= 100, "a JPEG quality in 1-100")}
     for key, (ok, what) in checks.items():
         if options.get(key) is not None and not ok(options[key]):  # nan fails every test
             raise ValueError(f"synthetic source option {key}={options[key]!r}: must be {what}")

@@ -23,6 +23,10 @@ import zmq
 from edge.auth import CurveClient
 from edge.publisher import SCHEMA_VERSION
 
+# With nothing at all received this long, watch says what usually causes it (once).
+SILENCE_HINT_S = 10.0
+RESTARTS = "\0restarts"  # key of the restart count among the per-topic counts reported so far
+
 # Once --count decisions are printed, how long watch waits for their overlays
 # (the pipeline may publish a frame's overlay after its decision, or after the batch).
 OVERLAY_GRACE_S = 0.5
@@ -57,6 +61,8 @@ class Subscriber:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
         self._sock: zmq.Socket | None = sock
         self.gaps: dict[str, int] = dict.fromkeys(self.topics, 0)
+        self.restarts = 0  # times the publisher was seen to start again (not losses)
+        self.run_id: str | None = None  # the publisher run's id, where its headers carry one
         self._last_seq: dict[str, int] = {}
 
     def recv(self, timeout_ms: int | None = None) -> Message | None:
@@ -82,18 +88,31 @@ class Subscriber:
         if header["v"] > SCHEMA_VERSION:
             raise ValueError(f"{self.endpoint} sends schema v{header['v']} but this linegate reads "
                              f"v{SCHEMA_VERSION}; upgrade linegate on this machine")
-        self._count_gap(topic, header.get("seq"))
+        self._count_gap(topic, header.get("seq"), header.get("run_id"))
         return Message(topic, header, frames[2] if len(frames) == 3 else None)
 
-    def _count_gap(self, topic: str, seq: Any) -> None:
+    def _count_gap(self, topic: str, seq: Any, run_id: Any = None) -> None:
         if not isinstance(seq, int):
             return
+        # A new run_id (publishers that send one), or else a seq that does not increase,
+        # means the publisher restarted: counted as a restart and a new baseline, not a loss.
+        if isinstance(run_id, str):
+            if self.run_id is not None and run_id != self.run_id:
+                self._restarted()
+            self.run_id = run_id
         last = self._last_seq.get(topic)
-        # The first message of a topic is the baseline (we may have joined late). A seq that
-        # does not increase means the publisher restarted: a new baseline, not a loss.
+        # The first message of a topic is the baseline (we may have joined late).
+        if last is not None and seq <= last:
+            if not isinstance(run_id, str):
+                self._restarted()
+            last = None
         if last is not None and seq > last + 1:
             self.gaps[topic] = self.gaps.get(topic, 0) + seq - last - 1
         self._last_seq[topic] = seq
+
+    def _restarted(self) -> None:
+        self.restarts += 1
+        self._last_seq.clear()  # every topic starts again from 0
 
     def close(self) -> None:
         if self._sock is not None:
@@ -153,6 +172,10 @@ def json_line(header: dict[str, Any]) -> str:
 
 
 def _report_gaps(sub: Subscriber, reported: dict[str, int], msg: Message) -> None:
+    if sub.restarts > reported.get(RESTARTS, 0):
+        how = f"new run_id {sub.run_id}" if sub.run_id else f"{msg.topic} seq back to {msg.header.get('seq')}"
+        print(f"linegate watch: publisher restarted ({how}); not a loss", file=sys.stderr, flush=True)
+        reported[RESTARTS] = sub.restarts
     for topic, missed in sub.gaps.items():
         if missed > reported.get(topic, 0):
             print(f"linegate watch: missed {missed - reported.get(topic, 0)} {topic} message(s) "
@@ -178,7 +201,8 @@ def watch(endpoint: str, json_lines: bool = False, count: int | None = None,
     overlay_dir = Path(save_overlays) if save_overlays else None
     if overlay_dir is not None:
         overlay_dir.mkdir(parents=True, exist_ok=True)
-    topics = ("decision", "overlay") if overlay_dir is not None else ("decision",)
+    # stats too (not printed): once a second they show the link works while no part passes
+    topics = ("decision", "overlay", "stats") if overlay_dir is not None else ("decision", "stats")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with Subscriber(endpoint, topics, curve=curve) as sub:
         try:
@@ -186,6 +210,9 @@ def watch(endpoint: str, json_lines: bool = False, count: int | None = None,
         except KeyboardInterrupt:
             return 0
         finally:
+            if sub.restarts:
+                print(f"linegate watch: the publisher restarted {sub.restarts} time(s) (counted apart from "
+                      "missed messages)", file=sys.stderr, flush=True)
             missed = sum(sub.gaps.values())
             if missed:
                 print(f"linegate watch: {missed} message(s) missed in total (seq gaps: "
@@ -195,6 +222,7 @@ def watch(endpoint: str, json_lines: bool = False, count: int | None = None,
 def _watch_loop(sub: Subscriber, json_lines: bool, count: int | None, overlay_dir: Path | None,
                 deadline: float | None, out: TextIO) -> int:
     seen = 0
+    started, anything, hinted = time.monotonic(), False, False
     reported_gaps: dict[str, int] = {}
     last_frame_id: dict[Any, Any] = {}  # camera_id -> frame_id of its last printed decision
     last_decided = last_saved = None  # (camera_id, frame_id)
@@ -206,9 +234,19 @@ def _watch_loop(sub: Subscriber, json_lines: bool, count: int | None, overlay_di
         wait_ms = 200 if deadline is None else min(200, max(0, int((deadline - time.monotonic()) * 1000)))
         msg = sub.recv(wait_ms)
         if msg is None:
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            ended = deadline is not None and now >= deadline
+            if not anything and not hinted and (ended or now - started >= SILENCE_HINT_S):
+                # A CURVE key the publisher does not allow (or none against a CURVE publisher)
+                # looks exactly like silence from this side: ZeroMQ tells the client nothing.
+                hinted = True
+                print(f"linegate watch: no message in {now - started:.0f} s from {sub.endpoint}: wrong key or "
+                      "wrong endpoint? (or the runtime is not running; its log names refused keys)",
+                      file=sys.stderr, flush=True)
+            if ended:
                 return 0 if done or count is None else 1
             continue
+        anything = True
         _report_gaps(sub, reported_gaps, msg)
         camera, frame_id = msg.header.get("camera_id"), msg.header.get("frame_id")
         if msg.topic == "decision" and not done:

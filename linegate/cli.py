@@ -162,10 +162,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from edge.config import check_files, load_config
+    from edge.config import load_config
+    from edge.service import preflight
 
     config = load_config(args.file)
-    checked = check_files(config)
+    checked = preflight(config).checked  # everything `run` checks before reading a frame
     print(f"{args.file}: ok")
     for line in checked.lines:
         print(f"  {line}")
@@ -256,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=None,
                    help="PaDiM and PatchCore: add mirrored copies of the normal training images: hflip, "
                         "vflip or hflip,vflip. Only where a mirrored part looks normal (e.g. lit from above: "
-                        "hflip); a part fitted the wrong way round would then pass. Default: none")
+                        "hflip); a part fitted the wrong way round would then pass. jpeg[:Q] adds JPEG-compressed "
+                        "copies at qualities Q..95 (default Q 75): for a camera that sends MJPEG. Combine: "
+                        "hflip,jpeg:80. Default: none")
     p.add_argument("--no-export", action="store_true", help="skip writing RUN/bundle")
     p.set_defaults(func=cmd_train)
 

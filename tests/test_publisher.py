@@ -266,6 +266,7 @@ def test_subscriber_gaps_restarts_and_schema_check():
             assert seqs[-1] == ("decision", 2)
             # 10,11 | 14 (2 missed), 15 | restart at 0 (new baseline) | 2 (1 missed)
             assert sub.gaps == {"decision": 3, "stats": 0}
+            assert sub.restarts == 1  # no run_id in these headers: seq back to 0 says it
             raw.send_multipart(raw_message("decision", seq=3) + [b"payload"])
             assert sub.recv(2000).payload == b"payload"
             raw.send_multipart([b"decision", msgpack.packb({"v": SCHEMA_VERSION + 1, "seq": 4})])

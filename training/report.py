@@ -148,11 +148,17 @@ def _fmt(v) -> str:
 
 def _augment_text(meta: dict) -> str:
     """The report says when the model learned from mirrored images: a mirrored part passes it."""
-    mirrors = meta.get("augment") or []
-    if not mirrors:
+    augment = meta.get("augment") or []
+    mirrors = [a for a in augment if not a.startswith("jpeg")]
+    jpeg = [a for a in augment if a.startswith("jpeg")]
+    if not augment:
         return ""
-    return (f", fitted on {meta.get('train_images')} normal images including mirrors "
-            f"({html.escape(', '.join(mirrors))}): a mirrored part counts as normal")
+    parts = []
+    if mirrors:
+        parts.append(f"mirrors ({html.escape(', '.join(mirrors))}): a mirrored part counts as normal")
+    if jpeg:
+        parts.append(f"JPEG copies ({html.escape(jpeg[0])}, qualities from {jpeg[0][5:] or '75'} to 95)")
+    return f", fitted on {meta.get('train_images')} normal images including {'; '.join(parts)}"
 
 
 def _fallback_text(cal: dict) -> str:

@@ -29,7 +29,7 @@ from edge.decision import aggregate_maps
 from edge.images import DEFAULT_INTERPOLATION
 
 from . import calibrate
-from .augment import parse_augment, with_mirrors
+from .augment import jpeg_copies, jpeg_quality, parse_augment, with_mirrors
 from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
 from .data import LoadedImages, Split, SplitCounts, SplitFractions, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
@@ -254,9 +254,9 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           neighbourhood: int | None = None) -> dict:
     """Train, calibrate and evaluate a detector; returns metrics (also in out/metrics.json).
     `model="auto"` fits PaDiM and PatchCore and keeps the better on the calibration set
-    (training/select.py). `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of
-    the normal training images (training/augment.py); calibration and test images are never
-    mirrored."""
+    (training/select.py). `augment` ("hflip", "vflip", "hflip,vflip", and/or "jpeg[:Q]") adds
+    mirrored and/or JPEG-compressed copies of the normal training images (training/augment.py);
+    calibration and test images are never augmented."""
     if model == AUTO:
         _check_choices(aggregate, threshold)
         given = {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims, "neighbourhood": neighbourhood}
@@ -271,8 +271,8 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     detector = get_detector(model)
     _check_choices(aggregate, threshold)
     _check_numbers(image_size, batch_size, dims, neighbourhood)
-    mirrors = parse_augment(augment)
-    if mirrors and not detector.mirrors:
+    mirrors, jpeg = parse_augment(augment), jpeg_quality(augment)
+    if (mirrors or jpeg) and not detector.mirrors:
         raise ValueError(f"--augment applies to {', '.join(d.name for d in DETECTORS.values() if d.mirrors)} "
                          f"only: {model} already trains with random flips and turns")
     options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims,
@@ -289,10 +289,14 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
              split.policy)
     train_set = readable_images(split.train, size, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
     outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size, DEFAULT_INTERPOLATION)
-    normal = with_mirrors(torch.from_numpy(train_set.tensors), mirrors)
-    if mirrors:
-        log.info("training on %d normal images: %d and their mirrors (%s)", len(normal), len(train_set.paths),
-                 ", ".join(mirrors))
+    normal = torch.from_numpy(train_set.tensors)
+    if jpeg:  # JPEG copies (training/augment.py): a camera that compresses is not a defect
+        normal = torch.cat([normal, jpeg_copies(train_set.paths, size, DEFAULT_INTERPOLATION, jpeg)])
+    normal = with_mirrors(normal, mirrors)
+    if mirrors or jpeg:
+        extras = [f"JPEG copies (quality {jpeg}-95)"] * bool(jpeg) + [f"mirrors ({', '.join(mirrors)})"] * bool(mirrors)
+        log.info("training on %d normal images: %d and their %s", len(normal), len(train_set.paths),
+                 " and ".join(extras))
     backbone = load_backbone(weights, image_size)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, normal,
@@ -300,7 +304,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     fit_seconds = time.time() - fit_started
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
             "interpolation": DEFAULT_INTERPOLATION, **detector.shape(fitted), "options": options,
-            "augment": list(mirrors), "train_images": len(normal),
+            "augment": list(mirrors) + [f"jpeg:{jpeg}"] * bool(jpeg), "train_images": len(normal),
             "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
