@@ -80,7 +80,7 @@ def small_runs(pillqc_small, tmp_path_factory):
             run = root / detector
             options = {"fcdd": {"epochs": 30}, "patchcore": {"coreset_ratio": 0.25}}.get(detector, {})
             train(pillqc_small, run, "normal", detector, seed=0, image_size=SMALL_IMAGE_SIZE,
-                  counts=small_split(), aggregate="auto", **options)
+                  counts=small_split(), aggregate="auto", geometry="stretch", **options)
             export_onnx(run)
             done[detector] = run
         return done[detector]

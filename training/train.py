@@ -33,6 +33,7 @@ from .augment import parse_augment, with_mirrors
 from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
 from .data import LoadedImages, Split, SplitCounts, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
+from .geometry import Geometry, choose_geometry, frame_maps, geometry_of_run, load_prepared
 from .padim import check_neighbourhood, extract
 from .runfiles import read_run_json, require, retrain_hint
 
@@ -113,7 +114,8 @@ def image_scores(graph_scores: np.ndarray, maps: np.ndarray, aggregate: str) -> 
 def readable_images(items: list[tuple[str, str]], size: tuple[int, int], interpolation: str, name: str,
                     split_file: str | Path = "split.json") -> LoadedImages:
     """load_images, refusing a set with no readable image (an empty batch fails deep in torch)."""
-    images = load_images(items, size, interpolation)
+    # a Geometry (training/geometry.py) reads each image through it: tiles when tiled
+    images = load_prepared(items, size) if isinstance(size, Geometry) else load_images(items, size, interpolation)
     if not images.paths:
         if not items:
             raise ValueError(f"{split_file}: the {name} set lists no images; re-train the run to write a new split")
@@ -124,10 +126,10 @@ def readable_images(items: list[tuple[str, str]], size: tuple[int, int], interpo
     return images
 
 
-def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, int], normal: str,
+def _score_set(model: nn.Module, items: list[tuple[str, str]], size: Geometry, normal: str,
                batch_size: int, name: str, interpolation: str, split_file: str | Path = "split.json") -> Scored:
     images = readable_images(items, size, interpolation, name, split_file)
-    graph_scores, maps = predict(model, images.tensors, batch_size, desc=f"scoring {name}")
+    graph_scores, maps = frame_maps(predict, model, images, size, batch_size, desc=f"scoring {name}")
     return Scored(images, graph_scores, maps, normal)
 
 
@@ -163,7 +165,7 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "binormal")
     }
 
 
-def _evaluate(model: nn.Module, split: Split, size: tuple[int, int], normal: str, batch_size: int,
+def _evaluate(model: nn.Module, split: Split, size: Geometry, normal: str, batch_size: int,
               aggregate: str, method: str, interpolation: str,
               split_file: str | Path = "split.json") -> tuple[dict, list[dict], dict[str, Scored]]:
     """Calibrate on the calibration set, then (only then) score and evaluate the test set."""
@@ -247,7 +249,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean",
           threshold: str = "binormal", epochs: int | None = None, coreset_ratio: float | None = None,
           dims: int | None = None, augment: str | None = None, report: bool = True,
-          neighbourhood: int | None = None) -> dict:
+          neighbourhood: int | None = None, geometry: str = "auto") -> dict:
     """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json).
     `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of the normal training
     images (training/augment.py); calibration and test images are never mirrored."""
@@ -266,29 +268,31 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     run_dir.mkdir(parents=True, exist_ok=True)
     split = make_split(data, normal_class, seed, counts)
     (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=2) + "\n")
-    size = (image_size, image_size)
+    geo = choose_geometry(geometry, [p for p, _ in split.train], image_size, DEFAULT_INTERPOLATION)
+    size = geo.input_size
+    log.info("geometry: %s (%s)", geo.describe(), geo.reason)
     log.info("split: %d train (+%d outlier exposure), %d calibration, %d test images (seed %d)",
              len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed)
-    train_set = readable_images(split.train, size, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
-    outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size, DEFAULT_INTERPOLATION)
+    train_set = readable_images(split.train, geo, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
+    outliers = load_prepared(split.train_anomalous if detector.uses_outliers else [], geo)
     normal = with_mirrors(torch.from_numpy(train_set.tensors), mirrors)
     if mirrors:
         log.info("training on %d normal images: %d and their mirrors (%s)", len(normal), len(train_set.paths),
                  ", ".join(mirrors))
-    backbone = load_backbone(weights, image_size)
+    backbone = load_backbone(weights, size)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, normal,
                                    torch.from_numpy(outliers.tensors), seed, batch_size, options))
     fit_seconds = time.time() - fit_started
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
-            "interpolation": DEFAULT_INTERPOLATION, **detector.shape(fitted), "options": options,
+            "interpolation": DEFAULT_INTERPOLATION, "geometry": geo.to_json(), **detector.shape(fitted), "options": options,
             "augment": list(mirrors), "train_images": len(normal),
             "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
     torch.save(fitted.state_dict(), run_dir / "model.pt")
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    metrics, rows, scored = _evaluate(fitted, split, size, normal_class, batch_size, aggregate, threshold,
+    metrics, rows, scored = _evaluate(fitted, split, geo, normal_class, batch_size, aggregate, threshold,
                                       DEFAULT_INTERPOLATION, run_dir / "split.json")
     metrics = {"detector": model, **metrics}
     metrics["skipped"] = train_set.skipped + outliers.skipped + metrics["skipped"]
@@ -316,7 +320,7 @@ def evaluate(run_dir: str | Path, batch_size: int = 16, aggregate: str | None = 
     meta.update(aggregate=aggregate, threshold=threshold)
     split_path = run_dir / "split.json"
     split = Split.from_json(read_run_json(split_path, SPLIT_KEYS))
-    metrics, rows, scored = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"],
+    metrics, rows, scored = _evaluate(model, split, geometry_of_run(meta), meta["normal_class"],
                                       batch_size, aggregate, threshold, run_interpolation(meta), split_path)
     old = _previous_metrics(run_dir / "metrics.json")
     # training facts survive re-evaluation: the fit's timings, and the training images it skipped
