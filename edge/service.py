@@ -116,7 +116,8 @@ class ServiceMonitor:
             return
         # the first decision may still be in the engine when READY goes out: until it comes,
         # the stall counts from READY
-        last = pipeline.last_decision_mono if pipeline.last_decision_mono is not None else self._ready_at
+        # (while paused, frames counted and not judged are progress too)
+        last = pipeline.last_progress_mono if pipeline.last_progress_mono is not None else self._ready_at
         if now - last <= self.frame_stall_s:
             self.notifier.notify("WATCHDOG=1")
             self.watchdog_pings += 1
