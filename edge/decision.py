@@ -66,12 +66,16 @@ class DecisionRule:
                    d["normalisation"]["min"], d["normalisation"]["max"],
                    bundle.manifest["outputs"]["score"]["aggregate"])
 
-    def scores(self, graph_scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    def scores(self, graph_scores: np.ndarray | None, maps: np.ndarray) -> np.ndarray:
+        """graph_scores None: aggregate from the maps (a tiled frame's stitched map, whose
+        score the graph's per-tile mean is not)."""
+        if graph_scores is None:
+            return aggregate_maps(maps, self.aggregate)
         if self.aggregate == self.graph_aggregate:
             return graph_scores
         return aggregate_maps(maps, self.aggregate)
 
-    def decide(self, graph_scores: np.ndarray, maps: np.ndarray) -> list[Decision]:
+    def decide(self, graph_scores: np.ndarray | None, maps: np.ndarray) -> list[Decision]:
         """One decision per image. A score that is not finite (an engine that overflowed, e.g.
         in reduced precision) is an error, never an accept: `NaN >= threshold` is False."""
         scores = self.scores(graph_scores, maps)

@@ -115,6 +115,14 @@ class Geometry:
             out[i] = work[y:y + h, x:x + w].transpose(2, 0, 1)
         return out
 
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:  # the name edge.active and the sources call
+        return self.prepare(rgb)
+
+    @property
+    def tensor_shape(self) -> tuple[int, int, int]:
+        """One engine item's shape: a frame's input, or one tile of it."""
+        return (3, *self.input_size)
+
     # -- model maps -> frame map ----------------------------------------------------------------
 
     def stitch(self, tile_maps: np.ndarray) -> np.ndarray:
