@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PILLQC = Path(os.environ.get("LINEGATE_PILLQC", REPO.parent / "shared" / "datasets" / "pillqc"))
+KOLEKTORSDD = Path(os.environ.get("LINEGATE_KOLEKTORSDD", REPO.parent / "shared" / "datasets" / "kolektorsdd"))
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,16 @@ def pillqc() -> Path:
         pytest.fail(f"{where}; to run without the dataset, set LINEGATE_SKIP_PILLQC=1 and the pillQC "
                     "tests are skipped", pytrace=False)
     return PILLQC
+
+
+@pytest.fixture(scope="session")
+def kolektorsdd() -> Path:
+    """KolektorSDD (good/, defect/: 500 x ~1250 frames), or a skip that says why: evaluation
+    only (CC BY-NC-SA), so a box may lack it; LINEGATE_KOLEKTORSDD points elsewhere."""
+    if not (KOLEKTORSDD / "good").is_dir():
+        pytest.skip(f"KolektorSDD not found at {KOLEKTORSDD} (../shared/datasets/kolektorsdd beside the "
+                    "repository; set LINEGATE_KOLEKTORSDD to point elsewhere)")
+    return KOLEKTORSDD
 
 
 @pytest.fixture(scope="session")
