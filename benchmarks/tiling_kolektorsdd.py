@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    parser.add_argument("--rescored", type=Path, nargs=2, metavar=("STRETCH", "TILED"),
+                        help="copies of the two runs re-evaluated with `linegate evaluate RUN --aggregate auto`: "
+                             "their accuracy is reported beside (the image score chosen on calibration images)")
     args = parser.parse_args(argv)
 
     runs = {"stretch": args.stretch, "tiled": args.tiled}
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                             "note": "a stretched frame is one 224 x 224 input, the same graph as one tile"}
     result["timing"] = {"frames": len(images), "passes": args.passes, "max_batch": args.max_batch,
                         "engine": "onnxruntime CPU, default threads"}
+    if args.rescored:
+        result["aggregate_auto"] = {name: _summary(run) for name, run in zip(("stretch", "tiled"), args.rescored)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(_markdown(result))
@@ -111,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _markdown(r: dict) -> str:
     rows = []
-    for name in ("stretch", "tiled"):
-        s = r[name]
+    for name, s in [(n, r[n]) for n in ("stretch", "tiled")] + \
+            [(f"{n}, --aggregate auto", s) for n, s in r.get("aggregate_auto", {}).items()]:
         g = s["geometry"]
         what = (f"{g['mode']} {g['input'][0]}x{g['input'][1]}" if g["mode"] != "tile" else
                 f"tile: {s['tiles_per_frame']} tiles of {g['input'][0]}x{g['input'][1]} over {g['work'][0]}x{g['work'][1]}")
         rows.append(f"| {name} | {what} | {s['test']['auroc']:.4f} | {s['test']['accuracy']:.4f} | "
-                    f"{s['calibration']['aggregate']} | {s['test']['confusion']} | {s['frames_per_s']['median']} |")
+                    f"{s['calibration']['aggregate']} | {s['test']['confusion']} | {s.get('frames_per_s', {}).get('median', '')} |")
     return "\n".join([
         f"| run | geometry | test AUROC | test accuracy | score | confusion [[TN, FP], [FN, TP]] | frames/s |",
         "|---|---|---|---|---|---|---|", *rows, "",

@@ -286,7 +286,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     fit_seconds = time.time() - fit_started
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
             "interpolation": DEFAULT_INTERPOLATION, "geometry": geo.to_json(), **detector.shape(fitted), "options": options,
-            "augment": list(mirrors), "train_images": len(normal),
+            "augment": list(mirrors), "train_images": len(normal) // geo.tile_count,  # images, not tiles
             "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
