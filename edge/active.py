@@ -103,11 +103,12 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
-def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False) -> list[int]:
+def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False, pace: float = 0.0) -> list[int]:
     """Run the engine once at each batch size (ONNX Runtime plans its memory per shape).
 
     strict: a failure or a wrong output raises (a model about to be swapped in must work);
-    otherwise it is logged and the sizes warmed so far are returned.
+    otherwise it is logged and the sizes warmed so far are returned. pace: after each call,
+    sleep pace x its duration, leaving the cores to a model that is judging meanwhile.
     """
     todo = sorted(set(sizes))
     done: list[int] = []
@@ -115,6 +116,7 @@ def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False) -> l
         return done
     zeros = np.zeros((todo[-1], *model.geometry.tensor_shape), np.float32)
     for n in todo:
+        started = time.perf_counter()
         try:
             scores, maps = model.infer(zeros[:n])
             if len(scores) != n or len(maps) != n:
@@ -127,6 +129,8 @@ def warm_up(model: ActiveModel, sizes: Iterable[int], strict: bool = False) -> l
             log.warning("engine warm-up failed at batch %d (%s); going on without it", n, exc)
             break
         done.append(n)
+        if pace > 0:
+            time.sleep(pace * (time.perf_counter() - started))
     return done
 
 
@@ -150,11 +154,16 @@ class EngineSettings:
         return out
 
 
+# A hot swap warms the new engine while the old one judges on the same cores: pausing as long
+# as each warm-up call took halves the contention (benchmarks/swap_cost.py measures the cost).
+SWAP_WARM_PACE = 1.0
+
+
 def open_model(bundle_path: str, settings: EngineSettings, threshold: float | None = None,
-               aggregate: str | None = None, max_batch: int = 8) -> ActiveModel:
+               aggregate: str | None = None, max_batch: int = 8, pace: float = 0.0) -> ActiveModel:
     """Validate a bundle, open its engine and warm it at every batch size: ValueError (or
     RuntimeError from the warm-up) with the reason when anything fails. Nothing shared is
-    touched: the caller swaps the result in."""
+    touched: the caller swaps the result in. pace: see warm_up."""
     bundle: Bundle = load_bundle(bundle_path)  # manifest and checksums
     rule = DecisionRule.from_bundle(bundle, threshold, aggregate)
     try:
@@ -163,7 +172,7 @@ def open_model(bundle_path: str, settings: EngineSettings, threshold: float | No
         raise ValueError(f"{bundle_path}: the engine cannot load it ({type(exc).__name__}: {exc})") from exc
     model = ActiveModel.build(bundle, engine, rule)
     started = time.perf_counter()
-    warm_up(model, batch_sizes(max_batch), strict=True)
+    warm_up(model, batch_sizes(max_batch), strict=True, pace=pace)
     log.info("bundle %s (%s) opened and warmed at batch sizes 1-%d in %.2f s", bundle_path, bundle.model_id,
              max_batch, time.perf_counter() - started)
     return model

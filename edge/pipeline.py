@@ -204,6 +204,10 @@ class Pipeline:
         self._pauses: list[list[float]] = []  # [start, end] (end inf while paused), wall clock
         self.paused_frames = dict.fromkeys(ids, 0)  # per camera: captured while paused, not judged
         self.decisions_by_result: dict[tuple[str, str], int] = {}  # (camera, decision) -> count
+        self.last_frame_ts: dict[str, float] = {}  # per camera: capture time of the last frame batched
+        self.camera_fps = dict.fromkeys(ids, 0.0)  # decisions/s over the last stats interval
+        self.engine_busy: Engine | None = None  # the engine of the batch in flight (see retire_engine)
+        self._model_lock = threading.Lock()  # reading the model and marking its engine busy: one step
         self._batch_ids = itertools.count()
         ids = [s.camera_id for s in sources]
         self._decisions = dict.fromkeys(ids, 0)  # per camera, whole run
@@ -226,8 +230,25 @@ class Pipeline:
     def swap_model(self, model: ActiveModel) -> ActiveModel:
         """Put ``model`` in force from the next batch on; returns the one it replaces. The
         caller has validated and warmed it (edge.active.open_model)."""
-        old, self.model = self.model, model
+        with self._model_lock:
+            old, self.model = self.model, model
         return old
+
+    def retire_engine(self, engine: Engine, timeout_s: float = 120.0) -> bool:
+        """Close an engine swapped out (a TensorRT engine holds GPU memory until closed) once
+        the batch in flight, if it used it, has returned; engines without close() are left
+        to the garbage collector. Call from a thread that may wait; True if closed."""
+        close = getattr(engine, "close", None)
+        if close is None or engine is self.model.engine:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while self.engine_busy is engine:
+            if time.monotonic() > deadline:
+                log.warning("the swapped-out engine is still in a call after %.0f s; not closing it", timeout_s)
+                return False
+            time.sleep(0.005)
+        close()
+        return True
 
     # -- pause ------------------------------------------------------------------------------
 
@@ -282,11 +303,15 @@ class Pipeline:
                     break
                 if not batch:
                     continue
+                for frame in batch:
+                    self.last_frame_ts[frame.camera_id] = frame.capture_ts
                 if self._pauses:
                     batch = self._drop_paused(batch)
                     if not batch:
                         continue
-                model = self.model  # once per batch: the whole batch is judged by this model
+                with self._model_lock:  # once per batch: the whole batch is judged by this model
+                    model = self.model
+                    self.engine_busy = model.engine
                 shape = (self.options.max_batch, *model.geometry.tensor_shape)
                 buffer = buffers.get(shape)
                 if buffer is None:
@@ -304,6 +329,7 @@ class Pipeline:
                 errors = None
                 if failure is not None or len(good) != len(batch):
                     errors = [f.error or failure for f in batch]
+                self.engine_busy = None
                 self._results.put(_Result(batch, scores, maps, errors, batch_id, model))
         finally:
             self._results.put(_END)
@@ -474,7 +500,8 @@ class Pipeline:
         cameras = {}
         for s in self.sources:
             cid = s.camera_id
-            cameras[cid] = {**s.status(), "fps": round(self._interval[cid] / interval_s, 2),
+            self.camera_fps[cid] = round(self._interval[cid] / interval_s, 2)
+            cameras[cid] = {**s.status(), "fps": self.camera_fps[cid],
                             "decisions": self._decisions[cid], "dropped": self._queue.dropped.get(cid, 0),
                             "paused": self.paused_frames[cid]}
         interval_frames = sum(self._interval.values())
@@ -487,12 +514,16 @@ class Pipeline:
             "fps": round(self.last_fps, 2), "frames": summary.frames, "rejects": summary.rejects,
             "errors": summary.errors, "batches": summary.batches,
             "cameras": cameras,
-            "queue_depth": {"frames": len(self._queue), "results": self._results.qsize()},
+            "queue_depth": self.queue_depths(),
             "latency_ms": self.latency.take(),
             "engine_failures_in_a_row": self._engine_failures,
             "publisher": {"sent": dict(self.publisher.sent), "dropped": dict(self.publisher.dropped),
                           "subscriptions": self.publisher.subscriptions},
         }
+
+    def queue_depths(self) -> dict[str, int]:
+        """Frames waiting for a batch, batches waiting to be published, overlays/frames due."""
+        return {"frames": len(self._queue), "results": self._results.qsize(), "overlays": len(self._overlays_due)}
 
     def _publish_stats(self, summary: RunSummary, now: float, interval_s: float) -> None:
         message = self._stats_message(summary, now, interval_s)

@@ -1,4 +1,4 @@
-"""Publishing decisions, overlays and stats over ZeroMQ.
+"""Publishing decisions, overlays, stats, events and reject frames over ZeroMQ.
 
 Wire format, one multipart message per event: ``[topic, header, payload?]``
 

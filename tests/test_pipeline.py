@@ -279,7 +279,7 @@ def test_stats_topic_reports_cameras_queues_and_stage_latencies(tiny_bundle):
         counts = np.diff([0] + [s["cameras"][cam]["decisions"] for s in stats])
         rates = [s["cameras"][cam]["fps"] * s["interval_s"] for s in stats]
         assert rates == pytest.approx(counts, abs=0.1)
-    assert set(mid["queue_depth"]) == {"frames", "results"}
+    assert set(mid["queue_depth"]) == {"frames", "results", "overlays"}
     for stage in STAGES:
         lat = mid["latency_ms"][stage]
         assert lat["n"] > 0 and 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], stage
