@@ -13,7 +13,7 @@ import pytest
 from conftest import free_tcp_endpoint, linegate_cmd, read_json
 from edge.active import ActiveModel
 from edge.bundle import load_bundle
-from edge.decision import DecisionRule
+from edge.decision import DecisionRule, aggregate_maps
 from edge.engine import open_engine
 from edge.frames import Frame
 from edge.images import read_image
@@ -83,7 +83,10 @@ def test_runtime_maps_equal_offline_maps(run):
     decisions = active.decide(["cam0"] * len(rows), None, maps)
     assert [d.decision for d in decisions] == [r["decision"] for r in rows]
     np.testing.assert_allclose([d.score for d in decisions], [float(r["score"]) for r in rows], rtol=1e-3)
-    np.testing.assert_allclose(offline_scores, [float(r["score"]) for r in rows], rtol=1e-5)
+    # offline evaluation's own image scores: the calibrated aggregate of its stitched maps
+    offline_image_scores = aggregate_maps(offline_maps, bundle.decision["aggregate"])
+    np.testing.assert_allclose(offline_image_scores, [float(r["score"]) for r in rows], rtol=1e-5)
+    np.testing.assert_allclose(offline_scores, aggregate_maps(offline_maps, "mean"), rtol=1e-6)
 
 
 def test_linegate_run_decisions_equal_offline_evaluation(run, tmp_path):
