@@ -591,6 +591,7 @@ class Pipeline:
             t.start()
         inference.start()
         log.info("running: %s -> %s", ", ".join(s.camera_id for s in self.sources), self.publisher.endpoint)
+        log.info("frame geometry: %s", self.model.geometry.describe())
         while True:
             # Decisions are what the line waits for, so a batch's decisions never queue behind
             # earlier frames' overlays: one overlay is drawn per turn of this loop, and only
