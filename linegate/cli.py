@@ -352,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_arguments(p)
     p.set_defaults(func=ctl.main)
 
+    from lineside import history, record  # light: psycopg is imported only for a postgresql:// target
+
+    p = sub.add_parser("record", help="record every decision, event and reject image (SQLite or PostgreSQL)")
+    record.add_arguments(p)
+    p.set_defaults(func=record.main)
+    p = sub.add_parser("history", help="query the record made by `linegate record`")
+    history.add_arguments(p)
+    p.set_defaults(func=history.main)
+
+    from lineside.view.cli import add_arguments as add_view_arguments, main as view_main
+
+    p = sub.add_parser("view", help="the operator's browser page: live decisions, rejects, threshold")
+    add_view_arguments(p)
+    p.set_defaults(func=view_main)
+
     from benchmarks.bench import add_arguments as add_bench_arguments  # light: no torch, no onnx
 
     p = sub.add_parser("bench", help="throughput (backbone alone, model, pipeline), latency and memory "
