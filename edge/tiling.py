@@ -228,9 +228,9 @@ class Geometry:
     def describe(self) -> str:
         h, w = self.input_size
         if not self.tiled:
-            return f"{self.mode} to {h}x{w}"
+            return f"{self.mode} to {h}x{w} (height x width)"
         return (f"tile: {self.tile_count} tiles of {h}x{w} over the frame resized to "
-                f"{self.work_size[0]}x{self.work_size[1]}")
+                f"{self.work_size[0]}x{self.work_size[1]} (height x width)")
 
 
 def _pair(value: object, key: str, minimum: int = 1) -> tuple[int, int]:
