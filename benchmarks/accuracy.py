@@ -96,17 +96,19 @@ def frames_per_second(run_dir: Path, paths: list[str], batch: int = 8, rounds: i
 
 
 def frame_preparer(bundle):
-    from edge.images import preprocess
-
-    shape = bundle.manifest["input"]["shape"]
-    size = (shape[-2], shape[-1])
-    return lambda frame: preprocess(frame, size, bundle.manifest["input"].get("interpolation", "area"))[None]
+    """The bundle's geometry (edge/tiling.py), as the runtime applies it: one input per frame,
+    or the frame's tiles."""
+    return bundle.geometry
 
 
 def decide_frames(engine, rule, prepare, frames) -> list:
-    tensors = np.concatenate([prepare(f) for f in frames])
-    scores, maps = engine.infer(tensors)
-    return rule.decide(scores, maps)
+    if not prepare.tiled:
+        scores, maps = engine.infer(np.stack([prepare.prepare(f) for f in frames]))
+        return rule.decide(scores, maps)
+    tiles = np.concatenate([prepare.prepare(f) for f in frames])  # the frames' tiles share the call
+    _, maps = engine.infer(tiles)
+    stitched = prepare.stitch_many(maps.reshape(len(frames), prepare.tile_count, *maps.shape[1:]))
+    return rule.decide(None, stitched)  # the score of the whole stitched map
 
 
 def one_run(name: str, data: Path, workdir: Path, seed: int, model: str = "auto") -> list[dict]:

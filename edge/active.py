@@ -26,27 +26,11 @@ import numpy as np
 from .bundle import Bundle, load_bundle
 from .decision import ACCEPT, ERROR, REJECT, Decision, DecisionRule
 from .engine import Engine, open_engine
-from .images import preprocess
+from .tiling import Geometry  # how a frame becomes input (stretch or tiles); equal geometries, equal tensors
 
 log = logging.getLogger(__name__)
 
 WARM_EVERY_SIZE_UP_TO = 16  # beyond: powers of two and max_batch (every size costs O(n^2) images)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How a frame becomes the model's input; equal geometries make equal tensors."""
-
-    input_size: tuple[int, int]  # (height, width)
-    interpolation: str
-
-    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        return preprocess(rgb, self.input_size, self.interpolation)
-
-    @property
-    def tensor_shape(self) -> tuple[int, int, int]:
-        h, w = self.input_size
-        return (3, h, w)
 
 
 @dataclass(frozen=True)
@@ -63,7 +47,7 @@ class ActiveModel:
 
     @classmethod
     def build(cls, bundle: Bundle, engine: Engine, rule: DecisionRule) -> "ActiveModel":
-        return cls(bundle, engine, rule, Geometry(bundle.input_size, bundle.interpolation))
+        return cls(bundle, engine, rule, bundle.geometry)
 
     @property
     def model_id(self) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from .decision import aggregate_maps
 from .images import INTERPOLATIONS
 from .overlay import UPSAMPLES
+from .tiling import Geometry, GeometryError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -157,6 +158,10 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
     except ValueError as exc:
         raise BundleError(f"{where}: key 'decision.aggregate': {exc} (re-calibrate with "
                           "`linegate evaluate RUN --aggregate ...` and re-export)") from None
+    try:  # optional: bundles without it stretch every frame to input.shape
+        Geometry.from_manifest(manifest)
+    except GeometryError as exc:
+        raise BundleError(f"{where}: {exc}") from None
     if not manifest["files"]:
         raise BundleError(f"{where}: key 'files' lists no model file; re-export the bundle with "
                           "`linegate export onnx RUN`")
@@ -239,6 +244,12 @@ class Bundle:
     def map_upsample(self) -> str:
         """How overlays bring the map to the frame (edge.overlay.UPSAMPLES)."""
         return self.manifest["outputs"]["map"].get("upsample", "bilinear")
+
+    @property
+    def geometry(self) -> Geometry:
+        """What the detector sees of a frame (edge/tiling.py): stretch to input.shape for
+        bundles without a `geometry` block."""
+        return Geometry.from_manifest(self.manifest)
 
     @property
     def decision(self) -> dict:

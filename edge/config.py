@@ -454,7 +454,8 @@ def check_files(config: Config) -> Checked:
     except ValueError as exc:
         raise config.error("key 'engine.bundle'", str(exc)) from None
     lines = [f"bundle {bundle.path}: model {bundle.model_id}, input {bundle.input_size[1]}x"
-             f"{bundle.input_size[0]}, files {', '.join(sorted(bundle.manifest['files']))}"]
+             f"{bundle.input_size[0]}, files {', '.join(sorted(bundle.manifest['files']))}",
+             f"frame geometry: {bundle.geometry.describe()}"]
     # What `run` would refuse later, before reading a frame, is refused here (check-config too).
     try:
         DecisionRule.from_bundle(bundle, config.decision.threshold, config.decision.aggregate)

@@ -348,16 +348,18 @@ class Pipeline:
     def _run_engine(self, model: ActiveModel, batch: list[Frame], buffer: np.ndarray,
                     batch_id: int) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
         """(scores, maps, None), or (None, None, reason) when the engine failed on the batch."""
-        n = len(batch)
+        n, tiled = len(batch), model.geometry.tiled
         for i, frame in enumerate(batch):
             if frame.geometry != model.geometry:  # preprocessed before a swap: again, for this model
                 frame.tensor = model.preprocess(frame.image)
-            buffer[i] = frame.tensor
-            frame.tensor = None  # the buffer holds it now; free the frame's copy
+            if not tiled:
+                buffer[i] = frame.tensor
+                frame.tensor = None  # the buffer holds it now; free the frame's copy
         started = time.perf_counter()
         try:
-            scores, maps = model.infer(buffer[:n])
-            if len(scores) != n or len(maps) != n:
+            scores, maps = self._infer_tiles(model, batch, buffer) if tiled else model.infer(buffer[:n])
+            # tiled: scores None, the decision aggregates each frame's whole stitched map
+            if not tiled and (len(scores) != n or len(maps) != n):
                 raise RuntimeError(f"engine returned {len(scores)} scores and {len(maps)} maps "
                                    f"for {n} frames")
         except Exception as exc:  # noqa: BLE001 - the frames get an error decision
@@ -379,13 +381,34 @@ class Pipeline:
             self._engine_failures = 0
         return scores, maps, None
 
+    @staticmethod
+    def _infer_tiles(model: ActiveModel, batch: list[Frame], buffer: np.ndarray) -> tuple[None, np.ndarray]:
+        """Tiled geometry (edge/tiling.py): the tiles of all the batch's frames fill the engine's
+        batches together (a tiled frame costs about its tile count in engine items, not a call
+        of its own), and each frame's tile maps are stitched into one map of the whole frame."""
+        geometry, size = model.geometry, len(buffer)
+        tiles = [tile for frame in batch for tile in frame.tensor]
+        for frame in batch:
+            frame.tensor = None
+        out = []
+        for start in range(0, len(tiles), size):
+            chunk = tiles[start:start + size]
+            for j, tile in enumerate(chunk):
+                buffer[j] = tile
+            _, maps = model.infer(buffer[:len(chunk)])
+            if len(maps) != len(chunk):
+                raise RuntimeError(f"engine returned {len(maps)} maps for {len(chunk)} tiles")
+            out.append(np.array(maps, np.float32))  # a copy: an engine may reuse its output buffer
+        maps = np.concatenate(out)
+        return None, geometry.stitch_many(maps.reshape(len(batch), geometry.tile_count, *maps.shape[1:]))
+
     # -- publishing thread ------------------------------------------------------------------------
 
     def _handle(self, result: _Result, summary: RunSummary) -> None:
         frames, n, model = result.frames, len(result.frames), result.model
         started = time.perf_counter()
         judged_ids = [f.camera_id for f, e in zip(frames, result.errors or itertools.repeat(None)) if e is None]
-        decisions = model.decide(judged_ids, result.scores, result.maps) if result.scores is not None else []
+        decisions = model.decide(judged_ids, result.scores, result.maps) if result.maps is not None else []
         maps: Any = result.maps
         errors: Any = itertools.repeat(None)
         if result.errors is not None:  # rare: merge the engine's decisions with error decisions
@@ -589,6 +612,7 @@ class Pipeline:
             t.start()
         inference.start()
         log.info("running: %s -> %s", ", ".join(s.camera_id for s in self.sources), self.publisher.endpoint)
+        log.info("frame geometry: %s", self.model.geometry.describe())
         while True:
             # Decisions are what the line waits for, so a batch's decisions never queue behind
             # earlier frames' overlays: one overlay is drawn per turn of this loop, and only

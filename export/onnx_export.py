@@ -120,6 +120,8 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
                      "aggregate_requested": cal.get("aggregate_requested", cal["aggregate"]),
                      "aggregate_auroc": cal.get("aggregate_auroc", {})},
         "display_range": cal["display_range"],
+        # what the detector sees of a frame (edge/tiling.py); the runtime applies exactly this
+        **({"geometry": meta["geometry"]} if "geometry" in meta else {}),
         "classes": {"normal": meta["normal_class"], "anomalous": meta["anomalous_classes"]},
         # what the model learned "normal" from: mirrored training images mean a mirrored part passes
         "training": {"seed": meta.get("seed"), "augment": meta.get("augment", []),

@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(args.data, args.out, args.normal_class, args.model, args.seed, weights,
                     args.image_size, args.split, aggregate=args.aggregate, threshold=args.threshold,
                     epochs=args.epochs, coreset_ratio=args.coreset_ratio, dims=args.dims,
-                    augment=args.augment, neighbourhood=args.neighbourhood)
+                    augment=args.augment, neighbourhood=args.neighbourhood, geometry=args.geometry)
     _print_metrics(metrics)
     print(f"report: {args.out}/report/report.html")
     if metrics["skipped"]:
@@ -61,6 +61,11 @@ def _print_metrics(metrics: dict) -> None:
           f"{cal['threshold']:.4g} ({cal['method']}), AUROC {cal['auroc']:.4f}")
     print(f"test: AUROC {test['auroc']:.4f}  accuracy {test['accuracy']:.4f}  precision "
           f"{test['precision']:.4f}  recall {test['recall']:.4f}  confusion {test['confusion']}")
+
+
+def _geometry_help() -> str:
+    return ("auto (default: from the training images' sizes), stretch, aspect or tile:SIZE[,OVERLAP]; "
+            "see README, Frame geometry")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -227,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet",
                    help="backbone weights: imagenet (packaged), random, or a .pth file")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--geometry", default="auto", help=_geometry_help())
     p.add_argument("--split", type=_split_counts, default=None,
                    help="auto (default: 60%% of the good images fit, 20%% calibrate, 20%% test; defects half "
                         "calibrate, half test, 2 per class for outlier exposure) or four counts "

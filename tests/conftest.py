@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PILLQC = Path(os.environ.get("LINEGATE_PILLQC", REPO.parent / "shared" / "datasets" / "pillqc"))
+KOLEKTORSDD = Path(os.environ.get("LINEGATE_KOLEKTORSDD", REPO.parent / "shared" / "datasets" / "kolektorsdd"))
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,16 @@ def pillqc() -> Path:
         pytest.fail(f"{where}; to run without the dataset, set LINEGATE_SKIP_PILLQC=1 and the pillQC "
                     "tests are skipped", pytrace=False)
     return PILLQC
+
+
+@pytest.fixture(scope="session")
+def kolektorsdd() -> Path:
+    """KolektorSDD (good/, defect/: 500 x ~1250 frames), or a skip that says why: evaluation
+    only (CC BY-NC-SA), so a box may lack it; LINEGATE_KOLEKTORSDD points elsewhere."""
+    if not (KOLEKTORSDD / "good").is_dir():
+        pytest.skip(f"KolektorSDD not found at {KOLEKTORSDD} (../shared/datasets/kolektorsdd beside the "
+                    "repository; set LINEGATE_KOLEKTORSDD to point elsewhere)")
+    return KOLEKTORSDD
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +93,7 @@ def small_runs(pillqc_small, tmp_path_factory):
             run = root / detector
             options = {"fcdd": {"epochs": 30}, "patchcore": {"coreset_ratio": 0.25}}.get(detector, {})
             train(pillqc_small, run, "normal", detector, seed=0, image_size=SMALL_IMAGE_SIZE,
-                  counts=small_split(), aggregate="auto", **options)
+                  counts=small_split(), aggregate="auto", geometry="stretch", **options)
             export_onnx(run)
             done[detector] = run
         return done[detector]

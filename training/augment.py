@@ -24,6 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -83,15 +85,15 @@ def copy_qualities(n: int, lowest: int) -> list[int]:
     return [int(q) for q in spread[order]]
 
 
-def jpeg_copies(paths: list[str], size: tuple[int, int], interpolation: str, lowest: int) -> torch.Tensor:
-    """(N, 3, H, W) float tensors of the images at ``paths`` after a JPEG round trip (quality
-    from ``lowest`` to 95, see copy_qualities), then the runtime's preprocessing
-    (training/data.py reads the originals the same way)."""
-    from edge.images import preprocess, read_image
+def jpeg_copies(paths: list[str], prepare: Callable[[np.ndarray], np.ndarray], lowest: int) -> torch.Tensor:
+    """(N x k, 3, H, W) float tensors of the images at ``paths`` after a JPEG round trip (quality
+    from ``lowest`` to 95, see copy_qualities), then ``prepare``: the run's frame geometry
+    (training/geometry.py), which gives k = 1 input or k tiles per image, as the originals get."""
+    from edge.images import read_image
 
     qualities = copy_qualities(len(paths), lowest)
-    return torch.from_numpy(np.stack([preprocess(jpeg_round_trip(read_image(Path(p)), q), size, interpolation)
-                                      for p, q in zip(paths, qualities)]))
+    return torch.from_numpy(np.concatenate([prepare(jpeg_round_trip(read_image(Path(p)), q))
+                                            for p, q in zip(paths, qualities)]))
 
 
 def with_mirrors(images: torch.Tensor, mirrors: tuple[str, ...]) -> torch.Tensor:

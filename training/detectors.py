@@ -119,5 +119,5 @@ def get_detector(name: str) -> Detector:
 def build_model(meta: dict) -> nn.Module:
     """An empty detector of the run's shape, ready for load_state_dict (no weights file read)."""
     detector = get_detector(meta.get("detector", "padim"))
-    backbone = load_backbone(weights=None, image_size=meta["image_size"][0])
+    backbone = load_backbone(weights=None, image_size=tuple(meta["image_size"]))
     return detector.build(meta, backbone)

@@ -78,7 +78,9 @@ class _Term:
 
 
 def _tap_sizes(backbone: EfficientNetLite0) -> list[tuple[int, int]]:
-    return [(backbone._blocks[i].out_size,) * 2 for i in TAP_BLOCKS.values()]
+    h, w = getattr(backbone, "input_hw", (backbone.image_size,) * 2)
+    stride = h // backbone._blocks[TAP_BLOCKS["stride4"]].out_size  # 4: "same" convs give ceil(size / stride)
+    return [(-(-h // (stride * 2 ** k)), -(-w // (stride * 2 ** k))) for k in range(len(TAP_BLOCKS))]
 
 
 def _nearest_source(size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:

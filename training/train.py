@@ -33,6 +33,7 @@ from .augment import jpeg_copies, jpeg_quality, parse_augment, with_mirrors
 from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
 from .data import LoadedImages, Split, SplitCounts, SplitFractions, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
+from .geometry import Geometry, choose_geometry, frame_maps, geometry_of_run, load_prepared
 from .padim import check_neighbourhood, extract
 from .runfiles import read_run_json, require, retrain_hint
 from .select import AUTO, AUTO_CANDIDATES, train_auto
@@ -114,7 +115,8 @@ def image_scores(graph_scores: np.ndarray, maps: np.ndarray, aggregate: str) -> 
 def readable_images(items: list[tuple[str, str]], size: tuple[int, int], interpolation: str, name: str,
                     split_file: str | Path = "split.json") -> LoadedImages:
     """load_images, refusing a set with no readable image (an empty batch fails deep in torch)."""
-    images = load_images(items, size, interpolation)
+    # a Geometry (training/geometry.py) reads each image through it: tiles when tiled
+    images = load_prepared(items, size) if isinstance(size, Geometry) else load_images(items, size, interpolation)
     if not images.paths:
         if not items:
             raise ValueError(f"{split_file}: the {name} set lists no images; re-train the run to write a new split")
@@ -125,10 +127,10 @@ def readable_images(items: list[tuple[str, str]], size: tuple[int, int], interpo
     return images
 
 
-def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, int], normal: str,
+def _score_set(model: nn.Module, items: list[tuple[str, str]], size: Geometry, normal: str,
                batch_size: int, name: str, interpolation: str, split_file: str | Path = "split.json") -> Scored:
     images = readable_images(items, size, interpolation, name, split_file)
-    graph_scores, maps = predict(model, images.tensors, batch_size, desc=f"scoring {name}")
+    graph_scores, maps = frame_maps(predict, model, images, size, batch_size, desc=f"scoring {name}")
     return Scored(images, graph_scores, maps, normal)
 
 
@@ -167,7 +169,7 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "binormal")
     }
 
 
-def _evaluate(model: nn.Module, split: Split, size: tuple[int, int], normal: str, batch_size: int,
+def _evaluate(model: nn.Module, split: Split, size: Geometry, normal: str, batch_size: int,
               aggregate: str, method: str, interpolation: str,
               split_file: str | Path = "split.json") -> tuple[dict, list[dict], dict[str, Scored]]:
     """Calibrate on the calibration set, then (only then) score and evaluate the test set."""
@@ -251,7 +253,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           counts: SplitCounts | SplitFractions | None = None, batch_size: int = 16, aggregate: str = "auto",
           threshold: str = "binormal", epochs: int | None = None, coreset_ratio: float | None = None,
           dims: int | None = None, augment: str | None = None, report: bool = True,
-          neighbourhood: int | None = None) -> dict:
+          neighbourhood: int | None = None, geometry: str = "auto") -> dict:
     """Train, calibrate and evaluate a detector; returns metrics (also in out/metrics.json).
     `model="auto"` fits PaDiM and PatchCore and keeps the better on the calibration set
     (training/select.py). `augment` ("hflip", "vflip", "hflip,vflip", and/or "jpeg[:Q]") adds
@@ -266,7 +268,7 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
         def one(out: Path, model: str, report: bool) -> dict:  # each candidate gets the options it has
             picked = {k: v for k, v in given.items() if k in get_detector(model).options}
             return train(data, out, normal_class, model, seed, weights, image_size, counts, batch_size,
-                         aggregate, threshold, augment=augment, report=report, **picked)
+                         aggregate, threshold, augment=augment, report=report, geometry=geometry, **picked)
         return train_auto(one, out, report=report)
     detector = get_detector(model)
     _check_choices(aggregate, threshold)
@@ -283,34 +285,37 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     run_dir.mkdir(parents=True, exist_ok=True)
     split = make_split(data, normal_class, seed, counts)
     (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=2) + "\n")
-    size = (image_size, image_size)
+    geo = choose_geometry(geometry, [p for p, _ in split.train], image_size, DEFAULT_INTERPOLATION)
+    size = geo.input_size
+    log.info("geometry: %s (%s)", geo.describe(), geo.reason)
     log.info("split: %d train (+%d outlier exposure), %d calibration, %d test images (seed %d; %s)",
              len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed,
              split.policy)
-    train_set = readable_images(split.train, size, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
-    outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size, DEFAULT_INTERPOLATION)
+    train_set = readable_images(split.train, geo, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
+    outliers = load_prepared(split.train_anomalous if detector.uses_outliers else [], geo)
     normal = torch.from_numpy(train_set.tensors)
     if jpeg:  # JPEG copies (training/augment.py): a camera that compresses is not a defect
-        normal = torch.cat([normal, jpeg_copies(train_set.paths, size, DEFAULT_INTERPOLATION, jpeg)])
+        normal = torch.cat([normal, jpeg_copies(train_set.paths, lambda rgb: geo.prepare(rgb).reshape(-1, 3, *size), jpeg)])
     normal = with_mirrors(normal, mirrors)
     if mirrors or jpeg:
         extras = [f"JPEG copies (quality {jpeg}-95)"] * bool(jpeg) + [f"mirrors ({', '.join(mirrors)})"] * bool(mirrors)
-        log.info("training on %d normal images: %d and their %s", len(normal), len(train_set.paths),
+        log.info("training on %d normal inputs: %d images and their %s", len(normal), len(train_set.paths),
                  " and ".join(extras))
-    backbone = load_backbone(weights, image_size)
+    backbone = load_backbone(weights, size)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, normal,
                                    torch.from_numpy(outliers.tensors), seed, batch_size, options))
     fit_seconds = time.time() - fit_started
     meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
-            "interpolation": DEFAULT_INTERPOLATION, **detector.shape(fitted), "options": options,
-            "augment": list(mirrors) + [f"jpeg:{jpeg}"] * bool(jpeg), "train_images": len(normal),
+            "interpolation": DEFAULT_INTERPOLATION, "geometry": geo.to_json(), **detector.shape(fitted),
+            "options": options, "augment": list(mirrors) + [f"jpeg:{jpeg}"] * bool(jpeg),
+            "train_images": len(normal) // geo.tile_count,  # inputs per image: 1, or the tiles
             "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
             "anomalous_classes": sorted({c for _, c in split.calibration + split.test} - {normal_class}),
             "data": str(Path(data).resolve())}
     torch.save(fitted.state_dict(), run_dir / "model.pt")
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    metrics, rows, scored = _evaluate(fitted, split, size, normal_class, batch_size, aggregate, threshold,
+    metrics, rows, scored = _evaluate(fitted, split, geo, normal_class, batch_size, aggregate, threshold,
                                       DEFAULT_INTERPOLATION, run_dir / "split.json")
     metrics = {"detector": model, **metrics}
     metrics["skipped"] = train_set.skipped + outliers.skipped + metrics["skipped"]
@@ -338,7 +343,7 @@ def evaluate(run_dir: str | Path, batch_size: int = 16, aggregate: str | None = 
     meta.update(aggregate=aggregate, threshold=threshold)
     split_path = run_dir / "split.json"
     split = Split.from_json(read_run_json(split_path, SPLIT_KEYS))
-    metrics, rows, scored = _evaluate(model, split, tuple(meta["image_size"]), meta["normal_class"],
+    metrics, rows, scored = _evaluate(model, split, geometry_of_run(meta), meta["normal_class"],
                                       batch_size, aggregate, threshold, run_interpolation(meta), split_path)
     old = _previous_metrics(run_dir / "metrics.json")
     # training facts survive re-evaluation: the fit's timings, and the training images it skipped
