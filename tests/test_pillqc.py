@@ -10,6 +10,7 @@ import pytest
 
 from conftest import free_tcp_endpoint, linegate_cmd, read_json
 from edge.bundle import load_bundle
+from edge.decision import DecisionRule
 from edge.engine import open_engine
 from edge.subscriber import Subscriber
 from training.data import load_images
@@ -45,7 +46,9 @@ def test_onnx_runtime_matches_torch_on_real_images(pillqc_run):
     rows = _predictions(pillqc_run, "test")
     loaded = load_images([(r["path"], r["class"]) for r in rows], bundle.input_size)
     engine = open_engine(bundle)
-    ort_scores = np.concatenate([engine.infer(loaded.tensors[i:i + 16])[0] for i in range(0, len(rows), 16)])
+    rule = DecisionRule.from_bundle(bundle)  # the calibrated image score, from the graph's outputs
+    ort_scores = np.concatenate([rule.scores(*engine.infer(loaded.tensors[i:i + 16]))
+                                 for i in range(0, len(rows), 16)])
     torch_scores = np.array([float(r["score"]) for r in rows])
     np.testing.assert_allclose(ort_scores, torch_scores, rtol=1e-3)
     threshold = bundle.decision["threshold"]
