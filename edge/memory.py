@@ -60,12 +60,13 @@ class BatchMemory:
     max_batch: int
     queue_capacity: int
     available: int | None
+    tiles_per_frame: int = 1  # a tiled bundle's queued frame holds one tensor per tile
 
     def need(self, max_batch: int | None = None) -> int:
         """Bytes beyond what is resident after the probe that a run at ``max_batch`` will add."""
         b = self.max_batch if max_batch is None else max_batch
         engine = self.per_frame_engine * max(0, b - PROBE_BATCH)
-        buffers = self.per_frame_tensor * (b + self.queue_capacity)  # batch buffer + queued frames
+        buffers = self.per_frame_tensor * (b + self.queue_capacity * self.tiles_per_frame)  # batch + queue
         return engine + buffers
 
     def largest_fitting(self) -> int:
@@ -82,14 +83,15 @@ class BatchMemory:
     def describe(self) -> str:
         text = (f"max_batch {self.max_batch} needs about {self.need() / MIB:.0f} MiB more (the engine grew "
                 f"{self.per_frame_engine / MIB:.1f} MiB per frame of batch between batches of 1 and {PROBE_BATCH}; "
-                f"{self.per_frame_tensor / MIB:.1f} MiB per frame held by the batch buffer and the queue of "
-                f"{self.queue_capacity})")
+                f"{self.per_frame_tensor / MIB:.1f} MiB per engine item held by the batch buffer and the queue of "
+                f"{self.queue_capacity}{f' frames of {self.tiles_per_frame} tiles' if self.tiles_per_frame > 1 else ''})")
         if self.available is not None:
             text += f"; {self.available / MIB:.0f} MiB available on this box"
         return text
 
 
-def measure(engine, input_size: tuple[int, int], max_batch: int, queue_capacity: int) -> BatchMemory:
+def measure(engine, input_size: tuple[int, int], max_batch: int, queue_capacity: int,
+            tiles_per_frame: int = 1) -> BatchMemory:
     """Run the engine at batch 1 and PROBE_BATCH and extrapolate to ``max_batch``."""
     h, w = input_size
     zeros = np.zeros((PROBE_BATCH, 3, h, w), np.float32)
@@ -99,4 +101,5 @@ def measure(engine, input_size: tuple[int, int], max_batch: int, queue_capacity:
     engine.infer(zeros)
     grown = max(0, resident_bytes() - one)
     return BatchMemory(per_frame_engine=grown // (PROBE_BATCH - 1), per_frame_tensor=zeros[0].nbytes,
-                       max_batch=max_batch, queue_capacity=queue_capacity, available=available_bytes())
+                       max_batch=max_batch, queue_capacity=queue_capacity, available=available_bytes(),
+                       tiles_per_frame=tiles_per_frame)

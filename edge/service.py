@@ -226,7 +226,8 @@ def preflight(config: Config) -> Preflight:
     if max_batch < batching.max_batch:
         log.info("batching: max_batch %d is more than the queue holds (queue_capacity %d): batches stop at %d",
                  batching.max_batch, batching.queue_capacity, max_batch)
-    memory = measure_memory(engine, bundle.input_size, max_batch, batching.queue_capacity)
+    memory = measure_memory(engine, bundle.input_size, max_batch, batching.queue_capacity,
+                            bundle.geometry.tile_count)
     if not memory.fits():
         raise config.error("key 'batching.max_batch'", f"{memory.describe()}: it cannot fit; use max_batch "
                            f"<= {memory.largest_fitting()} (and a smaller queue_capacity) or a box with more memory")
