@@ -41,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(args.data, args.out, args.normal_class, args.model, args.seed, weights,
                     args.image_size, args.split, aggregate=args.aggregate, threshold=args.threshold,
                     epochs=args.epochs, coreset_ratio=args.coreset_ratio, dims=args.dims,
-                    augment=args.augment, neighbourhood=args.neighbourhood)
+                    augment=args.augment, neighbourhood=args.neighbourhood, backbone=args.backbone,
+                    bank_size=args.bank_size, projection_dims=args.projection_dims)
     _print_metrics(metrics)
     print(f"report: {args.out}/report/report.html")
     if metrics["skipped"]:
@@ -216,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="padim", choices=["padim", "fcdd", "patchcore"])
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"],
+                   help="EfficientNet-Lite backbone (default lite0; benchmarks/results/backbones.md compares them)")
     p.add_argument("--weights", default="imagenet",
-                   help="backbone weights: imagenet (packaged), random, or a .pth file")
+                   help="backbone weights: imagenet (packaged), random, or a .pth file of --backbone's architecture")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--split", type=_split_counts, default=None,
                    help="TRAIN_NORMAL,CALIB_NORMAL,CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (default 70,30,15,2)")
@@ -236,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="FCDD training epochs (default 200, the seed's)")
     p.add_argument("--coreset-ratio", type=float, default=None,
                    help="PatchCore memory bank size as a fraction of the training patches (default 0.1)")
+    p.add_argument("--bank-size", type=int, default=None,
+                   help="PatchCore: most memory bank entries (default 4096; 0: the coreset ratio alone)")
+    p.add_argument("--projection-dims", type=int, default=None,
+                   help="PatchCore: principal components the patches are projected to (default 64; 0: all)")
     p.add_argument("--dims", type=int, default=None,
                    help="PaDiM random feature dimensions (default: the paper's 100)")
     p.add_argument("--neighbourhood", type=int, default=None,

@@ -247,7 +247,8 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean",
           threshold: str = "binormal", epochs: int | None = None, coreset_ratio: float | None = None,
           dims: int | None = None, augment: str | None = None, report: bool = True,
-          neighbourhood: int | None = None) -> dict:
+          neighbourhood: int | None = None, backbone: str = "lite0", bank_size: int | None = None,
+          projection_dims: int | None = None) -> dict:
     """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json).
     `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of the normal training
     images (training/augment.py); calibration and test images are never mirrored."""
@@ -259,7 +260,8 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
         raise ValueError(f"--augment applies to {', '.join(d.name for d in DETECTORS.values() if d.mirrors)} "
                          f"only: {model} already trains with random flips and turns")
     options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims,
-                                        "neighbourhood": neighbourhood})
+                                        "neighbourhood": neighbourhood, "bank_size": bank_size,
+                                        "projection_dims": projection_dims})
     started = time.time()
     torch.manual_seed(seed)
     run_dir = Path(out)
@@ -275,12 +277,13 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     if mirrors:
         log.info("training on %d normal images: %d and their mirrors (%s)", len(normal), len(train_set.paths),
                  ", ".join(mirrors))
-    backbone = load_backbone(weights, image_size)
+    variant = backbone
+    backbone = load_backbone(weights, image_size, variant)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, normal,
                                    torch.from_numpy(outliers.tensors), seed, batch_size, options))
     fit_seconds = time.time() - fit_started
-    meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
+    meta = {"detector": model, "seed": seed, "backbone": variant, "weights": str(weights), "image_size": list(size),
             "interpolation": DEFAULT_INTERPOLATION, **detector.shape(fitted), "options": options,
             "augment": list(mirrors), "train_images": len(normal),
             "normal_class": normal_class, "aggregate": aggregate, "threshold": threshold,
