@@ -161,18 +161,25 @@ def fit_patchcore(backbone: EfficientNetLite0, train_images: torch.Tensor, seed:
                          f"backbone's patch features), e.g. {DEFAULT_PROJECTION_DIMS}; 0: no projection")
     if len(train_images) < 1:
         raise ValueError("PatchCore needs at least one normal training image")
+    started = time.time()
     emb = extract(lambda x: local_patch_features(backbone, x), train_images, batch_size,
                   desc="PatchCore features")  # (N, D, h, w)
+    seconds = {"features": time.time() - started}
     _, dims, h, w = emb.shape
     patches = emb.permute(0, 2, 3, 1).reshape(-1, dims)
     del emb
     projection = offset = None
+    started = time.time()
     if projection_dims is not None and projection_dims < dims:
         projection, offset = principal_projection(patches, projection_dims, seed)
         patches = patches @ projection + offset
+    seconds["projection"] = time.time() - started
     count = bank_size(len(patches), coreset_ratio, max_bank)
     started = time.time()
     bank = patches if count == len(patches) else patches[greedy_coreset(patches, count, seed)]
+    seconds["coreset"] = time.time() - started
     log.info("PatchCore bank: %d of %d patches (%s dims) in %.1f s", count, len(patches),
-             projection_dims if projection is not None else dims, time.time() - started)
-    return PatchCoreModel(backbone, bank.contiguous(), (h, w), projection=projection, offset=offset)
+             projection_dims if projection is not None else dims, seconds["coreset"])
+    model = PatchCoreModel(backbone, bank.contiguous(), (h, w), projection=projection, offset=offset)
+    model.fit_seconds = {k: round(v, 1) for k, v in seconds.items()}  # for benchmarks; not saved
+    return model
