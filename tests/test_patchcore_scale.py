@@ -136,3 +136,27 @@ def test_projected_model_round_trips_through_run_json_shape():
         x = torch.rand(2, 3, 64, 64) * 255
         with torch.no_grad():
             torch.testing.assert_close(rebuilt(x)[1], model(x)[1])
+
+
+@pytest.mark.pillqc
+def test_backbone_choice_is_recorded_in_run_json_and_manifest(pillqc_small, tmp_path):
+    """`linegate train --backbone lite1` end to end on real pill images: run.json and the bundle
+    manifest name the backbone, load_run rebuilds Lite1 (21 blocks) and the bundle's parity
+    check passed; the PatchCore options are recorded too."""
+    from conftest import SMALL_IMAGE_SIZE, read_json, small_split
+    from edge.bundle import load_bundle
+    from export.onnx_export import export_onnx
+    from training.train import load_run, train
+
+    run = tmp_path / "lite1"
+    train(pillqc_small, run, "normal", "patchcore", seed=0, image_size=SMALL_IMAGE_SIZE, counts=small_split(),
+          backbone="lite1", bank_size=50, projection_dims=16, report=False)
+    meta = read_json(run / "run.json")
+    assert meta["backbone"] == "lite1"
+    assert (meta["bank_size"], meta["feature_dims"], meta["patch_dims"]) == (50, 16, 152)
+    assert meta["options"]["bank_size"] == 50 and meta["options"]["projection_dims"] == 16
+    model, _ = load_run(run)
+    assert model.backbone.variant == "lite1" and len(model.backbone._blocks) == 21
+    manifest = load_bundle(export_onnx(run)).manifest
+    assert manifest["backbone"]["name"] == "efficientnet-lite1"
+    assert manifest["parity"]["decision_mismatches"] == 0
