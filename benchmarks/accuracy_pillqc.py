@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.data import SplitCounts
 from training.detectors import get_detector
 from training.padim import COVARIANCE as PADIM_COVARIANCE
 from training.padim import DEFAULT_NEIGHBOURHOOD
@@ -39,7 +40,7 @@ TARGET_FCDD_SECONDS = 15 * 60
 
 def _run(data: Path, workdir: Path, detector: str, seed: int, aggregate: str, threshold: str,
          dims: int | None = None, augment: str | None = None, neighbourhood: int | None = None) -> dict:
-    metrics = train(data, workdir / f"{detector}-seed{seed}", "normal", detector, seed=seed,
+    metrics = train(data, workdir / f"{detector}-seed{seed}", "normal", detector, seed=seed, counts=SplitCounts(),
                     aggregate=aggregate, threshold=threshold, dims=dims, augment=augment, report=False,
                     neighbourhood=neighbourhood)
     cal, test = metrics["calibration"], metrics["test"]

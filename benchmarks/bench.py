@@ -196,7 +196,7 @@ def _bind_publisher(endpoint: str, tag: str):
 
     for attempt in range(50):
         try:
-            return Publisher(endpoint, model_id=tag)
+            return Publisher(endpoint, model_id=tag, run_id=tag)  # the receiver tells runs apart by run_id
         except EndpointInUse:
             if attempt == 49:
                 raise

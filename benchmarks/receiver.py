@@ -2,7 +2,7 @@
 
 It stays connected to one endpoint for the whole bench (each pipeline run binds a fresh
 publisher there; ZeroMQ reconnects and re-subscribes by itself) and, when asked, collects the
-messages of one run, recognised by the publisher's model_id tag. Per decision it keeps the
+messages of one run, recognised by the publisher's run_id tag. Per decision it keeps the
 capture, publish and receipt times and the batch it was inferred in; it counts overlays
 and keeps the stats messages.
 Imports only the runtime's subscriber client, so it starts fast.
@@ -51,7 +51,7 @@ def _collect(sub: Any, tag: str, expected: int, timeout_s: float) -> dict:
         if now >= deadline or (done_at is not None and now >= done_at):
             break
         msg = sub.recv(50)
-        if msg is None or msg.header.get("model_id") != tag:
+        if msg is None or msg.header.get("run_id") != tag:
             continue
         received = time.time()
         if msg.topic == "decision":

@@ -13,7 +13,9 @@ commented example; the command-line flags of ``linegate run`` map onto the same 
     [decision]   threshold, aggregate               (overrides of the bundle's calibration)
     [overlay]    accepts_every, jpeg_quality
     [publisher]  endpoint, sndhwm, linger_ms, nodrop, wait_subscribers, wait_timeout_s,
-                 stats_interval_s; [publisher.curve] secret_key, allowed_keys
+                 stats_interval_s, frames; [publisher.curve] secret_key, allowed_keys
+    [control]    endpoint, allowed_keys, allow_remote, replay_decisions, replay_frames_mb
+    [metrics]    listen
     [service]    stop_timeout_s, max_engine_failures, frame_stall_s
     [logging]    level
     [[source]]   uri (required), id, policy, roi, size, backoff_s, backoff_max_s, io_timeout_s,
@@ -109,7 +111,22 @@ class PublisherConfig:
     wait_subscribers: int = _key(0, int, ge=0)
     wait_timeout_s: float = _key(10.0, float, ge=0)
     stats_interval_s: float = _key(1.0, float, gt=0)
+    frames: str = _key("none", choices=("none", "reject"))  # full frames of rejects on the `frame` topic
     curve: CurveConfig | None = _key(None, CurveConfig, optional=True)
+
+
+@dataclass
+class ControlConfig:
+    endpoint: str | None = _key(None, optional=True)  # REQ/REP for `linegate ctl` (none: no control)
+    allowed_keys: str | None = _key(None, optional=True)  # operators' public keys (with CURVE): who may steer
+    allow_remote: bool = _key(False, bool)  # without CURVE, bind beyond loopback / ipc://
+    replay_decisions: int = _key(100_000, int, ge=0)  # decisions (and events) held for replay
+    replay_frames_mb: float = _key(256.0, float, ge=0)  # overlays and reject frames held for replay
+
+
+@dataclass
+class MetricsConfig:
+    listen: str | None = _key(None, optional=True)  # HOST:PORT of the Prometheus /metrics page
 
 
 @dataclass
@@ -142,7 +159,7 @@ class SourceConfig:
 
 SECTIONS = {"engine": EngineConfig, "batching": BatchingConfig, "decision": DecisionConfig,
             "overlay": OverlayConfig, "publisher": PublisherConfig, "service": ServiceConfig,
-            "logging": LoggingConfig}
+            "logging": LoggingConfig, "control": ControlConfig, "metrics": MetricsConfig}
 
 
 @dataclass
@@ -156,6 +173,8 @@ class Config:
     service: ServiceConfig
     logging: LoggingConfig
     sources: list[SourceConfig]
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def error(self, key: str | None, message: str) -> ConfigError:
         return ConfigError(self.path, key, message)
@@ -293,7 +312,56 @@ def validate(raw: dict[str, Any], where: str) -> Config:
     if "://" not in endpoint:
         raise config.error("key 'publisher.endpoint'", f"{endpoint!r} is not a ZeroMQ endpoint; use e.g. "
                            "tcp://*:5556 or ipc:///run/linegate/decisions.sock")
+    _check_control(config)
     return config
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """ipc:// and inproc:// or a TCP endpoint bound to a loopback address only."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if endpoint.startswith("tcp://"):
+        host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+        return host in LOOPBACK_HOSTS or host.startswith("127.")
+    return False
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """"HOST:PORT" -> (host, port); ValueError saying what is expected."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT; use e.g. 127.0.0.1:9108 (or 0.0.0.0:9108 for every "
+                         "interface)")
+    return host.strip("[]"), int(port)
+
+
+def _check_control(config: Config) -> None:
+    control = config.control
+    if config.metrics.listen is not None:
+        try:
+            parse_listen(config.metrics.listen)
+        except ValueError as exc:
+            raise config.error("key 'metrics.listen'", str(exc)) from None
+    if control.endpoint is None:
+        return
+    if "://" not in control.endpoint:
+        raise config.error("key 'control.endpoint'", f"{control.endpoint!r} is not a ZeroMQ endpoint; use e.g. "
+                           "tcp://127.0.0.1:5557 or ipc:///run/linegate/control.sock")
+    if control.endpoint == config.publisher.endpoint:
+        raise config.error("key 'control.endpoint'", "is the publisher's endpoint; give the control socket "
+                           "its own, e.g. tcp://127.0.0.1:5557")
+    if config.publisher.curve is not None:
+        if control.allowed_keys is None:
+            raise config.error("key 'control.allowed_keys'", "missing: the publisher uses CURVE, so the control "
+                               "endpoint does too and needs its own allow-list: a directory of the operators' "
+                               "public .key files (keys that may only watch must not be in it)")
+    elif not control.allow_remote and not is_local_endpoint(control.endpoint):
+        raise config.error("key 'control.endpoint'", f"{control.endpoint!r} is reachable from other machines, "
+                           "and without CURVE ([publisher.curve]) anyone there could steer the line; bind it to "
+                           "127.0.0.1 or ipc://, turn CURVE on, or set [control] allow_remote = true")
 
 
 def parse_toml(text: str, where: str) -> dict[str, Any]:
@@ -377,6 +445,12 @@ def check_files(config: Config) -> Checked:
         policy = sc.policy or source.default_policy
         lines.append(f"source {sc.id}: {sc.uri} ({type(source).__name__}, policy {policy}"
                      f"{', roi ' + str(sc.roi) if sc.roi else ''}{', size ' + str(sc.size) if sc.size else ''})")
+    control = config.control
+    if control.endpoint is not None:
+        lines.append(f"control: {control.endpoint} ({'CURVE' if config.publisher.curve else 'no CURVE'}; replay "
+                     f"{control.replay_decisions} decisions, {control.replay_frames_mb:g} MB of frames)")
+    if config.metrics.listen is not None:
+        lines.append(f"metrics: http://{config.metrics.listen}/metrics")
     curve = config.publisher.curve
     if curve is not None:
         try:
@@ -388,4 +462,11 @@ def check_files(config: Config) -> Checked:
         except ValueError as exc:
             raise config.error("key 'publisher.curve.allowed_keys'", str(exc)) from None
         lines.append(f"CURVE: server key {curve.secret_key}, {n} allowed subscriber key(s)")
+        control = config.control
+        if control.endpoint is not None and control.allowed_keys is not None:
+            try:
+                n = len(allowed_keys(control.allowed_keys))
+            except ValueError as exc:
+                raise config.error("key 'control.allowed_keys'", str(exc)) from None
+            lines.append(f"control allow-list: {control.allowed_keys}, {n} operator key(s)")
     return Checked(bundle, sources, lines)

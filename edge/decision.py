@@ -1,13 +1,18 @@
 """Score aggregate -> normalise -> threshold -> accept / reject.
 
-The graph already returns the mean of the map (the calibrated default); other aggregates
-are computed here from the feature-resolution map, which is small (e.g. 56 x 56).
+The graph already returns the mean of the map; other aggregates are computed here from the
+feature-resolution map, which is small (e.g. 28 x 28): "mean", "max", "topk:P" (mean of the top
+P percent), each optionally after a Gaussian blur of the map, written "max+blur:S" (S: the
+blur's sigma in map cells). PaDiM's and PatchCore's papers blur the map before taking its
+maximum: a single noisy cell then counts less than a defect that lights up a few neighbours.
+Training (calibration) and the runtime call the same function, so they cannot drift.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 
 if TYPE_CHECKING:  # bundle validation imports overlay, which imports this module
@@ -25,8 +30,38 @@ class Decision:
     decision: str
 
 
+BLUR = "+blur:"
+AGGREGATE_HELP = "mean, max or topk:P (P in (0, 100]), optionally +blur:S (S > 0: Gaussian sigma in map cells)"
+
+
+def split_blur(aggregate: str) -> tuple[str, float]:
+    """"max+blur:1" -> ("max", 1.0); "max" -> ("max", 0.0)."""
+    if BLUR not in aggregate:
+        return aggregate, 0.0
+    name, _, sigma_text = aggregate.partition(BLUR)
+    try:
+        sigma = float(sigma_text)
+    except ValueError:
+        sigma = float("nan")
+    if not (np.isfinite(sigma) and 0 < sigma <= 16):
+        raise ValueError(f"aggregate {aggregate!r}: the blur's sigma must be a number in (0, 16] map cells, "
+                         "e.g. max+blur:1")
+    return name, sigma
+
+
+def blur_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Each (h, w) map Gaussian-blurred (OpenCV; edges reflected, so a border cell is not
+    diluted by zeros)."""
+    maps = np.ascontiguousarray(maps, dtype=np.float32)
+    return np.stack([cv2.GaussianBlur(m, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT) for m in maps]) \
+        if len(maps) else maps
+
+
 def aggregate_maps(maps: np.ndarray, aggregate: str) -> np.ndarray:
-    """Image scores from (B, h, w) maps: "mean", "max" or "topk:P" (mean of the top P percent)."""
+    """Image scores from (B, h, w) maps by `aggregate` (see the module's docstring)."""
+    aggregate, sigma = split_blur(aggregate)
+    if sigma:
+        maps = blur_maps(maps, sigma)
     flat = maps.reshape(len(maps), -1)
     if aggregate == "mean":
         return flat.mean(axis=1)
@@ -41,7 +76,7 @@ def aggregate_maps(maps: np.ndarray, aggregate: str) -> np.ndarray:
             raise ValueError(f"aggregate {aggregate!r}: P must be a number in (0, 100]")
         k = max(1, int(round(flat.shape[1] * percent / 100)))
         return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
-    raise ValueError(f"aggregate {aggregate!r}: use mean, max or topk:P")
+    raise ValueError(f"aggregate {aggregate!r}: use {AGGREGATE_HELP}")
 
 
 class DecisionRule:
@@ -66,12 +101,15 @@ class DecisionRule:
                    d["normalisation"]["min"], d["normalisation"]["max"],
                    bundle.manifest["outputs"]["score"]["aggregate"])
 
-    def scores(self, graph_scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
-        if self.aggregate == self.graph_aggregate:
+    def scores(self, graph_scores: np.ndarray | None, maps: np.ndarray) -> np.ndarray:
+        """The graph's own score where it is the calibrated aggregate (no per-frame work), else
+        the aggregate of the maps; `graph_scores=None` (e.g. maps stitched from tiles, whose
+        per-tile graph scores are not the frame's) always takes the maps."""
+        if graph_scores is not None and self.aggregate == self.graph_aggregate:
             return graph_scores
         return aggregate_maps(maps, self.aggregate)
 
-    def decide(self, graph_scores: np.ndarray, maps: np.ndarray) -> list[Decision]:
+    def decide(self, graph_scores: np.ndarray | None, maps: np.ndarray) -> list[Decision]:
         """One decision per image. A score that is not finite (an engine that overflowed, e.g.
         in reduced precision) is an error, never an accept: `NaN >= threshold` is False."""
         scores = self.scores(graph_scores, maps)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,3 +20,6 @@ class Frame:
     # Why this frame cannot be inspected (wrong size or channel count, ROI outside it...):
     # it still travels through the queue, in order, and gets an `error` decision.
     error: str | None = None
+    # The frame as the camera gave it, when `image` is a crop of it (ROI): the `frame` topic's image.
+    full_image: np.ndarray | None = None
+    geometry: Any = None  # the edge.active.Geometry `tensor` was made for (None: not preprocessed)

@@ -115,6 +115,15 @@ def encode_jpeg(image_bgr: np.ndarray, quality: int = 85) -> bytes:
     return buf.tobytes()
 
 
+def encode_png(image_rgb: np.ndarray, level: int = 1) -> bytes:
+    """An RGB (or grey) frame as PNG, lossless; level 1: fast, the frame is big."""
+    image = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR) if image_rgb.ndim == 3 and image_rgb.shape[2] == 3 else image_rgb
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, level])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
 class OverlayPolicy:
     """Which frames get an overlay: every reject; of the accepts, the 1st, N+1th, ... (0 = none)."""
 

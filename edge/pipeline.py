@@ -13,6 +13,16 @@ Three kinds of thread overlap the work:
 Before any frame is read the engine runs once at every batch size it may be given, so its
 memory is at its high-water mark from the start (see `Pipeline._warm_up`).
 
+Everything bundle-dependent (bundle, engine, decision rule and thresholds, geometry) is one
+edge.active.ActiveModel, read once per batch from ``Pipeline.model``: replacing that
+reference (``swap_model``, from the control endpoint or a config reload) takes effect between
+two batches, and each decision carries the model id of the model that judged it. Frames
+already preprocessed for another geometry are preprocessed again for the batch's model.
+
+Pausing (``pause``/``resume``): sources stay connected and keep reading; frames captured
+while paused are counted per camera (``paused``) and not judged. Frames captured before the
+pause still get their decisions.
+
 Nothing read is lost silently: a frame that cannot be inspected, or whose batch the engine
 fails on, gets an `error` decision. Too many failed batches in a row end the run with
 ``RunSummary.fatal`` set (the service exits non-zero, systemd restarts it).
@@ -38,13 +48,13 @@ from typing import Any, Protocol
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .active import ActiveModel, batch_sizes, warm_up
 from .batcher import Batcher, FrameQueue
 from .bundle import Bundle
-from .decision import ACCEPT, ERROR, NON_FINITE_SCORE, Decision, DecisionRule
+from .decision import ACCEPT, ERROR, NON_FINITE_SCORE, REJECT, Decision, DecisionRule
 from .engine import Engine
 from .frames import Frame
-from .images import preprocess
-from .overlay import OverlayPolicy, encode_jpeg, render_overlay
+from .overlay import OverlayPolicy, encode_jpeg, encode_png, render_overlay
 from .publisher import Publisher
 from .sources import Source, SourceThread
 from .stats import StageLatencies
@@ -54,7 +64,7 @@ _END = object()
 # Batch sizes each engine has already run (see Pipeline._warm_up): a second pipeline on the
 # same engine, as the bench runs them, does not warm it again.
 _warmed: weakref.WeakKeyDictionary[Engine, set[int]] = weakref.WeakKeyDictionary()
-WARM_EVERY_SIZE_UP_TO = 16  # beyond: powers of two and max_batch (every size costs O(n^2) images)
+FRAME_POLICIES = ("none", "reject")  # which frames go out whole on the `frame` topic
 
 
 @dataclass
@@ -70,6 +80,7 @@ class RunOptions:
     stats_interval_s: float = 1.0
     stop_timeout_s: float = 10.0  # from stop() to run() returning, linger included
     max_engine_failures: int = 5  # failed batches in a row that end the run (0 = never)
+    publish_frames: str = "none"  # "reject": the full-resolution frame of each reject (`frame` topic)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -78,6 +89,8 @@ class RunOptions:
             raise ValueError(f"max_wait_ms must be >= 0 (got {self.max_wait_ms})")
         if not self.stop_timeout_s > 0:
             raise ValueError(f"stop_timeout_s must be > 0 (got {self.stop_timeout_s})")
+        if self.publish_frames not in FRAME_POLICIES:
+            raise ValueError(f"publish_frames must be one of {FRAME_POLICIES} (got {self.publish_frames!r})")
 
 
 @dataclass
@@ -126,6 +139,38 @@ class _Result:
     maps: np.ndarray | None
     errors: list[str | None] | None  # per frame: why it gets an `error` decision (None: judged)
     batch_id: int
+    model: ActiveModel  # the model that judged this batch
+
+
+@dataclass
+class _Due:
+    """An overlay or a full frame still to draw/encode and publish (after the decisions)."""
+
+    kind: str  # "overlay" | "frame"
+    frame: Frame
+    decision: Decision
+    amap: np.ndarray | None
+    header: dict
+    model: ActiveModel
+
+
+class _Preprocessor:
+    """What the source threads call: preprocess for the model in force, and remember (per
+    thread) which geometry it used, so the batch can tell a tensor made for another model."""
+
+    def __init__(self, pipeline: "Pipeline") -> None:
+        self._pipeline = pipeline
+        self._local = threading.local()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        geometry = self._pipeline.model.geometry
+        self._local.geometry = geometry
+        return geometry.preprocess(image)
+
+    @property
+    def geometry(self) -> Any:
+        """The geometry of this thread's last call (edge.sources reads it after the call)."""
+        return getattr(self._local, "geometry", None)
 
 
 class Pipeline:
@@ -137,28 +182,96 @@ class Pipeline:
         ids = [s.camera_id for s in sources]
         if len(set(ids)) != len(ids):
             raise ValueError(f"camera ids must be unique, got {ids}")
-        self.bundle, self.engine, self.rule = bundle, engine, rule
+        self.model = ActiveModel.build(bundle, engine, rule)  # replaced whole by swap_model()
         self.sources, self.publisher = sources, publisher
         self.options = options or RunOptions()
         self.monitor = monitor
         self.overlays = OverlayPolicy(self.options.overlay_accepts_every)
-        self.normal_class = bundle.manifest["classes"]["normal"]
         self.latency = StageLatencies()
         self.fatal: str | None = None
         self.stop_reason: str | None = None
         self.last_decision_mono: float | None = None  # a decision was handed to ZeroMQ then
+        self.last_progress_mono: float | None = None  # a decision went out, or a paused frame was counted
         self.last_fps = 0.0  # over the last stats interval
         self._stop = threading.Event()
         self._queue = FrameQueue(self.options.queue_capacity)
         self._results: queue.Queue = queue.Queue(maxsize=4)  # bounded: backpressure on inference
-        # (frame, decision, map, header) of overlays not drawn yet: decided frames come first
-        self._overlays_due: deque[tuple[Frame, Decision, np.ndarray, dict]] = deque()
+        # overlays not drawn yet (and reject frames not encoded yet): decided frames come first
+        self._overlays_due: deque[_Due] = deque()
         self._overlays_due_max = 4 * self.options.max_batch  # beyond: draw before deciding more
         self._engine_failures = 0  # batches in a row
+        self.engine_failures_total = 0
+        self._pauses: list[list[float]] = []  # [start, end] (end inf while paused), wall clock
+        self.paused_frames = dict.fromkeys(ids, 0)  # per camera: captured while paused, not judged
+        self.decisions_by_result: dict[tuple[str, str], int] = {}  # (camera, decision) -> count
+        self.last_frame_ts: dict[str, float] = {}  # per camera: capture time of the last frame batched
+        self.camera_fps = dict.fromkeys(ids, 0.0)  # decisions/s over the last stats interval
+        self.engine_busy: Engine | None = None  # the engine of the batch in flight (see retire_engine)
+        self._model_lock = threading.Lock()  # reading the model and marking its engine busy: one step
         self._batch_ids = itertools.count()
         ids = [s.camera_id for s in sources]
         self._decisions = dict.fromkeys(ids, 0)  # per camera, whole run
         self._interval = dict.fromkeys(ids, 0)  # per camera, since the last stats message
+
+    # -- the model in force -----------------------------------------------------------------
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.model.bundle
+
+    @property
+    def engine(self) -> Engine:
+        return self.model.engine
+
+    @property
+    def rule(self) -> DecisionRule:
+        return self.model.rule
+
+    def swap_model(self, model: ActiveModel) -> ActiveModel:
+        """Put ``model`` in force from the next batch on; returns the one it replaces. The
+        caller has validated and warmed it (edge.active.open_model)."""
+        with self._model_lock:
+            old, self.model = self.model, model
+        return old
+
+    def retire_engine(self, engine: Engine, timeout_s: float = 120.0) -> bool:
+        """Close an engine swapped out (a TensorRT engine holds GPU memory until closed) once
+        the batch in flight, if it used it, has returned; engines without close() are left
+        to the garbage collector. Call from a thread that may wait; True if closed."""
+        close = getattr(engine, "close", None)
+        if close is None or engine is self.model.engine:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while self.engine_busy is engine:
+            if time.monotonic() > deadline:
+                log.warning("the swapped-out engine is still in a call after %.0f s; not closing it", timeout_s)
+                return False
+            time.sleep(0.005)
+        close()
+        return True
+
+    # -- pause ------------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._pauses) and self._pauses[-1][1] == float("inf")
+
+    def pause(self) -> bool:
+        """Frames captured from now on are counted, not judged; False if already paused."""
+        if self.paused:
+            return False
+        self._pauses = [*self._pauses[-7:], [time.time(), float("inf")]]
+        return True
+
+    def resume(self) -> bool:
+        """Frames captured from now on are judged again; False if not paused."""
+        if not self.paused:
+            return False
+        self._pauses[-1][1] = time.time()
+        return True
+
+    def _captured_while_paused(self, frame: Frame) -> bool:
+        return any(start <= frame.capture_ts < end for start, end in self._pauses)
 
     # -- control ------------------------------------------------------------------------------
 
@@ -180,15 +293,30 @@ class Pipeline:
 
     def _infer_loop(self) -> None:
         batcher = Batcher(self._queue, self.options.max_batch, self.options.max_wait_ms)
-        h, w = self.bundle.input_size
-        buffer = np.empty((self.options.max_batch, 3, h, w), np.float32)  # reused every batch
+        buffers: dict[tuple[int, ...], np.ndarray] = {}  # per batch shape, reused every batch
         try:
             while True:
+                # batching is live-changeable (config reload): read it per batch
+                batcher.max_batch, batcher.max_wait_s = self.options.max_batch, self.options.max_wait_ms / 1000.0
                 batch = batcher.next_batch(poll_s=0.1)
                 if batch is None:
                     break
                 if not batch:
                     continue
+                for frame in batch:
+                    self.last_frame_ts[frame.camera_id] = frame.capture_ts
+                if self._pauses:
+                    batch = self._drop_paused(batch)
+                    if not batch:
+                        continue
+                with self._model_lock:  # once per batch: the whole batch is judged by this model
+                    model = self.model
+                    self.engine_busy = model.engine
+                shape = (self.options.max_batch, *model.geometry.tensor_shape)
+                buffer = buffers.get(shape)
+                if buffer is None:
+                    buffers.clear()  # the old model's buffer is not needed any more
+                    buffer = buffers[shape] = np.empty(shape, np.float32)
                 now = time.time()
                 self.latency.add("capture_to_batch",
                                  now - np.fromiter((f.capture_ts for f in batch), np.float64, len(batch)))
@@ -197,30 +325,45 @@ class Pipeline:
                 good = batch if all(f.error is None for f in batch) else [f for f in batch if f.error is None]
                 scores = maps = failure = None
                 if good:
-                    scores, maps, failure = self._run_engine(good, buffer, batch_id)
+                    scores, maps, failure = self._run_engine(model, good, buffer, batch_id)
                 errors = None
                 if failure is not None or len(good) != len(batch):
                     errors = [f.error or failure for f in batch]
-                self._results.put(_Result(batch, scores, maps, errors, batch_id))
+                self.engine_busy = None
+                self._results.put(_Result(batch, scores, maps, errors, batch_id, model))
         finally:
             self._results.put(_END)
 
-    def _run_engine(self, batch: list[Frame], buffer: np.ndarray,
+    def _drop_paused(self, batch: list[Frame]) -> list[Frame]:
+        """The frames of the batch captured while not paused; the others are counted."""
+        kept = []
+        for frame in batch:
+            if self._captured_while_paused(frame):
+                self.paused_frames[frame.camera_id] += 1
+                self.last_progress_mono = time.monotonic()  # frames flow: the watchdog stays fed
+            else:
+                kept.append(frame)
+        return kept
+
+    def _run_engine(self, model: ActiveModel, batch: list[Frame], buffer: np.ndarray,
                     batch_id: int) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
         """(scores, maps, None), or (None, None, reason) when the engine failed on the batch."""
         n = len(batch)
         for i, frame in enumerate(batch):
+            if frame.geometry != model.geometry:  # preprocessed before a swap: again, for this model
+                frame.tensor = model.preprocess(frame.image)
             buffer[i] = frame.tensor
             frame.tensor = None  # the buffer holds it now; free the frame's copy
         started = time.perf_counter()
         try:
-            scores, maps = self.engine.infer(buffer[:n])
+            scores, maps = model.infer(buffer[:n])
             if len(scores) != n or len(maps) != n:
                 raise RuntimeError(f"engine returned {len(scores)} scores and {len(maps)} maps "
                                    f"for {n} frames")
         except Exception as exc:  # noqa: BLE001 - the frames get an error decision
             self.latency.add("inference", time.perf_counter() - started)
             self._engine_failures += 1
+            self.engine_failures_total += 1
             ids = ", ".join(f"{f.camera_id}#{f.frame_id}" for f in batch)
             log.error("engine failed on batch %d (frames %s): %s; they get an error decision",
                       batch_id, ids, exc)
@@ -239,9 +382,10 @@ class Pipeline:
     # -- publishing thread ------------------------------------------------------------------------
 
     def _handle(self, result: _Result, summary: RunSummary) -> None:
-        frames, n = result.frames, len(result.frames)
+        frames, n, model = result.frames, len(result.frames), result.model
         started = time.perf_counter()
-        decisions = self.rule.decide(result.scores, result.maps) if result.scores is not None else []
+        judged_ids = [f.camera_id for f, e in zip(frames, result.errors or itertools.repeat(None)) if e is None]
+        decisions = model.decide(judged_ids, result.scores, result.maps) if result.scores is not None else []
         maps: Any = result.maps
         errors: Any = itertools.repeat(None)
         if result.errors is not None:  # rare: merge the engine's decisions with error decisions
@@ -253,7 +397,7 @@ class Pipeline:
                     decisions.append(next(judged))
                     maps.append(next(judged_maps))
                 else:
-                    decisions.append(Decision(nan, nan, self.rule.threshold, ERROR))
+                    decisions.append(Decision(nan, nan, model.threshold_for(frames[len(decisions)].camera_id), ERROR))
                     maps.append(None)
         decided = time.perf_counter()
         publish = self.publisher.publish
@@ -263,7 +407,7 @@ class Pipeline:
             header = {
                 "camera_id": frame.camera_id, "frame_id": frame.frame_id, "capture_ts": frame.capture_ts,
                 "score": decision.score, "score_norm": decision.score_norm, "threshold": decision.threshold,
-                "decision": decision.decision, "aggregate": self.rule.aggregate,
+                "decision": decision.decision, "aggregate": model.rule.aggregate,
                 "source": frame.source_name, "label": frame.label, "batch": result.batch_id,
             }
             if error is None and decision.decision == ERROR:
@@ -272,69 +416,91 @@ class Pipeline:
                             frame.frame_id, error)
             if error is not None:
                 header["error"] = error
-            sent |= publish("decision", header)
+            sent |= publish("decision", header, model_id=model.model_id)
+            header["decision_seq"] = self.publisher.last_seq("decision")  # for its overlay and frame
             e2e[i] = time.time() - frame.capture_ts
             headers.append(header)
-            self._count(frame, decision, summary)
+            self._count(frame, decision, summary, model)
         self.latency.add("postprocess", decided - started)
         self.latency.add("publish", time.perf_counter() - decided)
         self.latency.add("end_to_end", e2e)
         summary.batches += 1
         if sent:
-            self.last_decision_mono = time.monotonic()
-        # Overlays wait until the loop has nothing more urgent (see run()).
+            self.last_decision_mono = self.last_progress_mono = time.monotonic()
+        # Overlays (and reject frames) wait until the loop has nothing more urgent (see run()).
+        frames_too = self.options.publish_frames == "reject"
         for frame, decision, amap, header in zip(frames, decisions, maps, headers):
             if amap is not None and self.overlays.wants(decision):
-                self._overlays_due.append((frame, decision, amap, header))
+                self._overlays_due.append(_Due("overlay", frame, decision, amap, header, model))
+            if frames_too and decision.decision == REJECT:
+                self._overlays_due.append(_Due("frame", frame, decision, None, header, model))
 
     def _publish_overlay(self) -> None:
-        """Draw, encode and publish the oldest overlay still due."""
-        frame, decision, amap, header = self._overlays_due.popleft()
+        """Draw, encode and publish the oldest overlay (or reject frame) still due."""
+        due = self._overlays_due.popleft()
+        frame, header, model = due.frame, due.header, due.model
         started = time.perf_counter()
         try:
-            image = render_overlay(frame.image, amap, self.bundle.display_range, decision,
-                                   upsample=self.bundle.map_upsample)
-            jpeg = encode_jpeg(image, self.options.jpeg_quality)
+            if due.kind == "frame":  # as the camera gave it: before the ROI crop and the resize
+                image = frame.full_image if frame.full_image is not None else frame.image
+                data = encode_png(image)
+                encoding = "png"
+            else:
+                image = render_overlay(frame.image, due.amap, model.bundle.display_range, due.decision,
+                                       upsample=model.bundle.map_upsample)
+                data = encode_jpeg(image, self.options.jpeg_quality)
+                encoding = "jpeg"
         except Exception as exc:  # noqa: BLE001 - the decision is out already; keep the line running
-            log.warning("%s#%s: overlay not drawn (%s: %s); the decision was published",
-                        frame.camera_id, frame.frame_id, type(exc).__name__, exc)
+            log.warning("%s#%s: %s not encoded (%s: %s); the decision was published",
+                        frame.camera_id, frame.frame_id, due.kind, type(exc).__name__, exc)
             return
-        self.publisher.publish("overlay", {**header, "encoding": "jpeg", "width": image.shape[1],
-                                           "height": image.shape[0]}, jpeg)
-        self.latency.add("overlay", time.perf_counter() - started)
+        self.publisher.publish(due.kind, {**header, "encoding": encoding, "width": image.shape[1],
+                                          "height": image.shape[0]}, data, model_id=model.model_id)
+        if due.kind == "overlay":
+            self.latency.add("overlay", time.perf_counter() - started)
 
-    def _count(self, frame: Frame, decision: Decision, summary: RunSummary) -> None:
+    def _count(self, frame: Frame, decision: Decision, summary: RunSummary, model: ActiveModel) -> None:
         self._decisions[frame.camera_id] += 1
         self._interval[frame.camera_id] += 1
+        key = (frame.camera_id, decision.decision)
+        self.decisions_by_result[key] = self.decisions_by_result.get(key, 0) + 1
         summary.frames += 1
         summary.rejects += decision.decision == "reject"
         summary.errors += decision.decision == ERROR
         if frame.label is not None and decision.decision != ERROR:
             summary.labelled += 1
-            summary.correct += (frame.label == self.normal_class) == (decision.decision == ACCEPT)
+            normal = model.bundle.manifest["classes"]["normal"]
+            summary.correct += (frame.label == normal) == (decision.decision == ACCEPT)
 
     def _stats_message(self, summary: RunSummary, now: float, interval_s: float) -> dict[str, Any]:
         interval_s = max(interval_s, 1e-9)
         cameras = {}
         for s in self.sources:
             cid = s.camera_id
-            cameras[cid] = {**s.status(), "fps": round(self._interval[cid] / interval_s, 2),
-                            "decisions": self._decisions[cid], "dropped": self._queue.dropped.get(cid, 0)}
+            self.camera_fps[cid] = round(self._interval[cid] / interval_s, 2)
+            cameras[cid] = {**s.status(), "fps": self.camera_fps[cid],
+                            "decisions": self._decisions[cid], "dropped": self._queue.dropped.get(cid, 0),
+                            "paused": self.paused_frames[cid]}
         interval_frames = sum(self._interval.values())
         self._interval = dict.fromkeys(self._interval, 0)
         self.last_fps = interval_frames / interval_s
         return {
-            "state": "stopping" if self.stopping else "running",
+            "state": "stopping" if self.stopping else "paused" if self.paused else "running",
+            "paused": self.paused, "model_id": self.model.model_id,
             "uptime_s": round(now - self._started, 3), "interval_s": round(interval_s, 3),
             "fps": round(self.last_fps, 2), "frames": summary.frames, "rejects": summary.rejects,
             "errors": summary.errors, "batches": summary.batches,
             "cameras": cameras,
-            "queue_depth": {"frames": len(self._queue), "results": self._results.qsize()},
+            "queue_depth": self.queue_depths(),
             "latency_ms": self.latency.take(),
             "engine_failures_in_a_row": self._engine_failures,
             "publisher": {"sent": dict(self.publisher.sent), "dropped": dict(self.publisher.dropped),
                           "subscriptions": self.publisher.subscriptions},
         }
+
+    def queue_depths(self) -> dict[str, int]:
+        """Frames waiting for a batch, batches waiting to be published, overlays/frames due."""
+        return {"frames": len(self._queue), "results": self._results.qsize(), "overlays": len(self._overlays_due)}
 
     def _publish_stats(self, summary: RunSummary, now: float, interval_s: float) -> None:
         message = self._stats_message(summary, now, interval_s)
@@ -365,27 +531,18 @@ class Pipeline:
         resident memory is flat from the start. A failure here is only logged: real frames
         get error decisions as usual.
         """
-        largest = self.options.max_batch
-        sizes = set(range(1, min(largest, WARM_EVERY_SIZE_UP_TO) + 1))
-        sizes |= {2 ** k for k in range(largest.bit_length()) if 2 ** k <= largest} | {largest}
         try:
             done = _warmed.setdefault(self.engine, set())
         except TypeError:  # an engine object without weak references: warm it every run
             done = set()
-        todo = sorted(sizes - done)
+        todo = sorted(set(batch_sizes(self.options.max_batch)) - done)
         if not todo:
             return
-        h, w = self.bundle.input_size
-        zeros = np.zeros((todo[-1], 3, h, w), np.float32)
         started = time.perf_counter()
-        for n in todo:
-            try:
-                self.engine.infer(zeros[:n])
-            except Exception as exc:  # noqa: BLE001 - logged; the run goes on
-                log.warning("engine warm-up failed at batch %d (%s); going on without it", n, exc)
-                return
-            done.add(n)
-        log.info("engine warmed up at batch sizes %s in %.2f s", _ranges(todo), time.perf_counter() - started)
+        warmed = warm_up(self.model, todo)
+        done.update(warmed)
+        if warmed:
+            log.info("engine warmed up at batch sizes %s in %.2f s", _ranges(warmed), time.perf_counter() - started)
 
     def _run(self) -> RunSummary:
         opts = self.options
@@ -397,9 +554,8 @@ class Pipeline:
             if seen < opts.wait_subscribers and not self.stopping:
                 log.warning("only %d of %d subscriptions after %.0f s; starting anyway",
                             seen, opts.wait_subscribers, opts.wait_timeout_s)
-        size, interpolation = self.bundle.input_size, self.bundle.interpolation
-        threads = [SourceThread(s, self._queue, lambda img: preprocess(img, size, interpolation), stop=self._stop)
-                   for s in self.sources]
+        prepare = _Preprocessor(self)
+        threads = [SourceThread(s, self._queue, prepare, stop=self._stop) for s in self.sources]
         inference = threading.Thread(target=self._infer_loop, name="inference", daemon=True)
         started = last_stats = time.monotonic()
         # The stop budget: linger at the end, a little for the process to exit, the rest drains.

@@ -1,11 +1,14 @@
-"""Publishing decisions, overlays and stats over ZeroMQ.
+"""Publishing decisions, overlays, stats, events and reject frames over ZeroMQ.
 
 Wire format, one multipart message per event: ``[topic, header, payload?]``
 
 * ``topic``: ASCII bytes, one of ``TOPICS`` (subscribers filter on this frame).
 * ``header``: a msgpack map. The publisher always sets ``v`` (SCHEMA_VERSION), ``topic``,
-  ``seq`` (per-topic counter from 0), ``publish_ts`` (time.time()) and ``model_id``;
-  the caller supplies everything else (camera_id, frame_id, score, decision, ...).
+  ``seq`` (per-topic counter from 0), ``publish_ts`` (time.time()), ``model_id`` and
+  ``run_id`` (random hex per publisher: a subscriber that sees a new one knows the runtime
+  restarted and seq began again; a decision's dedupe key is (run_id, seq)); the caller
+  supplies everything else (camera_id, frame_id, score, decision, ...). Overlay and frame
+  headers carry ``decision_seq``, the seq of their decision.
 * ``payload``: optional raw bytes, e.g. the JPEG of an ``overlay``.
 
 ``seq`` is assigned before the send attempt, so every message the publisher gives up on
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 import msgpack
 import zmq
@@ -26,9 +30,9 @@ import zmq
 from .auth import CurveServer
 
 SCHEMA_VERSION = 1
-TOPICS = ("decision", "overlay", "stats")
+TOPICS = ("decision", "overlay", "stats", "event", "frame")
 # Keys the publisher owns; a caller's header cannot override them.
-RESERVED_KEYS = ("v", "topic", "seq", "publish_ts", "model_id")
+RESERVED_KEYS = ("v", "topic", "seq", "publish_ts", "model_id", "run_id")
 
 
 class EndpointInUse(RuntimeError):
@@ -66,8 +70,12 @@ class Publisher:
 
     def __init__(self, endpoint: str, model_id: str = "", sndhwm: int = 1000,
                  linger_ms: int = 1000, context: zmq.Context | None = None,
-                 nodrop: bool = False, curve: CurveServer | None = None) -> None:
+                 nodrop: bool = False, curve: CurveServer | None = None, run_id: str | None = None) -> None:
         self.model_id = model_id
+        self.run_id = run_id or uuid.uuid4().hex
+        # Called with (topic, seq, packed header, payload) for every message given a seq, sent
+        # or dropped, from the publishing thread (the control endpoint's replay buffer).
+        self.on_publish: Callable[[str, int, bytes, bytes | None], None] | None = None
         # CURVE gets a context of its own: one ZAP authenticator per context, and it must not
         # judge the connections of other sockets in this process.
         self._own_context = curve is not None and context is None
@@ -136,8 +144,17 @@ class Publisher:
                 return self.subscribe_events
             sock.poll(min(remaining_ms, 200), zmq.POLLIN)  # wake up to notice stop
 
-    def publish(self, topic: str, header: dict[str, Any], payload: bytes | None = None) -> bool:
+    def last_seq(self, topic: str) -> int | None:
+        """The seq of the last message of ``topic`` (None before the first)."""
+        seq = self._seq[topic]
+        return seq - 1 if seq else None
+
+    def publish(self, topic: str, header: dict[str, Any], payload: bytes | None = None,
+                model_id: str | None = None) -> bool:
         """Send one message; True if ZeroMQ took it, False if it was dropped. Never blocks.
+
+        ``model_id``: the model that made this message (default: the publisher's), so that a
+        hot swap's decisions carry the model that judged them.
 
         Raises ValueError for an unknown topic and TypeError for a header value msgpack
         cannot carry (numpy scalars are fine); neither uses up a seq number.
@@ -148,10 +165,12 @@ class Publisher:
         self._read_subscriptions()
         seq = self._seq[topic]
         reserved = {"v": SCHEMA_VERSION, "topic": topic, "seq": seq,
-                    "publish_ts": time.time(), "model_id": self.model_id}
+                    "publish_ts": time.time(), "model_id": model_id or self.model_id, "run_id": self.run_id}
         # Reserved keys first (readable dumps), caller's keys next, reserved values win.
         packed = pack_header({**reserved, **header, **reserved})
         self._seq[topic] = seq + 1  # only now: a header that cannot be packed is no message
+        if self.on_publish is not None:
+            self.on_publish(topic, seq, packed, payload)
         frames = [topic.encode("ascii"), packed]
         if payload is not None:
             frames.append(payload)

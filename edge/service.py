@@ -29,8 +29,10 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
+from .active import EngineSettings
 from .auth import CurveServer
-from .config import Config, check_files
+from .config import Config, check_files, load_config
+from .control import ControlServer, Controller, Monitors, ReplayBuffer
 from .decision import DecisionRule
 from .engine import open_engine
 from .pipeline import Pipeline, RunOptions
@@ -86,10 +88,12 @@ class Notifier:
 
 
 def status_line(stats: dict[str, Any]) -> str:
-    """One line for systemctl status: ``12.5 frames/s; cam0 connected 10.0 fps, cam1 down; 1234 decisions``."""
+    """One line for systemctl status: ``12.5 frames/s; cam0 connected 10.0 fps, cam1 down; 1234 decisions``
+    (``PAUSED (frames counted, not judged); ...`` first while paused)."""
     cams = ", ".join(f"{cid} {c.get('state', '?')}" + (f" {c['fps']:.1f} fps" if c.get("fps") else "")
                      for cid, c in stats.get("cameras", {}).items())
-    return f"{stats.get('fps', 0.0):.1f} frames/s; {cams}; {stats.get('frames', 0)} decisions"
+    paused = "PAUSED (frames counted, not judged); " if stats.get("paused") else ""
+    return f"{paused}{stats.get('fps', 0.0):.1f} frames/s; {cams}; {stats.get('frames', 0)} decisions"
 
 
 class ServiceMonitor:
@@ -116,7 +120,8 @@ class ServiceMonitor:
             return
         # the first decision may still be in the engine when READY goes out: until it comes,
         # the stall counts from READY
-        last = pipeline.last_decision_mono if pipeline.last_decision_mono is not None else self._ready_at
+        # (while paused, frames counted and not judged are progress too)
+        last = pipeline.last_progress_mono if pipeline.last_progress_mono is not None else self._ready_at
         if now - last <= self.frame_stall_s:
             self.notifier.notify("WATCHDOG=1")
             self.watchdog_pings += 1
@@ -145,8 +150,20 @@ def install_signal_handlers(stop: Callable[[str], None]) -> dict[int, Any]:
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
-def run_service(config: Config, notifier: Notifier | None = None) -> int:
-    """Build everything from a validated config, run until stopped, return the exit code."""
+def install_reload_handler(reload: Callable[[], None]) -> Any:
+    """SIGHUP calls reload() (which only sets a flag); returns the old handler."""
+    def handler(_signum: int, _frame: Any) -> None:
+        reload()
+
+    return signal.signal(signal.SIGHUP, handler)
+
+
+def run_service(config: Config, notifier: Notifier | None = None,
+                reload: Callable[[], Config] | None = None) -> int:
+    """Build everything from a validated config, run until stopped, return the exit code.
+
+    reload: reads and validates the config again on SIGHUP (default: the config's file, when
+    it came from one)."""
     notifier = notifier or Notifier.from_env()
     checked = check_files(config)  # bundle checksums, sources, keys: errors name the file and key
     bundle, sources = checked.bundle, checked.sources
@@ -166,17 +183,42 @@ def run_service(config: Config, notifier: Notifier | None = None) -> int:
     curve = CurveServer(Path(pub.curve.secret_key), Path(pub.curve.allowed_keys)) if pub.curve else None
     publisher = Publisher(pub.endpoint, model_id=bundle.model_id, sndhwm=pub.sndhwm, linger_ms=pub.linger_ms,
                           nodrop=pub.nodrop, curve=curve)
-    log.info("publishing on %s%s", publisher.endpoint, " (CURVE)" if curve else "")
+    log.info("publishing on %s%s (run %s)", publisher.endpoint, " (CURVE)" if curve else "", publisher.run_id)
+    replay = ReplayBuffer(config.control.replay_decisions, int(config.control.replay_frames_mb * (1 << 20)))
+    publisher.on_publish = replay.record
     options = RunOptions(
         max_batch=config.batching.max_batch, max_wait_ms=config.batching.max_wait_ms,
         queue_capacity=config.batching.queue_capacity,
         overlay_accepts_every=config.overlay.accepts_every, jpeg_quality=config.overlay.jpeg_quality,
         wait_subscribers=pub.wait_subscribers, wait_timeout_s=pub.wait_timeout_s, linger_ms=pub.linger_ms,
         stats_interval_s=pub.stats_interval_s, stop_timeout_s=config.service.stop_timeout_s,
-        max_engine_failures=config.service.max_engine_failures)
+        max_engine_failures=config.service.max_engine_failures, publish_frames=pub.frames)
     monitor = ServiceMonitor(notifier, config.service.frame_stall_s)
-    pipeline = Pipeline(bundle, engine, rule, sources, publisher, options, monitor=monitor)
+    pipeline = Pipeline(bundle, engine, rule, sources, publisher, options)
+    if reload is None and Path(config.path).is_file():
+        path = config.path
+        reload = lambda: load_config(path)  # noqa: E731
+    engine_settings = EngineSettings(config.engine.kind, config.engine.precision, config.engine.threads,
+                                     config.engine.spin_between_calls)
+    controller = Controller(pipeline, config, engine_settings, replay, reload)
+    pipeline.monitor = Monitors(monitor, controller)
+    server = metrics = None
+    try:
+        if config.control.endpoint:
+            server = ControlServer(controller, config.control.endpoint,
+                                   pub.curve.secret_key if pub.curve else None, config.control.allowed_keys,
+                                   config.control.allow_remote).start()
+        if config.metrics.listen:
+            from .metrics import serve_metrics
+
+            metrics = serve_metrics(config.metrics.listen, pipeline, controller)
+    except ValueError as exc:
+        if server is not None:
+            server.close()
+        publisher.close(linger_ms=0)
+        raise config.error("key 'control.endpoint'" if server is None else "key 'metrics.listen'", str(exc)) from None
     previous = install_signal_handlers(pipeline.stop)
+    previous[signal.SIGHUP] = install_reload_handler(controller.request_reload)
     try:
         summary = pipeline.run()
     except Exception as exc:  # noqa: BLE001 - a bug or a resource gone mid-run is not a config error
@@ -186,6 +228,10 @@ def run_service(config: Config, notifier: Notifier | None = None) -> int:
         for sig, old in previous.items():
             signal.signal(sig, old)
         notifier.close()
+        if server is not None:
+            server.close()
+        if metrics is not None:
+            metrics.close()
     log.info("done: %d frames, %d rejects, %d errors, %.1f frames/s; dropped %s, bad frames %s%s",
              summary.frames, summary.rejects, summary.errors, summary.fps, summary.dropped or "none",
              {k: v for k, v in summary.bad_frames.items() if v} or "none",

@@ -561,10 +561,13 @@ class SourceThread(threading.Thread):
         if frame.error is None:
             if src.roi is not None:
                 x, y, w, h = src.roi
+                frame.full_image = frame.image  # kept for the `frame` topic (rejects, whole)
                 frame.image = frame.image[y:y + h, x:x + w]  # a view: no copy
             if self.preprocess is not None:
                 try:
                     frame.tensor = self.preprocess(frame.image)
+                    # which model geometry made it (edge.pipeline: a swap may come before its batch)
+                    frame.geometry = getattr(self.preprocess, "geometry", None)
                 except Exception as exc:  # noqa: BLE001 - this frame gets an error decision
                     frame.error = f"preprocessing failed: {exc}"
         if frame.error is None:

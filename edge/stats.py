@@ -18,6 +18,7 @@ Stages (what one sample measures):
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -70,9 +71,13 @@ class StageLatencies:
 
     def __init__(self, capacity: int = 8192) -> None:
         self.windows = {stage: LatencyWindow(capacity) for stage in STAGES}
+        # also given every sample (edge.metrics' histograms), from the thread that adds it
+        self.listener: Callable[[str, float | np.ndarray], None] | None = None
 
     def add(self, stage: str, seconds: float | np.ndarray) -> None:
         self.windows[stage].add(seconds)
+        if self.listener is not None:
+            self.listener(stage, seconds)
 
     def take(self) -> dict[str, dict | None]:
         return {stage: window.take() for stage, window in self.windows.items()}

@@ -21,14 +21,16 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _split_counts(text: str):
-    from training.data import SplitCounts
+    from training.data import SplitCounts, SplitFractions
 
+    if text == "auto":
+        return SplitFractions()
     try:
         values = [int(v) for v in text.split(",")]
         if len(values) != 4 or min(values) < 0:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError("--split takes four counts: TRAIN_NORMAL,CALIB_NORMAL,"
+        raise argparse.ArgumentTypeError("--split takes auto or four counts: TRAIN_NORMAL,CALIB_NORMAL,"
                                          "CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (seed: 70,30,15,2)") from None
     return SplitCounts(*values)
 
@@ -54,6 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_metrics(metrics: dict) -> None:
     test, cal = metrics["test"], metrics["calibration"]
+    if "detector_choice" in metrics:
+        print(metrics["detector_choice"]["reason"])
     print(f"calibration: score {cal['aggregate']} (asked: {cal['aggregate_requested']}), threshold "
           f"{cal['threshold']:.4g} ({cal['method']}), AUROC {cal['auroc']:.4f}")
     print(f"test: AUROC {test['auroc']:.4f}  accuracy {test['accuracy']:.4f}  precision "
@@ -121,6 +125,7 @@ RUN_FLAG_KEYS = {
     "overlay_accepts": "overlay.accepts_every", "publish": "publisher.endpoint",
     "wait_subscribers": "publisher.wait_subscribers", "wait_timeout": "publisher.wait_timeout_s",
     "sndhwm": "publisher.sndhwm", "stop_timeout": "service.stop_timeout_s",
+    "control": "control.endpoint", "metrics": "metrics.listen", "publish_frames": "publisher.frames",
 }
 
 
@@ -154,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _run_config(args)
     if not args.verbose:
         logging.getLogger().setLevel(config.logging.level.upper())
-    return run_service(config)
+    return run_service(config, reload=lambda: _run_config(args))  # SIGHUP: the file again, flags on top
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -214,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fit, calibrate and evaluate a detector; export the bundle")
     p.add_argument("data", help="one folder per class, or the MVTec AD layout")
     p.add_argument("--normal-class", default="normal")
-    p.add_argument("--model", default="padim", choices=["padim", "fcdd", "patchcore"])
+    p.add_argument("--model", default="auto", choices=["auto", "padim", "fcdd", "patchcore"],
+                   help="auto (default): fit PaDiM and PatchCore, keep the better on the calibration set "
+                        "(RUN/candidates/ holds both); or force one")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"],
@@ -223,10 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone weights: imagenet (packaged), random, or a .pth file of --backbone's architecture")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--split", type=_split_counts, default=None,
-                   help="TRAIN_NORMAL,CALIB_NORMAL,CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (default 70,30,15,2)")
-    p.add_argument("--aggregate", default="mean",
-                   help="image score from the anomaly map: mean (seed default), max, topk:P (mean of the "
-                        "top P%% patches) or auto (best AUROC on the calibration set)")
+                   help="auto (default: 60%% of the good images fit, 20%% calibrate, 20%% test; defects half "
+                        "calibrate, half test, 2 per class for outlier exposure) or four counts "
+                        "TRAIN_NORMAL,CALIB_NORMAL,CALIB_PER_ANOMALY,TRAIN_PER_ANOMALY (the seed protocol: "
+                        "70,30,15,2)")
+    p.add_argument("--aggregate", default="auto",
+                   help="image score from the anomaly map: auto (default: the best calibration AUROC, near "
+                        "ties to the widest separation), mean (the seeds'), max, topk:P (mean of the top P%% "
+                        "cells), each optionally after a Gaussian blur of the map: max+blur:1")
     p.add_argument("--threshold", default="binormal",
                    help="binormal (default: the cutoff with the best TPR - FPR between normal distributions "
                         "fitted to each class's Box-Cox transformed calibration scores; youden's point when "
@@ -316,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sndhwm", type=int, default=1000, help="send high-water mark per subscriber")
     p.add_argument("--stop-timeout", type=float, metavar="S",
                    help="seconds from SIGTERM to exit, draining included (default 10)")
+    p.add_argument("--control", metavar="ENDPOINT", help="control endpoint for `linegate ctl` (e.g. tcp://127.0.0.1:5557)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (e.g. 127.0.0.1:9108)")
+    p.add_argument("--publish-frames", choices=["none", "reject"], help="publish each reject's full frame (PNG)")
     # Every flag that maps to a config key defaults to None here, whatever its add_argument
     # says: only flags actually given override the --config file (defaults live in edge.config).
     p.set_defaults(func=cmd_run, **{dest: None for dest in RUN_FLAG_KEYS})
@@ -332,6 +346,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="print decisions published by `linegate run`")
     add_watch_arguments(p)
     p.set_defaults(func=cmd_watch)
+
+    from lineside import ctl
+
+    p = sub.add_parser("ctl", help="steer a running line: status, threshold, pause, resume, load")
+    ctl.add_arguments(p)
+    p.set_defaults(func=ctl.main)
+
+    from lineside import history, record  # light: psycopg is imported only for a postgresql:// target
+
+    p = sub.add_parser("record", help="record every decision, event and reject image (SQLite or PostgreSQL)")
+    record.add_arguments(p)
+    p.set_defaults(func=record.main)
+    p = sub.add_parser("history", help="query the record made by `linegate record`")
+    history.add_arguments(p)
+    p.set_defaults(func=history.main)
+
+    from lineside.view.cli import add_arguments as add_view_arguments, main as view_main
+
+    p = sub.add_parser("view", help="the operator's browser page: live decisions, rejects, threshold")
+    add_view_arguments(p)
+    p.set_defaults(func=view_main)
 
     from benchmarks.bench import add_arguments as add_bench_arguments  # light: no torch, no onnx
 

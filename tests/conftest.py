@@ -38,7 +38,9 @@ def pillqc_run(pillqc, tmp_path_factory) -> Path:
     from training.train import train
 
     run = tmp_path_factory.mktemp("pillqc") / "run"
-    train(pillqc, run, "normal", "padim", seed=0)
+    from training.data import SplitCounts
+
+    train(pillqc, run, "normal", "padim", seed=0, counts=SplitCounts())  # the seed protocol, 70,30,15,2
     export_onnx(run)
     return run
 

@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -229,13 +230,63 @@ def test_choose_aggregate_by_calibration_auroc():
     defect = np.ones((3, 8, 8), np.float32)
     defect[:, 2, 5] = 2.0
     maps, anomalous = np.concatenate([normal, defect]), np.array([0] * 4 + [1] * 3, bool)
-    chosen, aurocs = choose_aggregate(maps, anomalous)
-    assert aurocs == pytest.approx({"mean": 0.25, "topk:25": 0.25, "topk:10": 0.5, "topk:5": 1.0,
-                                    "topk:1": 1.0, "max": 1.0})
-    assert list(aurocs) == list(AGGREGATE_CANDIDATES)
-    assert chosen == "topk:5"  # the first of the tied best, in the candidates' order
-    maps[anomalous] += 1.0  # now every aggregate separates: the tie goes to mean
-    assert choose_aggregate(maps, anomalous)[0] == "mean"
+    choice = choose_aggregate(maps, anomalous)
+    assert {k: choice.auroc[k] for k in ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max")} == \
+        pytest.approx({"mean": 0.25, "topk:25": 0.25, "topk:10": 0.5, "topk:5": 1.0, "topk:1": 1.0, "max": 1.0})
+    assert list(choice.auroc) == list(AGGREGATE_CANDIDATES) == list(choice.separation)
+    # topk:5, topk:1 and max tie on AUROC; the single hot cell stands (2 - 1.15) / 0.129 SD above
+    # the median good score under topk:1 and max, only (4/3 - 1.15) / 0.129 under topk:5: the widest
+    # wins, and between the two equal ones the earlier
+    assert choice.separation["max"] == pytest.approx((2 - 1.15) / np.std([1.0, 1.1, 1.2, 1.3], ddof=1), rel=1e-5)
+    assert choice.separation["topk:5"] < choice.separation["max"]
+    assert choice.chosen == "topk:1" and "widest separation" in choice.reason
+
+
+def test_auroc_standard_error_and_the_tie_it_makes():
+    from training.calibrate import auroc_standard_error, choose_best
+
+    # Hanley & McNeil's example: AUROC 0.8 on 50 + 50 images has SE ~0.044
+    assert auroc_standard_error(0.8, 50, 50) == pytest.approx(0.0447, abs=5e-4)
+    assert auroc_standard_error(1.0, 30, 30) == 0.0
+    assert auroc_standard_error(0.85, 25, 95) > auroc_standard_error(0.85, 250, 950)
+    aurocs, seps = {"a": 0.86, "b": 0.83}, {"a": 1.0, "b": 2.0}
+    assert choose_best(aurocs, seps, 25, 95).chosen == "b"  # 0.03 apart is noise at 25 defects
+    assert choose_best(aurocs, seps, 2500, 9500).chosen == "a"  # and a real difference at 2,500
+
+
+def test_aggregate_tie_goes_to_the_widest_separation_not_the_list_order():
+    rng = np.random.default_rng(0)
+    good = 1.0 + 0.01 * rng.standard_normal((40, 8, 8)).astype(np.float32)
+    bad = 1.0 + 0.01 * rng.standard_normal((20, 8, 8)).astype(np.float32)
+    bad[:, 3, 3] += 1.0  # one bright cell: every aggregate separates, max by far the most
+    maps, anomalous = np.concatenate([good, bad]), np.array([0] * 40 + [1] * 20, bool)
+    choice = choose_aggregate(maps, anomalous, ("mean", "max"))
+    assert choice.auroc == {"mean": 1.0, "max": 1.0}
+    assert choice.chosen == "max"
+    # the same shape of defect, but good parts with a stray hot cell each: the max of a good part
+    # is now noisy, the mean is not, and the mean wins although it comes first either way
+    good[np.arange(40), rng.integers(0, 8, 40), rng.integers(0, 8, 40)] += rng.uniform(0, 0.9, 40)
+    bad += 0.5
+    maps = np.concatenate([good, bad])
+    choice = choose_aggregate(maps, anomalous, ("max", "mean"))
+    assert choice.auroc["mean"] == 1.0 and choice.chosen == "mean"
+
+
+def test_blurred_aggregate_matches_opencv_and_quiets_a_lone_cell():
+    from edge.decision import aggregate_maps, split_blur
+
+    maps = np.zeros((2, 16, 16), np.float32)
+    maps[0, 5, 5] = 1.0  # a lone hot cell
+    maps[1, 4:7, 4:7] = 1.0  # a 3x3 defect of the same peak
+    raw, blurred = aggregate_maps(maps, "max"), aggregate_maps(maps, "max+blur:1")
+    assert raw.tolist() == [1.0, 1.0]
+    expected = [cv2.GaussianBlur(m, (0, 0), 1.0, borderType=cv2.BORDER_REFLECT).max() for m in maps]
+    assert blurred == pytest.approx(expected)
+    assert blurred[0] < 0.5 * blurred[1]  # the blur tells the defect from the lone cell
+    assert split_blur("topk:1+blur:2.5") == ("topk:1", 2.5)
+    for bad in ("max+blur:0", "max+blur:x", "max+blur:-1", "nope+blur:1"):
+        with pytest.raises(ValueError, match="aggregate"):
+            aggregate_maps(maps, bad)
 
 
 @pytest.mark.pillqc

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training.data import SplitCounts, load_images, make_split
+from training.data import SplitCounts, SplitFractions, load_images, make_split
 
 
 def _write(path, image):
@@ -15,7 +15,7 @@ def _write(path, image):
 def _folders(root, counts):
     for cls, n in counts.items():
         for i in range(n):
-            _write(root / cls / f"{cls}{i:03d}.png", np.full((20, 20, 3), i, np.uint8))
+            _write(root / cls / f"{cls}{i:04d}.png", np.full((20, 20, 3), i % 256, np.uint8))
 
 
 def test_folder_split_follows_the_protocol_counts(tmp_path):
@@ -33,6 +33,30 @@ def test_folder_split_follows_the_protocol_counts(tmp_path):
     other = make_split(tmp_path, "normal", seed=4, counts=counts)
     assert again.to_json() == split.to_json()
     assert other.train != split.train
+
+
+@pytest.mark.parametrize("normal, chip", [(1000, 40), (150, 12), (20, 4)])
+def test_default_split_scales_with_the_data_set(tmp_path, normal, chip):
+    _folders(tmp_path, {"normal": normal, "chip": chip})
+    split = make_split(tmp_path, "normal", seed=1)  # the default: SplitFractions
+    by = lambda items, cls: sum(c == cls for _, c in items)  # noqa: E731
+    train, calib, test = len(split.train), by(split.calibration, "normal"), by(split.test, "normal")
+    assert train + calib + test == normal
+    assert train >= normal // 2  # most of the good images fit the model, whatever the size
+    assert calib >= min(10, normal // 4) and test >= min(10, normal // 4)
+    if normal >= 100:
+        assert train == round(0.6 * normal) and calib == round(0.2 * normal)
+    oe = by(split.train_anomalous, "chip")
+    assert oe == (2 if chip >= 10 else 0)
+    assert by(split.calibration, "chip") >= 1 and by(split.test, "chip") >= 1
+    assert oe + by(split.calibration, "chip") + by(split.test, "chip") == chip
+    every = [p for s in (split.train, split.train_anomalous, split.calibration, split.test) for p, _ in s]
+    assert len(every) == len(set(every)) == normal + chip
+    assert split.policy.startswith("auto") and split.to_json()["policy"] == split.policy
+    assert make_split(tmp_path, "normal", seed=1).to_json() == split.to_json()
+    assert make_split(tmp_path, "normal", seed=2).train != split.train
+    fixed = make_split(tmp_path, "normal", seed=1, counts=SplitCounts(5, 3, 1, 0))
+    assert len(fixed.train) == 5 and fixed.policy.startswith("fixed: 5 good fit")
 
 
 def test_mvtec_layout_stratified_halves(tmp_path):
@@ -76,7 +100,7 @@ def test_a_dataset_without_defect_classes_is_refused_by_the_split(tmp_path):
     with pytest.raises(ValueError, match=r"only the normal class .*normal\) has images; .*add one folder of "
                                          r"images per defect class next to"):
         make_split(tmp_path / "only", "normal")
-    _folders(tmp_path / "few", {"normal": 30, "chip": 2})  # too few to put one in calibration
+    _folders(tmp_path / "few", {"normal": 30, "chip": 1})  # too few for one in calibration and one in the test
     with pytest.raises(ValueError, match=r"defect classes \['chip'\] have too few images .*add images"):
         make_split(tmp_path / "few", "normal")
     for i in range(8):  # an MVTec test/ folder with good images only

@@ -279,7 +279,7 @@ def test_stats_topic_reports_cameras_queues_and_stage_latencies(tiny_bundle):
         counts = np.diff([0] + [s["cameras"][cam]["decisions"] for s in stats])
         rates = [s["cameras"][cam]["fps"] * s["interval_s"] for s in stats]
         assert rates == pytest.approx(counts, abs=0.1)
-    assert set(mid["queue_depth"]) == {"frames", "results"}
+    assert set(mid["queue_depth"]) == {"frames", "results", "overlays"}
     for stage in STAGES:
         lat = mid["latency_ms"][stage]
         assert lat["n"] > 0 and 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], stage
@@ -318,7 +318,7 @@ def test_a_stalled_subscriber_does_not_hold_up_the_pipeline_nor_cost_others_mess
         healthy.stop()
         stalled.close()
     assert summary.frames == n and summary.errors == 0 and summary.fatal is None
-    assert publisher.dropped == {"decision": 0, "overlay": 0, "stats": 0}  # ZeroMQ never refused: it drops per peer
+    assert publisher.dropped == {"decision": 0, "overlay": 0, "stats": 0, "event": 0, "frame": 0}  # ZeroMQ never refused: it drops per peer
     # the healthy subscriber lost nothing: every decision and overlay, seq without a gap
     assert healthy.sub.gaps == {"decision": 0, "overlay": 0}
     assert [d["seq"] for d in healthy.decisions()] == list(range(n))

@@ -99,8 +99,10 @@ def test_headers_and_per_topic_seq():
     stats = [m for m in messages if m.topic == "stats"]
     assert [m.header["seq"] for m in decisions] == [0, 1, 2, 3, 4]
     assert [m.header["seq"] for m in stats] == [0, 1, 2]
-    assert pub.sent == {"decision": 5, "overlay": 0, "stats": 3}
-    assert pub.dropped == {"decision": 0, "overlay": 0, "stats": 0}
+    assert pub.sent == {"decision": 5, "overlay": 0, "stats": 3, "event": 0, "frame": 0}
+    assert pub.dropped == {"decision": 0, "overlay": 0, "stats": 0, "event": 0, "frame": 0}
+    run_ids = {m.header["run_id"] for m in messages}
+    assert run_ids == {pub.run_id} and len(pub.run_id) == 32  # one random hex id per publisher
     for m in messages:
         assert m.header["v"] == SCHEMA_VERSION and m.header["topic"] == m.topic
         assert m.header["model_id"] == "m-123"
@@ -315,7 +317,7 @@ def test_watch_json_lines():
     rows = [json.loads(line, parse_constant=_strict) for line in out.getvalue().splitlines()]
     assert [r["frame_id"] for r in rows] == [0, 1, 2]
     assert rows[2]["score"] is None and rows[2]["score_norm"] is None and rows[0]["score"] == 0.5
-    expected = {"v", "topic", "seq", "publish_ts", "model_id", "camera_id", "frame_id", "capture_ts",
+    expected = {"v", "topic", "seq", "publish_ts", "model_id", "run_id", "camera_id", "frame_id", "capture_ts",
                 "score", "score_norm", "threshold", "decision", "source", "label", "aggregate"}
     assert all(set(r) == expected and r["model_id"] == "m-1" for r in rows)
 

@@ -422,6 +422,7 @@ def test_systemd_unit_settings():
                        ("StartLimitIntervalSec", "0")]:
         assert settings.get(key) == [value], key
     assert "--config ${LINEGATE_CONFIG}" in settings["ExecStart"][0]
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP: edge.control reloads the config
     assert settings["EnvironmentFile"] == ["-/etc/linegate/linegate.env"]
     # systemd must not kill linegate before its own stop timeout (10 s by default) is over
     assert int(settings["TimeoutStopSec"][0]) > 10 and int(settings["WatchdogSec"][0]) > 0
@@ -465,7 +466,8 @@ def test_install_script_refuses_without_root_a_bundle_or_its_config(tiny_bundle,
 
 
 def test_service_modules_start_without_torch():
-    code = ("import sys\nimport edge.config, edge.service, edge.stats, edge.auth\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export')))\n")
+    code = ("import sys\nimport edge.config, edge.service, edge.stats, edge.auth, edge.control, edge.metrics\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export', "
+            "'starlette', 'aiohttp', 'flask', 'fastapi', 'django', 'tornado')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

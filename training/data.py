@@ -5,15 +5,17 @@ Two layouts are read:
 - MVTec AD (`train/good/`, `test/<class>/`), where `train/good` is the training set and
   `test/` is split, stratified by class, into a calibration half and a test half.
 
-The split follows the seed protocol (pillQC's SOURCE.md): a fixed number of normal images
-for training, a fixed number of normal and per-anomaly-class images for calibration, a few
-anomalous images reserved for outlier exposure, everything else for the test. It is seeded,
-and no file is in two sets.
+By default the split scales with the data set (`SplitFractions`): most of the good images fit
+the model, a fifth calibrate it and a fifth test it; each defect class gives two images to
+outlier exposure and the rest half to calibration, half to the test. The seed protocol
+(pillQC's SOURCE.md: 70 good to fit, 30 good and 15 per defect class to calibrate, 2 per defect
+class for outlier exposure, the rest to test) is `SplitCounts(70, 30, 15, 2)`, `--split
+70,30,15,2`. Either way the split is seeded and no file is in two sets.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,39 @@ class SplitCounts:
 
 
 @dataclass
+class SplitFractions:
+    """The default split, scaled to the data set. Why these numbers: a one-class detector learns
+    the good parts' variety from what it is fitted on, so it gets most of them (a fixed 70 left
+    900 of a 952-image set unused); calibration picks the score, the detector and the threshold,
+    and the test reports on held-back images, so each keeps enough good images to measure a
+    false-reject rate (at least `min_normal`). Defects are few and only calibrate or test."""
+
+    train_normal: float = 0.6
+    calib_normal: float = 0.2  # the rest of the good images (0.2) go to the test
+    calib_anomaly: float = 0.5  # of each defect class, after outlier exposure; the rest to the test
+    train_per_anomaly: int = 2  # outlier exposure (FCDD), taken only from classes of >= 10 images
+    min_normal: int = 10  # good images kept back for calibration and for the test, each
+
+    def counts(self, normal: int, per_anomaly: dict[str, int]) -> tuple[tuple[int, int], dict[str, tuple[int, int]]]:
+        """((train, calibration) good images, {class: (outlier exposure, calibration)})."""
+        floor = min(self.min_normal, normal // 4)  # a tiny set still fits on half its images
+        calib = max(floor, int(round(normal * self.calib_normal)))
+        test = max(floor, normal - int(round(normal * self.train_normal)) - calib)
+        train = normal - calib - test
+        defects = {}
+        for cls, n in per_anomaly.items():
+            oe = self.train_per_anomaly if n >= 10 else 0
+            defects[cls] = (oe, max(1, int((n - oe) * self.calib_anomaly)) if n - oe >= 2 else 0)
+        return (train, calib), defects
+
+    def describe(self) -> str:
+        return (f"auto: {self.train_normal:.0%} of the good images fit, {self.calib_normal:.0%} calibrate, "
+                f"the rest test (at least {self.min_normal} each); each defect class: "
+                f"{self.train_per_anomaly} for outlier exposure (classes of 10 or more), then "
+                f"{self.calib_anomaly:.0%} calibrate, the rest test")
+
+
+@dataclass
 class Split:
     normal_class: str
     layout: str
@@ -48,6 +83,7 @@ class Split:
     train_anomalous: list[tuple[str, str]] = field(default_factory=list)
     calibration: list[tuple[str, str]] = field(default_factory=list)
     test: list[tuple[str, str]] = field(default_factory=list)
+    policy: str = ""  # how the counts were chosen (SplitFractions.describe or the fixed counts)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -98,14 +134,19 @@ def _fit_counts(name: str, available: int, wanted: list[int]) -> list[int]:
 
 
 def make_split(root: str | Path, normal_class: str = "normal", seed: int = 0,
-               counts: SplitCounts | None = None) -> Split:
+               counts: SplitCounts | SplitFractions | None = None) -> Split:
+    """`counts`: fixed numbers (SplitCounts, the seed protocol) or fractions of the data set
+    (SplitFractions, the default)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset {root}: no such folder")
-    counts = counts or SplitCounts()
+    counts = counts or SplitFractions()
     rng = np.random.default_rng(seed)
     layout = detect_layout(root)
     split = Split(normal_class=normal_class, layout=layout, seed=seed)
+    split.policy = counts.describe() if isinstance(counts, SplitFractions) else \
+        "fixed: {0} good fit, {1} good and {2} per defect class calibrate, {3} per defect class for outlier " \
+        "exposure, the rest test".format(*astuple(counts))
 
     def add(target: list, files: list[Path], cls: str) -> None:
         target.extend((str(f), cls) for f in files)
@@ -122,13 +163,19 @@ def make_split(root: str | Path, normal_class: str = "normal", seed: int = 0,
         if normal_class not in classes:
             raise ValueError(f"dataset {root}: no folder {normal_class!r} for the normal class; "
                              f"found {sorted(classes)}; pass --normal-class NAME")
+        if isinstance(counts, SplitFractions):
+            normal_counts, defect_counts = counts.counts(
+                len(classes[normal_class]), {c: len(f) for c, f in classes.items() if c != normal_class})
+        else:
+            normal_counts = (counts.train_normal, counts.calib_normal)
+            defect_counts = {c: (counts.train_per_anomaly, counts.calib_per_anomaly) for c in classes}
         for cls, files in classes.items():
             if cls == normal_class:
-                n_train, n_calib = _fit_counts(cls, len(files), [counts.train_normal, counts.calib_normal])
+                n_train, n_calib = _fit_counts(cls, len(files), list(normal_counts))
                 train, rest = _take(rng, files, n_train)
                 add(split.train, train, cls)
             else:
-                n_oe, n_calib = _fit_counts(cls, len(files), [counts.train_per_anomaly, counts.calib_per_anomaly])
+                n_oe, n_calib = _fit_counts(cls, len(files), list(defect_counts[cls]))
                 oe, rest = _take(rng, files, n_oe)
                 add(split.train_anomalous, oe, cls)
             calib, test = _take(rng, rest, n_calib)

@@ -162,6 +162,24 @@ def _fallback_text(cal: dict) -> str:
             f"{html.escape(cal['method_fallback'])})")
 
 
+def _split_text(split: dict) -> str:
+    if not split:
+        return ""
+    n = {k: len(split.get(k, [])) for k in ("train", "train_anomalous", "calibration", "test")}
+    return (f"Split: {n['train']} good images fit, {n['train_anomalous']} defects for outlier exposure, "
+            f"{n['calibration']} calibrate, {n['test']} test ({html.escape(split.get('policy') or 'fixed counts')}).")
+
+
+def detector_choice_html(choice: dict) -> str:
+    """The section `--model auto` adds to the chosen candidate's report."""
+    rows = "".join(f"<tr><th>{html.escape(n)}</th><td>{_fmt(c['calibration_auroc'])}</td><td>{_fmt(c['separation'])}</td>"
+                   f"<td>{html.escape(c['aggregate'])}</td><td>{c['fit_seconds']:.0f} s</td>"
+                   f"<td>{html.escape(c['run'])}</td></tr>" for n, c in choice["candidates"].items())
+    return (f"<h2>Detector: chosen on the calibration set</h2><p>{html.escape(choice['reason'])}</p>"
+            "<table><tr><th>candidate</th><th>calibration AUROC</th><th>separation</th><th>aggregate</th>"
+            f"<th>fit</th><th>run</th></tr>{rows}</table>")
+
+
 def _html(meta: dict, metrics: dict, shown: list[dict]) -> str:
     cal, test = metrics["calibration"], metrics["test"]
     rows = "".join(f"<tr><th>{k}</th><td>{_fmt(cal.get(k))}</td><td>{_fmt(test.get(k))}</td></tr>"
@@ -172,7 +190,9 @@ def _html(meta: dict, metrics: dict, shown: list[dict]) -> str:
         f"<tr><th>{html.escape(c)}</th>" + "".join(
             f"<td>{_fmt(s['per_class'][c]['accuracy'])} ({s['per_class'][c]['n']})</td>" if c in s["per_class"]
             else "<td>-</td>" for s in (cal, test)) + "</tr>" for c in classes)
-    aggs = "".join(f"<tr><th>{html.escape(a)}</th><td>{_fmt(v)}</td></tr>" for a, v in cal["aggregate_auroc"].items())
+    seps = cal.get("aggregate_separation", {})
+    aggs = "".join(f"<tr><th>{html.escape(a)}</th><td>{_fmt(v)}</td><td>{_fmt(seps.get(a))}</td></tr>"
+                   for a, v in cal["aggregate_auroc"].items())
     figures = "".join(f'<figure><img src="{p}" alt="{p}"></figure>' for p in PLOTS)
     cards = []
     for e in shown:
@@ -190,6 +210,7 @@ figcaption{{font-size:12px;text-align:center}}</style></head><body>
 <h1>linegate evaluation: {html.escape(meta['detector'])}</h1>
 <p>data {html.escape(str(meta.get('data', '')))}, seed {meta.get('seed')}, normal class
 {html.escape(meta['normal_class'])}, input {meta['image_size'][0]}x{meta['image_size'][1]}{_augment_text(meta)}.
+{_split_text(metrics.get('split', {}))}
 Score = <b>{html.escape(cal['aggregate'])}</b> of the anomaly map (requested: {html.escape(cal['aggregate_requested'])});
 threshold {cal['threshold']:.6g} by <b>{html.escape(cal['method'])}</b> on the calibration set
 (reject if score &ge; threshold){_fallback_text(cal)}; normalisation min/max {cal['normalisation']['min']:.4g} /
@@ -198,8 +219,9 @@ threshold {cal['threshold']:.6g} by <b>{html.escape(cal['method'])}</b> on the c
 <table><tr><th></th><th>calibration ({cal['n']})</th><th>test ({test['n']})</th></tr>{rows}{conf}</table>
 <h2>Per-class accuracy</h2>
 <table><tr><th>class</th><th>calibration</th><th>test</th></tr>{per_class}</table>
-<h2>Aggregate: calibration AUROC of each candidate</h2>
-<table>{aggs}</table>
+<h2>Aggregate: each candidate on the calibration set</h2>
+<p>{html.escape(cal.get('aggregate_reason', ''))}</p>
+<table><tr><th>aggregate</th><th>AUROC</th><th>separation (SD of good scores)</th></tr>{aggs}</table>
 <h2>Plots</h2>{figures}
 <h2>Test overlays: {errors} error(s), and examples of correct decisions</h2>
 {''.join(cards)}

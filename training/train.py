@@ -31,10 +31,11 @@ from edge.images import DEFAULT_INTERPOLATION
 from . import calibrate
 from .augment import parse_augment, with_mirrors
 from .backbone import TAP_CHANNELS, load_backbone, read_state_dict
-from .data import LoadedImages, Split, SplitCounts, load_images, make_split
+from .data import LoadedImages, Split, SplitCounts, SplitFractions, load_images, make_split
 from .detectors import DETECTORS, FitInput, build_model, get_detector
 from .padim import check_neighbourhood, extract
 from .runfiles import read_run_json, require, retrain_hint
+from .select import AUTO, AUTO_CANDIDATES, train_auto
 
 log = logging.getLogger(__name__)
 __all__ = ["DETECTORS", "build_model", "evaluate", "load_run", "predict", "train"]
@@ -134,11 +135,11 @@ def _score_set(model: nn.Module, items: list[tuple[str, str]], size: tuple[int, 
 def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "binormal") -> dict:
     """Everything the decision needs, from the calibration set alone."""
     anomalous = cal.anomalous
-    if aggregate == "auto":
-        chosen, aurocs = calibrate.choose_aggregate(cal.maps, anomalous)
-    else:  # the candidates' AUROCs are recorded all the same, to show what auto would pick
-        candidates = tuple(dict.fromkeys((*calibrate.AGGREGATE_CANDIDATES, aggregate)))
-        chosen, aurocs = aggregate, calibrate.aggregate_aurocs(cal.maps, anomalous, candidates)
+    # every candidate's AUROC and separation are recorded, to show what auto picks or would pick
+    candidates = tuple(dict.fromkeys((*calibrate.AGGREGATE_CANDIDATES, *([] if aggregate == "auto" else [aggregate]))))
+    choice = calibrate.choose_aggregate(cal.maps, anomalous, candidates)
+    chosen = choice.chosen if aggregate == "auto" else aggregate
+    aurocs = choice.auroc
     cal.scores = image_scores(cal.graph_scores, cal.maps, chosen)
     # the same keys whatever the method: what was asked, why it was not used, binormal's fit
     fitted = {"method_requested": method, "method_fallback": None,
@@ -156,6 +157,9 @@ def calibrate_on(cal: Scored, aggregate: str = "mean", method: str = "binormal")
     display = calibrate.display_range(cal.maps[~anomalous], cal.maps[anomalous])
     return {
         "method": method, **fitted, "aggregate": chosen, "aggregate_requested": aggregate, "aggregate_auroc": aurocs,
+        "aggregate_separation": choice.separation,
+        "aggregate_reason": choice.reason if aggregate == "auto" else f"aggregate {aggregate}: asked for",
+        "separation": choice.separation[chosen],
         "threshold": threshold, "normalisation": {"min": norm_min, "max": norm_max},
         "display_range": list(display),
         **calibrate.binary_metrics(cal.scores, anomalous, threshold),
@@ -242,16 +246,30 @@ def _detector_options(model: str, given: dict) -> dict:
     return {**detector.options, **{k: v for k, v in given.items() if v is not None}}
 
 
-def train(data: str | Path, out: str | Path, normal_class: str = "normal", model: str = "padim",
+def train(data: str | Path, out: str | Path, normal_class: str = "normal", model: str = "auto",
           seed: int = 0, weights: str | None = "imagenet", image_size: int = 224,
-          counts: SplitCounts | None = None, batch_size: int = 16, aggregate: str = "mean",
+          counts: SplitCounts | SplitFractions | None = None, batch_size: int = 16, aggregate: str = "auto",
           threshold: str = "binormal", epochs: int | None = None, coreset_ratio: float | None = None,
           dims: int | None = None, augment: str | None = None, report: bool = True,
           neighbourhood: int | None = None, backbone: str = "lite0", bank_size: int | None = None,
           projection_dims: int | None = None) -> dict:
-    """Train, calibrate and evaluate one detector; returns metrics (also in out/metrics.json).
-    `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of the normal training
-    images (training/augment.py); calibration and test images are never mirrored."""
+    """Train, calibrate and evaluate a detector; returns metrics (also in out/metrics.json).
+    `model="auto"` fits PaDiM and PatchCore and keeps the better on the calibration set
+    (training/select.py). `augment` ("hflip", "vflip", "hflip,vflip") adds mirrored copies of
+    the normal training images (training/augment.py); calibration and test images are never
+    mirrored."""
+    if model == AUTO:
+        _check_choices(aggregate, threshold)
+        given = {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims, "neighbourhood": neighbourhood,
+                 "bank_size": bank_size, "projection_dims": projection_dims}
+        if epochs is not None:
+            raise ValueError("--epochs applies to fcdd only, which --model auto does not fit; add --model fcdd")
+
+        def one(out: Path, model: str, report: bool) -> dict:  # each candidate gets the options it has
+            picked = {k: v for k, v in given.items() if k in get_detector(model).options}
+            return train(data, out, normal_class, model, seed, weights, image_size, counts, batch_size,
+                         aggregate, threshold, augment=augment, report=report, backbone=backbone, **picked)
+        return train_auto(one, out, report=report)
     detector = get_detector(model)
     _check_choices(aggregate, threshold)
     _check_numbers(image_size, batch_size, dims, neighbourhood)
@@ -269,8 +287,9 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     split = make_split(data, normal_class, seed, counts)
     (run_dir / "split.json").write_text(json.dumps(split.to_json(), indent=2) + "\n")
     size = (image_size, image_size)
-    log.info("split: %d train (+%d outlier exposure), %d calibration, %d test images (seed %d)",
-             len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed)
+    log.info("split: %d train (+%d outlier exposure), %d calibration, %d test images (seed %d; %s)",
+             len(split.train), len(split.train_anomalous), len(split.calibration), len(split.test), seed,
+             split.policy)
     train_set = readable_images(split.train, size, DEFAULT_INTERPOLATION, "training", run_dir / "split.json")
     outliers = load_images(split.train_anomalous if detector.uses_outliers else [], size, DEFAULT_INTERPOLATION)
     normal = with_mirrors(torch.from_numpy(train_set.tensors), mirrors)

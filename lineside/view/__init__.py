@@ -1,0 +1,1 @@
+"""`linegate view`: the operator's browser page, a bus client (see lineside.view.app)."""
