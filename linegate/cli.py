@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank-size", type=int, default=None,
                    help="PatchCore: most memory bank entries (default 4096; 0: the coreset ratio alone)")
     p.add_argument("--projection-dims", type=int, default=None,
-                   help="PatchCore: principal components the patches are projected to (default 96; 0: all)")
+                   help="PatchCore: principal components the patches are projected to (default 64; 0: all)")
     p.add_argument("--dims", type=int, default=None,
                    help="PaDiM random feature dimensions (default: the paper's 100)")
     p.add_argument("--neighbourhood", type=int, default=None,

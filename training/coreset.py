@@ -42,10 +42,10 @@ DEFAULT_CORESET_RATIO = 0.1
 # Bank cap and projected dims: the search's cost is map patches x bank x (dims + 1), and these
 # keep it at most the backbone's on the project's 2-core CPU (benchmarks/results/patchcore_scale.md).
 DEFAULT_BANK_SIZE = 4096
-DEFAULT_PROJECTION_DIMS = 96
+DEFAULT_PROJECTION_DIMS = 64
 PROJECTION_DIMS = 128  # the selection's random projection, for features wider than this
 EXACT_LIMIT = 65536  # patches up to which the selection is the exact greedy one (~83 images at 224)
-GROUP_SIZE = 16384  # patches per first-round group: 16k x 96 float32 = 6 MB, about the CPU caches
+GROUP_SIZE = 16384  # patches per first-round group: 16k x 64 float32 = 4 MB, about the CPU caches
 OVERSAMPLE = 2  # first-round candidates per bank entry
 PCA_SAMPLE = 200_000  # patches the principal components are estimated from (a seeded sample)
 
