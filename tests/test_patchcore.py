@@ -125,13 +125,17 @@ def test_exported_graph_visits_the_bank_in_chunks(small_runs, tmp_path):
     run = small_runs("patchcore")
     model, meta = load_run(run)
     bank, chunk = meta["bank_size"], 50
-    chunked = PatchCoreModel(model.backbone, model.bank, model.map_size, chunk=chunk).eval()
+    chunked = PatchCoreModel(model.backbone, model.bank, model.map_size, chunk=chunk,
+                             projection=model.projection, offset=model.offset).eval()
     path = tmp_path / "chunked.onnx"
     export_graph(chunked, path, tuple(meta["image_size"]))
     graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
     assert not any(node.op_type == "CDist" for node in graph.node)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
-    widths = [shapes[node.output[0]][-1] for node in graph.node if node.op_type == "MatMul"]
+    # the distance products (the projection's one MatMul reads the `projection` initializer)
+    widths = [shapes[node.output[0]][-1] for node in graph.node
+              if node.op_type == "MatMul" and not any("projection" in name for name in node.input)]
+    assert sum(node.op_type == "MatMul" for node in graph.node) == len(widths) + 1
     assert len(widths) == -(-bank // chunk) and sum(widths) == bank and max(widths) == chunk
     split = Split.from_json(read_json(run / "split.json"))
     test = load_images(split.test[:3], tuple(meta["image_size"])).tensors

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backbone import TAP_CHANNELS, EfficientNetLite0, load_backbone
-from .coreset import DEFAULT_CORESET_RATIO, fit_patchcore
+from .backbone import EfficientNetLite0, load_backbone
+from .coreset import DEFAULT_BANK_SIZE, DEFAULT_CORESET_RATIO, DEFAULT_PROJECTION_DIMS, fit_patchcore
 from .fcdd import FCDDHead, FCDDModel
 from .fcdd_train import DEFAULT_EPOCHS, train_fcdd
 from .padim import DEFAULT_DIMS, DEFAULT_NEIGHBOURHOOD, PaDiMModel, check_neighbourhood, fit_padim, select_channels
@@ -64,7 +64,7 @@ def _padim_build(meta: dict, backbone: EfficientNetLite0) -> PaDiMModel:
                         "put back the value the run was trained with, or re-train the run")
     if "channels" not in meta:  # runs from before the key: the seed's choice, checked on load
         return PaDiMModel(backbone, select_channels(meta["seed"], meta["dims"]), neighbourhood=neighbourhood)
-    channels, total = meta["channels"], sum(TAP_CHANNELS.values())
+    channels, total = meta["channels"], sum(backbone.tap_channels.values())
     if not (isinstance(channels, list) and channels and all(type(c) is int and 0 <= c < total for c in channels)
             and channels == sorted(set(channels)) and len(channels) == meta["dims"]):
         raise ValueError(f"run.json: 'channels' must be {meta['dims']} (dims) sorted distinct integers in "
@@ -77,8 +77,20 @@ def _fcdd_build(meta: dict, backbone: EfficientNetLite0) -> FCDDModel:
 
 
 def _patchcore_build(meta: dict, backbone: EfficientNetLite0) -> PatchCoreModel:
-    return PatchCoreModel(backbone, torch.zeros(meta["bank_size"], meta["feature_dims"]),
-                          tuple(meta["map_size"]), meta["chunk"])
+    k = meta["feature_dims"]
+    projection = offset = None
+    if meta.get("patch_dims") is not None:  # a projected bank (runs from before the key: raw features)
+        projection, offset = torch.zeros(meta["patch_dims"], k), torch.zeros(k)
+    return PatchCoreModel(backbone, torch.zeros(meta["bank_size"], k), tuple(meta["map_size"]), meta["chunk"],
+                          projection=projection, offset=offset)
+
+
+def _patchcore_fit(f: FitInput) -> PatchCoreModel:
+    """0 turns the bank cap or the projection off (the options' None means "not given")."""
+    cap, dims = f.options.get("bank_size", DEFAULT_BANK_SIZE), f.options.get("projection_dims", DEFAULT_PROJECTION_DIMS)
+    return fit_patchcore(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
+                         coreset_ratio=f.options.get("coreset_ratio", DEFAULT_CORESET_RATIO),
+                         max_bank=cap or None, projection_dims=dims or None)
 
 
 DETECTORS: dict[str, Detector] = {
@@ -100,11 +112,13 @@ DETECTORS: dict[str, Detector] = {
         keys=("channels", "hidden", "map_size"), mirrors=False),
     "patchcore": Detector(
         "patchcore",
-        fit=lambda f: fit_patchcore(f.backbone, f.normal, seed=f.seed, batch_size=f.batch_size,
-                                    coreset_ratio=f.options.get("coreset_ratio", DEFAULT_CORESET_RATIO)),
+        fit=_patchcore_fit,
         shape=lambda m: {"map_size": list(m.map_size), "bank_size": int(m.bank.shape[0]),
-                         "feature_dims": int(m.bank.shape[1]), "chunk": m.chunk},
-        build=_patchcore_build, options={"coreset_ratio": DEFAULT_CORESET_RATIO},
+                         "feature_dims": int(m.bank.shape[1]), "chunk": m.chunk,
+                         # the backbone's patch dims the graph projects from (None: not projected)
+                         "patch_dims": None if m.projection is None else int(m.projection.shape[0])},
+        build=_patchcore_build, options={"coreset_ratio": DEFAULT_CORESET_RATIO, "bank_size": DEFAULT_BANK_SIZE,
+                                         "projection_dims": DEFAULT_PROJECTION_DIMS},
         keys=("bank_size", "feature_dims", "map_size", "chunk")),
 }
 
@@ -119,5 +133,6 @@ def get_detector(name: str) -> Detector:
 def build_model(meta: dict) -> nn.Module:
     """An empty detector of the run's shape, ready for load_state_dict (no weights file read)."""
     detector = get_detector(meta.get("detector", "padim"))
-    backbone = load_backbone(weights=None, image_size=tuple(meta["image_size"]))
+    # runs from before the key were Lite0's
+    backbone = load_backbone(weights=None, image_size=tuple(meta["image_size"]), variant=meta.get("backbone", "lite0"))
     return detector.build(meta, backbone)

@@ -79,8 +79,9 @@ class _Term:
 
 def _tap_sizes(backbone: EfficientNetLite0) -> list[tuple[int, int]]:
     h, w = getattr(backbone, "input_hw", (backbone.image_size,) * 2)
-    stride = h // backbone._blocks[TAP_BLOCKS["stride4"]].out_size  # 4: "same" convs give ceil(size / stride)
-    return [(-(-h // (stride * 2 ** k)), -(-w // (stride * 2 ** k))) for k in range(len(TAP_BLOCKS))]
+    taps = list(backbone.tap_blocks.values())  # stride 4, 8, 16
+    stride = h // backbone._blocks[taps[0]].out_size  # 4: "same" convs give ceil(size / stride)
+    return [(-(-h // (stride * 2 ** k)), -(-w // (stride * 2 ** k))) for k in range(len(taps))]
 
 
 def _nearest_source(size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
@@ -106,7 +107,7 @@ class PaDiMModel(nn.Module):
         self.map_size = sizes[0]
         h, w = self.map_size
         self.register_buffer("channels", channels.long())  # (D,) indices into the concatenation
-        bounds = torch.tensor([0, *itertools.accumulate(TAP_CHANNELS.values())])
+        bounds = torch.tensor([0, *itertools.accumulate(backbone.tap_channels.values())])
         tap_of = torch.bucketize(self.channels, bounds[1:], right=True)  # (D,) which tap
         # Head order: coarse tap first; `order` maps head position -> position in `channels`.
         taps = list(reversed(range(len(TAPS))))  # stride16, stride8, stride4
@@ -265,8 +266,8 @@ def check_neighbourhood(n: object, name: str = "PaDiM neighbourhood",
         raise ValueError(f"{name} {n!r}: must be an odd integer >= 1 ({hint})")
 
 
-def select_channels(seed: int, dims: int = DEFAULT_DIMS) -> torch.Tensor:
-    total = sum(TAP_CHANNELS.values())
+def select_channels(seed: int, dims: int = DEFAULT_DIMS, total: int = sum(TAP_CHANNELS.values())) -> torch.Tensor:
+    """A seeded random `dims` of the `total` tapped channels (Lite0's 176 unless told)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(total, generator=gen)[:dims].sort().values
 
@@ -289,7 +290,11 @@ def fit_padim(backbone: EfficientNetLite0, train_images: torch.Tensor, seed: int
     """Fit the per-patch Gaussians on normal images (N, 3, H, W) pixels 0..255."""
     if len(train_images) < 2:
         raise ValueError("PaDiM needs at least 2 normal training images")
-    model = PaDiMModel(backbone, select_channels(seed, dims), neighbourhood=neighbourhood)
+    total = sum(backbone.tap_channels.values())
+    if not 1 <= dims <= total:
+        raise ValueError(f"--dims {dims}: must be in 1..{total} (EfficientNet-{backbone.variant.title()}'s "
+                         "tapped channels)")
+    model = PaDiMModel(backbone, select_channels(seed, dims, total), neighbourhood=neighbourhood)
     emb = extract(model.embed, train_images, batch_size, desc="PaDiM features")  # (N, D, h, w)
     n = emb.shape[0]
     x = emb.reshape(n, dims, -1).permute(2, 0, 1).double()  # (P, N, D)

@@ -10,7 +10,17 @@ bank entry.
 `PatchCoreModel` is a plain nn.Module that exports to ONNX: squared distances are matrix
 products, ||a||^2 + (||b||^2 - 2 a.b) (no cdist), and the bank is visited in fixed-size chunks
 keeping a running minimum, so the largest intermediate is (batch x patches x chunk) whatever
-the bank's size (with the default chunk, about 3 MB per image).
+the bank's size (with the default chunk, 0.8 MB per image). A chunk of 256 rather than 1024
+keeps a batch of 8's block (6.4 MB) near the CPU's cache: the search ran 10% faster on the
+2-core box (benchmarks/results/patchcore_head_chunks.json).
+
+A fixed projection, baked into the graph (`projection`, `offset`): the 152-dim patch features
+are mapped to the top principal components of the normal training patches (fit_patchcore),
+and the bank holds the projected patches. The search costs patches x bank x dims
+multiply-adds, so fewer dims make it proportionally cheaper; a principal subspace keeps the
+directions along which normal patches actually differ (benchmarks/results/patchcore_scale.md
+has the figures). Models without it (projection None) search the full features, as runs saved
+before the option do.
 """
 from __future__ import annotations
 
@@ -20,8 +30,8 @@ from torch.nn import functional as F
 
 from .backbone import TAP_CHANNELS, EfficientNetLite0
 
-FEATURE_DIMS = TAP_CHANNELS["stride8"] + TAP_CHANNELS["stride16"]
-BANK_CHUNK = 1024
+FEATURE_DIMS = TAP_CHANNELS["stride8"] + TAP_CHANNELS["stride16"]  # Lite0's; backbones differ
+BANK_CHUNK = 256
 
 
 def local_patch_features(backbone: EfficientNetLite0, pixels: torch.Tensor) -> torch.Tensor:
@@ -35,16 +45,30 @@ def local_patch_features(backbone: EfficientNetLite0, pixels: torch.Tensor) -> t
 
 class PatchCoreModel(nn.Module):
     def __init__(self, backbone: EfficientNetLite0, bank: torch.Tensor, map_size: tuple[int, int],
-                 chunk: int = BANK_CHUNK):
+                 chunk: int = BANK_CHUNK, projection: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None):
+        """bank (M, k): patches in the projected space when `projection` (D, k) is given (then
+        a patch x maps to x @ projection + offset), else raw features (M, D)."""
         super().__init__()
         self.backbone = backbone
         self.map_size = tuple(map_size)
         self.chunk = int(chunk)
-        self.register_buffer("bank", bank.float())  # (M, D)
+        self.register_buffer("bank", bank.float())  # (M, k)
         self.register_buffer("bank_sq", (bank.float() ** 2).sum(dim=1))  # (M,) ||b||^2
+        if projection is not None:
+            if projection.shape[1] != bank.shape[1]:
+                raise ValueError(f"projection to {projection.shape[1]} dims, bank of {bank.shape[1]}-dim patches")
+            self.register_buffer("projection", projection.float())  # (D, k)
+            self.register_buffer("offset", (torch.zeros(bank.shape[1]) if offset is None else offset).float())
+        else:
+            self.projection = None
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return local_patch_features(self.backbone, pixels)
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, D) patch features -> (N, k) the space the bank lives in."""
+        return patches if self.projection is None else patches @ self.projection + self.offset
 
     def nearest_distance(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, D) patch features -> (N,) Euclidean distance to the nearest bank entry.
@@ -66,6 +90,6 @@ class PatchCoreModel(nn.Module):
         """-> (score (B,), anomaly_map (B, h, w)); score = mean of the map."""
         emb = self.embed(pixels)
         b, d, h, w = emb.shape
-        dist = self.nearest_distance(emb.permute(0, 2, 3, 1).reshape(b * h * w, d))
+        dist = self.nearest_distance(self.project(emb.permute(0, 2, 3, 1).reshape(b * h * w, d)))
         anomaly_map = dist.reshape(b, h, w)
         return anomaly_map.mean(dim=(1, 2)), anomaly_map

@@ -253,7 +253,8 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
           counts: SplitCounts | SplitFractions | None = None, batch_size: int = 16, aggregate: str = "auto",
           threshold: str = "binormal", epochs: int | None = None, coreset_ratio: float | None = None,
           dims: int | None = None, augment: str | None = None, report: bool = True,
-          neighbourhood: int | None = None, geometry: str = "auto") -> dict:
+          neighbourhood: int | None = None, geometry: str = "auto", backbone: str = "lite0",
+          bank_size: int | None = None, projection_dims: int | None = None) -> dict:
     """Train, calibrate and evaluate a detector; returns metrics (also in out/metrics.json).
     `model="auto"` fits PaDiM and PatchCore and keeps the better on the calibration set
     (training/select.py). `augment` ("hflip", "vflip", "hflip,vflip", and/or "jpeg[:Q]") adds
@@ -261,14 +262,16 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
     calibration and test images are never augmented."""
     if model == AUTO:
         _check_choices(aggregate, threshold)
-        given = {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims, "neighbourhood": neighbourhood}
+        given = {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims, "neighbourhood": neighbourhood,
+                 "bank_size": bank_size, "projection_dims": projection_dims}
         if epochs is not None:
             raise ValueError("--epochs applies to fcdd only, which --model auto does not fit; add --model fcdd")
 
         def one(out: Path, model: str, report: bool) -> dict:  # each candidate gets the options it has
             picked = {k: v for k, v in given.items() if k in get_detector(model).options}
             return train(data, out, normal_class, model, seed, weights, image_size, counts, batch_size,
-                         aggregate, threshold, augment=augment, report=report, geometry=geometry, **picked)
+                         aggregate, threshold, augment=augment, report=report, geometry=geometry,
+                         backbone=backbone, **picked)
         return train_auto(one, out, report=report)
     detector = get_detector(model)
     _check_choices(aggregate, threshold)
@@ -278,7 +281,8 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
         raise ValueError(f"--augment applies to {', '.join(d.name for d in DETECTORS.values() if d.mirrors)} "
                          f"only: {model} already trains with random flips and turns")
     options = _detector_options(model, {"epochs": epochs, "coreset_ratio": coreset_ratio, "dims": dims,
-                                        "neighbourhood": neighbourhood})
+                                        "neighbourhood": neighbourhood, "bank_size": bank_size,
+                                        "projection_dims": projection_dims})
     started = time.time()
     torch.manual_seed(seed)
     run_dir = Path(out)
@@ -301,12 +305,13 @@ def train(data: str | Path, out: str | Path, normal_class: str = "normal", model
         extras = [f"JPEG copies (quality {jpeg}-95)"] * bool(jpeg) + [f"mirrors ({', '.join(mirrors)})"] * bool(mirrors)
         log.info("training on %d normal inputs: %d images and their %s", len(normal), len(train_set.paths),
                  " and ".join(extras))
-    backbone = load_backbone(weights, size)
+    variant = backbone
+    backbone = load_backbone(weights, size, variant)
     fit_started = time.time()
     fitted = detector.fit(FitInput(backbone, normal,
                                    torch.from_numpy(outliers.tensors), seed, batch_size, options))
     fit_seconds = time.time() - fit_started
-    meta = {"detector": model, "seed": seed, "weights": str(weights), "image_size": list(size),
+    meta = {"detector": model, "seed": seed, "backbone": variant, "weights": str(weights), "image_size": list(size),
             "interpolation": DEFAULT_INTERPOLATION, "geometry": geo.to_json(), **detector.shape(fitted),
             "options": options, "augment": list(mirrors) + [f"jpeg:{jpeg}"] * bool(jpeg),
             "train_images": len(normal) // geo.tile_count,  # inputs per image: 1, or the tiles
