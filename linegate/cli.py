@@ -190,7 +190,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from edge.subscriber import watch
+    from lineside.watch import watch
 
     return watch(args.endpoint, json_lines=args.json_lines, count=args.count,
                  save_overlays=args.save_overlays, timeout_s=args.timeout_s,
@@ -210,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge.subscriber import add_watch_arguments
+    from lineside.watch import add_watch_arguments
 
     parser = argparse.ArgumentParser(prog="linegate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -18,7 +18,8 @@ from edge.engine import open_engine
 from edge.pipeline import Pipeline, RunOptions
 from edge.publisher import Publisher
 from edge.sources import SyntheticSource
-from edge.subscriber import Subscriber, format_decision
+from edge.subscriber import Subscriber
+from lineside.watch import format_decision
 from edge.synthetic import DEFECT_CLASSES, write_dataset
 from export.onnx_export import export_onnx
 from training.data import SplitCounts

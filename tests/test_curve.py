@@ -87,7 +87,7 @@ def test_curve_key_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="holds only a public key; give the matching .key_secret"):
         CurveServer(server_public, tmp_path / "k").validate()
     with pytest.raises(ValueError, match="both --server-key"):
-        from edge.subscriber import watch
+        from lineside.watch import watch
 
         watch("tcp://127.0.0.1:1", server_key=str(server_public))
     with pytest.raises(ValueError, match="missing.key: no such key file"):

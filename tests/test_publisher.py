@@ -18,7 +18,8 @@ import pytest
 import zmq
 
 from edge.publisher import SCHEMA_VERSION, EndpointInUse, Publisher
-from edge.subscriber import Message, Subscriber, add_watch_arguments, format_decision, watch
+from edge.subscriber import Message, Subscriber
+from lineside.watch import add_watch_arguments, format_decision, watch
 
 LOCAL = "tcp://127.0.0.1:*"
 

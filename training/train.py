@@ -36,7 +36,7 @@ from .detectors import DETECTORS, FitInput, build_model, get_detector
 from .geometry import Geometry, choose_geometry, frame_maps, geometry_of_run, load_prepared
 from .padim import check_neighbourhood, extract
 from .runfiles import read_run_json, require, retrain_hint
-from .select import AUTO, AUTO_CANDIDATES, train_auto
+from .select import AUTO, train_auto
 
 log = logging.getLogger(__name__)
 __all__ = ["DETECTORS", "build_model", "evaluate", "load_run", "predict", "train"]
