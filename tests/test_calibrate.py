@@ -1,6 +1,7 @@
 import cv2
 import numpy as np
 import pytest
+from scipy.stats import boxcox
 
 from edge.decision import DecisionRule, aggregate_maps
 from training.calibrate import (AGGREGATE_CANDIDATES, binary_metrics, binormal_cutoff, binormal_fit, choose_aggregate,
@@ -234,12 +235,29 @@ def test_choose_aggregate_by_calibration_auroc():
     assert {k: choice.auroc[k] for k in ("mean", "topk:25", "topk:10", "topk:5", "topk:1", "max")} == \
         pytest.approx({"mean": 0.25, "topk:25": 0.25, "topk:10": 0.5, "topk:5": 1.0, "topk:1": 1.0, "max": 1.0})
     assert list(choice.auroc) == list(AGGREGATE_CANDIDATES) == list(choice.separation)
-    # topk:5, topk:1 and max tie on AUROC; the single hot cell stands (2 - 1.15) / 0.129 SD above
-    # the median good score under topk:1 and max, only (4/3 - 1.15) / 0.129 under topk:5: the widest
-    # wins, and between the two equal ones the earlier
-    assert choice.separation["max"] == pytest.approx((2 - 1.15) / np.std([1.0, 1.1, 1.2, 1.3], ddof=1), rel=1e-5)
+    # topk:5, topk:1 and max tie on AUROC; on the Box-Cox scale of the calibration scores the
+    # single hot cell stands further above the good parts under topk:1 and max (2) than under
+    # topk:5 (4/3): the widest wins, and between the two equal ones the earlier
+    s = np.array([1.0, 1.1, 1.2, 1.3, 2.0, 2.0, 2.0])
+    t, _ = boxcox(s / np.exp(np.log(s).mean()))
+    assert choice.separation["max"] == pytest.approx((t[4:].mean() - t[:4].mean()) / np.std(t[:4], ddof=1), rel=1e-4)
     assert choice.separation["topk:5"] < choice.separation["max"]
     assert choice.chosen == "topk:1" and "widest separation" in choice.reason
+
+
+def test_separation_ignores_the_units_and_power_of_a_score():
+    from training.calibrate import separation
+
+    rng = np.random.default_rng(3)
+    good, bad = rng.lognormal(0.0, 0.3, 60), rng.lognormal(1.0, 0.5, 20)
+    scores, anomalous = np.concatenate([good, bad]), np.array([0] * 60 + [1] * 20, bool)
+    base = separation(scores, anomalous)
+    # a squared distance and a plain one, in any units, order and spread the parts alike
+    assert separation(7.0 * scores ** 2, anomalous) == pytest.approx(base, rel=1e-4)
+    assert separation(scores ** 0.5 / 100, anomalous) == pytest.approx(base, rel=1e-4)
+    raw = lambda s: (s[60:].mean() - s[:60].mean()) / s[:60].std(ddof=1)  # noqa: E731 - the raw scale moves
+    assert abs(raw(7.0 * scores ** 2) / raw(scores) - 1) > 0.2
+    assert base > 1 and separation(-scores, anomalous) < 0  # scores <= 0: measured as they are
 
 
 def test_auroc_standard_error_and_the_tie_it_makes():

@@ -146,8 +146,7 @@ def binormal_fit(scores: np.ndarray, anomalous: np.ndarray) -> BinormalFit:
     if np.ptp(scores[~anomalous]) == 0 or np.ptp(scores[anomalous]) == 0:
         raise ValueError("threshold binormal: one kind's calibration scores are all equal; there is no "
                          "spread to fit")
-    scale = float(np.exp(np.mean(np.log(scores))))
-    transformed, lam = boxcox(scores / scale)
+    transformed, scale, lam = boxcox_scaled(scores)
     normal, defect = transformed[~anomalous], transformed[anomalous]
     mn, sn, md, sd = normal.mean(), normal.std(ddof=1), defect.mean(), defect.std(ddof=1)
     if not (sn > 0 and sd > 0 and md > mn):
@@ -227,18 +226,34 @@ def aggregate_aurocs(maps: np.ndarray, anomalous: np.ndarray,
     return {name: float(roc_auc_score(y, aggregate_maps(maps, name))) for name in candidates}
 
 
+def boxcox_scaled(scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(transformed, scale, lambda): positive scores divided by their geometric mean (lambda does
+    not depend on it, and it keeps the transformed scores clear of float64's limits whatever the
+    detector's units), then Box-Cox transformed with one lambda (scipy's maximum likelihood)."""
+    scale = float(np.exp(np.mean(np.log(scores))))
+    transformed, lam = boxcox(scores / scale)
+    return transformed, scale, float(lam)
+
+
 def separation(scores: np.ndarray, anomalous: np.ndarray) -> float:
-    """How far the typical defective calibration image scores above the typical good one, in
-    units of the good scores' spread: (median of the defects - median of the good) / SD of the
-    good. It does not depend on the score's units, so aggregates (and detectors) whose scores
-    live on different scales compare fairly; medians keep it steady with few defects, where the
-    extremes (the min/max margin) would be one image each."""
+    """How far the defective calibration images score above the good ones, in units of the good
+    scores' spread, measured where the threshold is fitted (binormal_fit): on the Box-Cox scale of
+    the calibration scores, (mean of the defects - mean of the good) / SD of the good.
+
+    Why that scale: it makes the measure the same for any c * score ** p (the fitted lambda
+    absorbs the power, the scale the factor), so a squared distance (PaDiM's Mahalanobis) and a
+    plain one (PatchCore's nearest patch), or a mean and a max of the same map, compare on their
+    ordering and spread and not on their units. On the raw scale a detector whose scores are
+    skewed (a few good parts far out) looked narrower or wider for its units alone. Scores that
+    Box-Cox cannot take (one <= 0, or all equal within a kind) are measured as they are."""
     scores, anomalous = _checked(scores, anomalous)
+    if scores.min() > 0 and np.ptp(scores) > 0 and np.isfinite(scores).all():
+        scores = boxcox_scaled(scores)[0]
     good, bad = scores[~anomalous], scores[anomalous]
     spread = float(np.std(good, ddof=1)) if good.size > 1 else 0.0
     if not np.isfinite(spread) or spread <= 0:
         spread = float(np.ptp(scores)) or 1.0
-    return float((np.median(bad) - np.median(good)) / spread)
+    return float((np.mean(bad) - np.mean(good)) / spread)
 
 
 def auroc_standard_error(auroc: float, n_anomalous: int, n_normal: int) -> float:
@@ -276,8 +291,8 @@ def choose_best(aurocs: dict[str, float], separations: dict[str, float], n_anoma
         reason = (f"calibration AUROC {aurocs[chosen]:.4f}, within {tolerance:.3f} (the AUROC's standard error on "
                   f"{n_normal} good and {n_anomalous} defective images) of the best ({best:.4f}) like "
                   f"{', '.join(n for n in tied if n != chosen)}; the widest separation of good and defective "
-                  f"calibration images (median defect {separations[chosen]:+.2f} SD of the good scores above the "
-                  "median good one)")
+                  f"calibration images (mean defect {separations[chosen]:+.2f} SD of the good scores above the "
+                  "mean good one, on the Box-Cox scale)")
     return Choice(chosen, aurocs, separations, f"{what} {chosen}: {reason}")
 
 

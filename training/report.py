@@ -227,7 +227,7 @@ threshold {cal['threshold']:.6g} by <b>{html.escape(cal['method'])}</b> on the c
 <table><tr><th>class</th><th>calibration</th><th>test</th></tr>{per_class}</table>
 <h2>Aggregate: each candidate on the calibration set</h2>
 <p>{html.escape(cal.get('aggregate_reason', ''))}</p>
-<table><tr><th>aggregate</th><th>AUROC</th><th>separation (SD of good scores)</th></tr>{aggs}</table>
+<table><tr><th>aggregate</th><th>AUROC</th><th>separation (Box-Cox scale, SD of good scores)</th></tr>{aggs}</table>
 <h2>Plots</h2>{figures}
 <h2>Test overlays: {errors} error(s), and examples of correct decisions</h2>
 {''.join(cards)}
