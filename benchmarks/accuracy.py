@@ -15,8 +15,8 @@ One default run (`--model auto`) per data set and seed fits PaDiM and PatchCore 
 better on the calibration set; each candidate is a complete run of that detector with the
 default settings, so the table reports the default (auto) and each detector from the same
 fits. FCDD (trained by gradient descent, `--model fcdd`) runs only where --fcdd names the set:
-its training grows with the training set (70 images: 2-3 min here, measured; 900: about 30 min,
-estimated from that linear growth, not run).
+its training grows with the training set (70 images: 1 min here on a quiet box, 2-3 min on a
+busy one, measured; 900: 15-40 min, estimated from that linear growth, not run).
 
 Per run: test AUROC and accuracy at the calibrated threshold (held-back images), what auto chose
 and why, train time, and the bundle's frames per second through ONNX Runtime at batch 8 (the
