@@ -147,6 +147,48 @@ def _allowed_files(directory: Path) -> list[tuple[Path, bytes]]:
     return out
 
 
+READ_COMMANDS = ("status", "replay")  # what a control reader key may run
+
+
+@dataclass(frozen=True)
+class ControlKeys:
+    """The control endpoint's keys under CURVE, Z85 key -> name (its file stem, the ``who`` of
+    a change): operators ([control] allowed_keys) may run every command, readers
+    ([control] reader_keys) only READ_COMMANDS. A key in both folders is an operator only;
+    ``both`` holds its two files."""
+
+    operators: dict[bytes, str]
+    readers: dict[bytes, str]
+    both: list[tuple[Path, Path]]
+
+    @property
+    def names(self) -> dict[bytes, str]:
+        return {**self.readers, **self.operators}
+
+
+def control_keys(allowed_dir: str | Path, reader_dir: str | Path | None = None) -> ControlKeys:
+    """Read both control folders (the checks of ``allowed_keys``); ValueError naming a folder,
+    or both files when one name (file stem) stands for two different keys."""
+    files = {}
+    for directory in (allowed_dir, reader_dir):
+        if directory is not None:
+            allowed_keys(directory)  # the folder exists, is readable and holds keys
+            files[directory] = [(p, z85.encode(z85.decode(k))) for p, k in _allowed_files(Path(directory))]
+    operators = {key: path for path, key in files[allowed_dir]}
+    stems = {path.stem: (path, key) for path, key in files[allowed_dir]}
+    readers, both = {}, []
+    for path, key in files.get(reader_dir, []):
+        same = stems.get(path.stem)
+        if same is not None and same[1] != key:
+            raise ValueError(f"{same[0]} and {path} are two different keys with one name ({path.stem!r}), "
+                             "and a control key's name is who made a change: rename one of them")
+        if key in operators:
+            both.append((operators[key], path))
+        else:
+            readers[key] = path.stem
+    return ControlKeys({k: p.stem for k, p in operators.items()}, readers, both)
+
+
 @dataclass(frozen=True)
 class CurveServer:
     """The publisher's side of CURVE: its secret key file and the allow-list directory."""

@@ -14,7 +14,8 @@ commented example; the command-line flags of ``linegate run`` map onto the same 
     [overlay]    accepts_every, jpeg_quality
     [publisher]  endpoint, sndhwm, linger_ms, nodrop, wait_subscribers, wait_timeout_s,
                  stats_interval_s, frames; [publisher.curve] secret_key, allowed_keys
-    [control]    endpoint, allowed_keys, allow_remote, replay_decisions, replay_frames_mb
+    [control]    endpoint, allowed_keys, reader_keys, allow_remote, replay_decisions,
+                 replay_frames_mb
     [metrics]    listen
     [service]    stop_timeout_s, max_engine_failures, frame_stall_s
     [logging]    level
@@ -38,7 +39,7 @@ else:  # pragma: no cover - Python 3.10 (pyproject pulls tomli there)
 
 import numpy as np
 
-from .auth import allowed_keys, load_secret_key
+from .auth import READ_COMMANDS, allowed_keys, control_keys, load_secret_key
 from .batcher import POLICIES
 from .bundle import Bundle, load_bundle
 from .decision import DecisionRule, aggregate_maps
@@ -122,6 +123,7 @@ class PublisherConfig:
 class ControlConfig:
     endpoint: str | None = _key(None, optional=True)  # REQ/REP for `linegate ctl` (none: no control)
     allowed_keys: str | None = _key(None, optional=True)  # operators' public keys (with CURVE): who may steer
+    reader_keys: str | None = _key(None, optional=True)  # public keys that may only run status and replay (CURVE)
     allow_remote: bool = _key(False, bool)  # without CURVE, bind beyond loopback / ipc://
     replay_decisions: int = _key(100_000, int, ge=0)  # decisions (and events) held for replay
     replay_frames_mb: float = _key(256.0, float, ge=0)  # overlays and reject frames held for replay
@@ -360,6 +362,10 @@ def _check_control(config: Config) -> None:
             parse_listen(config.metrics.listen)
         except ValueError as exc:
             raise config.error("key 'metrics.listen'", str(exc)) from None
+    if config.publisher.curve is None and control.reader_keys is not None:
+        raise config.error("key 'control.reader_keys'", "reader keys need [publisher.curve]: without CURVE the "
+                           "control endpoint knows no keys (anyone who reaches it may steer); turn CURVE on or "
+                           "remove reader_keys")
     if control.endpoint is None:
         return
     if "://" not in control.endpoint:
@@ -478,9 +484,8 @@ def check_files(config: Config) -> Checked:
         lines.append(f"source {sc.id}: {sc.uri} ({type(source).__name__}, policy {policy}"
                      f"{', roi ' + str(sc.roi) if sc.roi else ''}{', size ' + str(sc.size) if sc.size else ''})")
     control = config.control
-    if control.endpoint is not None:
-        lines.append(f"control: {control.endpoint} ({'CURVE' if config.publisher.curve else 'no CURVE'}; replay "
-                     f"{control.replay_decisions} decisions, {control.replay_frames_mb:g} MB of frames)")
+    control_at = len(lines)  # the control line goes here, once the CURVE keys are counted below
+    control_keys_text = ""
     if config.metrics.listen is not None:
         lines.append(f"metrics: http://{config.metrics.listen}/metrics")
     curve = config.publisher.curve
@@ -494,11 +499,27 @@ def check_files(config: Config) -> Checked:
         except ValueError as exc:
             raise config.error("key 'publisher.curve.allowed_keys'", str(exc)) from None
         lines.append(f"CURVE: server key {curve.secret_key}, {n} allowed subscriber key(s)")
-        control = config.control
         if control.endpoint is not None and control.allowed_keys is not None:
-            try:
-                n = len(allowed_keys(control.allowed_keys))
+            for key in ("allowed_keys", "reader_keys"):  # each folder's own checks, named by its key
+                folder = getattr(control, key)
+                if folder is not None:
+                    try:
+                        allowed_keys(folder)
+                    except ValueError as exc:
+                        raise config.error(f"key 'control.{key}'", str(exc)) from None
+            try:  # one name (file stem) for two different keys across the folders
+                keys = control_keys(control.allowed_keys, control.reader_keys)
             except ValueError as exc:
-                raise config.error("key 'control.allowed_keys'", str(exc)) from None
-            lines.append(f"control allow-list: {control.allowed_keys}, {n} operator key(s)")
+                raise config.error("key 'control.reader_keys'", str(exc)) from None
+            lines.append(f"control allow-list: {control.allowed_keys}, {len(keys.operators)} operator key(s)")
+            if control.reader_keys is not None:
+                lines.append(f"control reader keys: {control.reader_keys}, {len(keys.readers)} reader key(s) "
+                             f"(may only run {', '.join(READ_COMMANDS)})")
+            for operator_file, reader_file in keys.both:
+                lines.append(f"control: {operator_file} is in both lists (as {reader_file}): an operator")
+            control_keys_text = f", {len(keys.operators)} operator key(s), {len(keys.readers)} reader key(s)"
+    if control.endpoint is not None:
+        lines.insert(control_at, f"control: {control.endpoint} ({'CURVE' if curve else 'no CURVE'}"
+                     f"{control_keys_text}; replay {control.replay_decisions} decisions, "
+                     f"{control.replay_frames_mb:g} MB of frames)")
     return Checked(bundle, sources, lines)

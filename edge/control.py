@@ -12,9 +12,10 @@
   messages (a recorder that was down) can ask for a seq range again.
 - ``ControlServer``: a ROUTER socket (clients use REQ) in its own thread answering the
   requests of edge.control_api. With CURVE it is a CURVE server with its own allow-list
-  (operators' keys; a key that may only watch is refused at the handshake, logged), and
-  ``who`` is the allowed key's name (its file's stem). A load runs in a worker thread so
-  that status requests are answered meanwhile.
+  (operators' keys; a key that may only watch is refused at the handshake, logged) and,
+  optionally, reader keys that may only run status and replay (a recorder's: any other
+  command is refused, logged), and ``who`` is the key's name (its file's stem). A load runs
+  in a worker thread so that status requests are answered meanwhile.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from .active import SWAP_WARM_PACE, ActiveModel, EngineSettings, batch_sizes, open_model, warm_up
-from .auth import allowed_keys, load_secret_key
+from .auth import READ_COMMANDS, control_keys, load_secret_key
 from .config import Config, ConfigError, is_local_endpoint
 from .control_api import (COMMANDS, CONTROL_VERSION, REPLAY_TOPICS, ControlError, pack, reply_body,
                           unpack)
@@ -405,15 +406,16 @@ class Controller:
 # -- the control socket ----------------------------------------------------------------------------
 
 class _KeyNames:
-    """The control allow-list: which public keys may steer, and their names (file stems).
-    Used as pyzmq's CURVE credentials provider; refusals are logged here."""
+    """The control endpoint's keys (edge.auth.ControlKeys: operators and readers) and their
+    names (file stems). Used as pyzmq's CURVE credentials provider: a key in either folder
+    completes the handshake; refusals are logged here."""
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.names: dict[bytes, str] = {}
-        for path in sorted(self.directory.glob("*.key")):
-            self.names[z85.encode(z85.decode(_public_of(path)))] = path.stem
-        allowed_keys(directory)  # raises ValueError naming the directory when it holds none
+    def __init__(self, allowed_dir: str | Path, reader_dir: str | Path | None = None) -> None:
+        self.directory = Path(allowed_dir)
+        self.reader_directory = Path(reader_dir) if reader_dir is not None else None
+        self.keys = control_keys(allowed_dir, reader_dir)  # ValueError naming the folder or the files
+        self.names: dict[bytes, str] = self.keys.names
+        self.readers = set(self.keys.readers.values())  # names that may only read (unique: see control_keys)
         self._logged: dict[bytes, float] = {}  # key -> when its refusal was last logged
         self._refused: dict[bytes, int] = {}  # key -> handshakes refused since then
 
@@ -423,17 +425,13 @@ class _KeyNames:
         now = time.monotonic()
         self._refused[key] = self._refused.get(key, 0) + 1
         if now - self._logged.get(key, -REFUSAL_LOG_EVERY_S) >= REFUSAL_LOG_EVERY_S:
+            lists = str(self.directory) + (f" or {self.reader_directory}" if self.reader_directory else "")
             log.warning("control: refused a CURVE client with key %s: not in the control allow-list %s "
                         "(a key that may watch may not steer); %d attempt(s) since the last such line",
-                        key.decode("ascii", "replace"), self.directory, self._refused[key])
+                        key.decode("ascii", "replace"), lists, self._refused[key])
             self._logged[key] = now
             self._refused[key] = 0
         return False
-
-
-def _public_of(path: Path) -> bytes:
-    import zmq.auth
-    return zmq.auth.load_certificate(path)[0]
 
 
 class _NamingAuthenticator(ThreadAuthenticator):
@@ -451,11 +449,15 @@ class ControlServer:
     """The control endpoint in a thread of its own (see the module doc)."""
 
     def __init__(self, controller: Controller, endpoint: str, curve_secret_key: str | None = None,
-                 allowed_keys_dir: str | None = None, allow_remote: bool = False) -> None:
+                 allowed_keys_dir: str | None = None, allow_remote: bool = False,
+                 reader_keys_dir: str | None = None) -> None:
         self.controller = controller
         self.curve = curve_secret_key is not None
         if self.curve and allowed_keys_dir is None:
             raise ValueError("control with CURVE needs an allow-list directory of operator keys")
+        if not self.curve and reader_keys_dir is not None:
+            raise ValueError("control reader keys need CURVE ([publisher.curve]): without it no key is known")
+        self._readers: set[str] = set()  # key names that may only run READ_COMMANDS
         if not self.curve and not allow_remote and not is_local_endpoint(endpoint):
             raise ValueError(f"control endpoint {endpoint!r} is reachable from other machines without CURVE; "
                              "bind it to 127.0.0.1 or ipc://, or set [control] allow_remote = true")
@@ -465,7 +467,8 @@ class ControlServer:
         sock.setsockopt(zmq.LINGER, 0)
         try:
             if self.curve:
-                names = _KeyNames(allowed_keys_dir)  # type: ignore[arg-type]
+                names = _KeyNames(allowed_keys_dir, reader_keys_dir)  # type: ignore[arg-type]
+                self._readers = names.readers
                 public, secret = load_secret_key(curve_secret_key)  # type: ignore[arg-type]
                 sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
                 self._auth = _NamingAuthenticator(self._context, names)
@@ -491,8 +494,13 @@ class ControlServer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         if self.curve:
-            log.info("control endpoint on %s (CURVE: only the %d operator key(s) in %s may steer)", self.endpoint,
-                     len(names.names), allowed_keys_dir)
+            log.info("control endpoint on %s (CURVE: only the %d operator key(s) in %s may steer; %s)", self.endpoint,
+                     len(names.keys.operators), allowed_keys_dir,
+                     f"{len(names.keys.readers)} reader key(s) in {reader_keys_dir} may only read: "
+                     f"{', '.join(READ_COMMANDS)}" if reader_keys_dir is not None else "no reader keys")
+            for operator_file, reader_file in names.keys.both:
+                log.info("control: %s is in both lists (as %s): an operator, it may steer", operator_file,
+                         reader_file)
         else:
             log.info("control endpoint on %s without CURVE: %s", self.endpoint,
                      "anyone who can reach it may steer the line ([control] allow_remote = true)"
@@ -566,7 +574,13 @@ class ControlServer:
             return reply_body(False, error=f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
         if not isinstance(args, dict):
             return reply_body(False, error="args must be a map")
-        if cmd != "status" and cmd != "replay":
+        if key_name in self._readers and cmd not in READ_COMMANDS:
+            log.warning("control: refused %s from %s: a reader key (in [control] reader_keys) may only run %s",
+                        cmd, who, ", ".join(READ_COMMANDS))
+            return reply_body(False, error=f"{cmd} refused: key {key_name!r} may only read "
+                              f"({', '.join(READ_COMMANDS)}); put its public key in [control] allowed_keys "
+                              "to steer")
+        if cmd not in READ_COMMANDS:
             log.info("control: %s%s from %s", cmd, f" {args}" if args else "", who)
         if cmd == "load":  # minutes, maybe: in a thread, answered when done
             def run() -> None:

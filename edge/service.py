@@ -287,7 +287,7 @@ def _run_service(config: Config, notifier: Notifier, stop: StopRequest,
         if config.control.endpoint:
             server = ControlServer(controller, config.control.endpoint,
                                    pub.curve.secret_key if pub.curve else None, config.control.allowed_keys,
-                                   config.control.allow_remote).start()
+                                   config.control.allow_remote, config.control.reader_keys).start()
         if config.metrics.listen:
             from .metrics import serve_metrics
 

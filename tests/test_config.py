@@ -146,6 +146,73 @@ def test_run_refuses_a_bad_config_before_starting_anything(tiny_bundle, tmp_path
     assert "running:" not in out.stderr and "publishing on" not in out.stderr
 
 
+def _control_curve(tiny_bundle, tmp_path, readers: dict[str, str] | None) -> dict:
+    """A config with CURVE and a control endpoint: operator.key in the operators' folder and,
+    unless readers is None, a reader folder with these files (name -> whose key)."""
+    from edge.auth import make_keypair
+
+    keys = tmp_path / "keys"
+    for name in ("server", "operator", "recorder"):
+        make_keypair(keys, name)
+    (tmp_path / "operators").mkdir()
+    (tmp_path / "operators" / "operator.key").write_text((keys / "operator.key").read_text())
+    control = {"endpoint": "tcp://127.0.0.1:5557", "allowed_keys": str(tmp_path / "operators")}
+    if readers is not None:
+        (tmp_path / "readers").mkdir()
+        for file, whose in readers.items():
+            (tmp_path / "readers" / file).write_text((keys / f"{whose}.key").read_text())
+        control["reader_keys"] = str(tmp_path / "readers")
+    return good(tiny_bundle, publisher={"curve": {"secret_key": str(keys / "server.key_secret"),
+                                                  "allowed_keys": str(tmp_path / "operators")}}, control=control)
+
+
+@pytest.mark.parametrize("readers, lines", [
+    (None, ["(CURVE, 1 operator key(s), 0 reader key(s); replay"]),
+    ({"recorder.key": "recorder"}, ["(CURVE, 1 operator key(s), 1 reader key(s); replay",
+                                    "control reader keys: {readers}, 1 reader key(s) (may only run status, replay)"]),
+    ({"operator.key": "operator"}, ["(CURVE, 1 operator key(s), 0 reader key(s); replay",  # in both: an operator
+                                    "control: {operators}/operator.key is in both lists (as {readers}/operator.key)"]),
+])
+def test_control_reader_keys_are_counted_and_a_key_in_both_folders_is_an_operator(tiny_bundle, tmp_path, readers,
+                                                                                    lines):
+    path = tmp_path / "linegate.toml"
+    path.write_text(toml_text(_control_curve(tiny_bundle, tmp_path, readers)))
+    text = "\n".join(check_files(load_config(path)).lines)
+    for line in lines:
+        assert line.format(readers=tmp_path / "readers", operators=tmp_path / "operators") in text, text
+
+
+@pytest.mark.parametrize("readers, words", [
+    ("missing", ["{readers}: not a directory"]),
+    ({}, ["{readers}: no *.key files"]),
+    ({"operator.key": "recorder"}, ["{operators}/operator.key and {readers}/operator.key are two different keys "
+                                    "with one name ('operator')", "rename one"]),
+])
+def test_control_reader_keys_folder_errors_name_the_key_and_the_files(tiny_bundle, tmp_path, readers, words):
+    config = _control_curve(tiny_bundle, tmp_path, None if readers == "missing" else readers)
+    config["control"]["reader_keys"] = str(tmp_path / "readers")
+    path = tmp_path / "linegate.toml"
+    path.write_text(toml_text(config))
+    with pytest.raises(ConfigError) as info:
+        check_files(load_config(path))
+    assert str(info.value).startswith(f"{path}: key 'control.reader_keys': ")
+    for word in words:
+        assert word.format(readers=tmp_path / "readers", operators=tmp_path / "operators") in str(info.value)
+
+
+def test_run_and_check_config_refuse_one_name_for_two_control_keys(tiny_bundle, tmp_path):
+    path = tmp_path / "linegate.toml"
+    config = _control_curve(tiny_bundle, tmp_path, {"operator.key": "recorder"})
+    config["publisher"]["endpoint"] = free_tcp_endpoint()
+    path.write_text(toml_text(config))
+    for args in (("check-config", str(path)), ("run", "--config", str(path))):
+        out = subprocess.run(linegate_cmd(*args), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert (f"key 'control.reader_keys': {tmp_path / 'operators' / 'operator.key'} and "
+                f"{tmp_path / 'readers' / 'operator.key'} are two different keys") in out.stderr
+        assert "publishing on" not in out.stderr
+
+
 def test_flags_override_the_file_and_are_named_in_messages(tiny_bundle, tmp_path):
     write_grey_images(tmp_path / "parts", [10, 250])
     path = tmp_path / "linegate.toml"

@@ -315,6 +315,60 @@ def test_curve_operator_key_steers_watch_key_and_stranger_are_refused_and_logged
     assert "refused a connection whose CURVE handshake failed" in log  # the client without CURVE
 
 
+def test_curve_reader_key_reads_but_may_not_steer_and_an_operator_still_does(tiny_bundle, tmp_path):
+    keys = tmp_path / "keys"
+    for name in ("server", "watcher", "operator", "recorder", "hmi", "stranger"):
+        make_keypair(keys, name)
+    folders = {"watchers": ["watcher"], "operators": ["operator", "hmi"], "readers": ["recorder", "hmi"]}
+    for folder, names in folders.items():  # hmi is in both: an operator
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / f"{name}.key").write_text((keys / f"{name}.key").read_text())
+    curve = {"secret_key": str(keys / "server.key_secret"), "allowed_keys": str(tmp_path / "watchers")}
+    run, col, endpoint, _ = start_line(
+        tmp_path, tiny_bundle, [{"uri": "synthetic:fps=30,size=64", "id": "cam0"}],
+        topics=("decision", "event"), publisher={"curve": curve},
+        control={"allowed_keys": str(tmp_path / "operators"), "reader_keys": str(tmp_path / "readers")},
+        collector_kwargs={"curve": CurveClient.load(keys / "server.key", keys / "watcher.key_secret")})
+
+    def client(name: str, **kw) -> ControlClient:
+        return ControlClient(endpoint, keys / "server.key", keys / f"{name}.key_secret", **kw)
+
+    reader, operator, hmi = client("recorder"), client("operator"), client("hmi")
+    refusal = (r"refused: key 'recorder' may only read \(status, replay\); put its public key in \[control\] "
+               r"allowed_keys to steer")
+    try:
+        wait_until(lambda: len(col.decisions()) >= 5, 30, "decisions for the watcher")
+        before = reader.status()
+        assert before["model_id"] == "tiny-test" and before["settings_version"] == 0
+        assert [m[0]["seq"] for m in reader.replay("decision", 0, max=3)["messages"]] == [0, 1, 2]
+        for cmd, ask in (("threshold", lambda: reader.threshold(0.9)),
+                         ("pause", lambda: reader.pause(on_behalf_of="mallory")),
+                         ("load", lambda: reader.load(tiny_bundle))):
+            with pytest.raises(ControlError, match=f"^{cmd} {refusal}$"):
+                ask()
+        after = reader.status()
+        assert (after["settings_version"], after["threshold"], after["paused"]) == (0, before["threshold"], False)
+        assert operator.threshold(0.3)["settings_version"] == 1  # an operator still steers
+        assert hmi.pause()["paused"] and not hmi.resume()["paused"]
+        with client("stranger", timeout_s=2) as stranger, pytest.raises(TimeoutError):  # no handshake
+            stranger.status()
+        wait_until(lambda: len(_events(col)) >= 4, 10, "events")
+    finally:
+        for c in (reader, operator, hmi):
+            c.close()
+        code = _stop(run, col)
+    assert code == 0, run.log()
+    assert [(e["what"], e["who"]) for e in _events(col)] == [  # nothing from the reader
+        ("start", "local"), ("threshold", "operator"), ("pause", "hmi"), ("resume", "hmi")]
+    log = run.log()
+    assert "CURVE: only the 2 operator key(s)" in log and f"1 reader key(s) in {tmp_path / 'readers'}" in log
+    assert log.count(f"{tmp_path / 'operators' / 'hmi.key'} is in both lists") == 1
+    refused = [line for line in log.splitlines() if "control: refused" in line and "from recorder" in line]
+    assert [line.split("control: refused ")[1].split(" ")[0] for line in refused] == ["threshold", "pause", "load"]
+    assert all(" WARNING " in line for line in refused) and "recorder (for mallory)" in refused[1]
+
+
 def test_control_beyond_loopback_without_curve_is_refused_unless_allowed(tiny_bundle, tmp_path):
     port = free_tcp_endpoint().rsplit(":", 1)[1]
     config = {"engine": {"bundle": str(tiny_bundle)}, "control": {"endpoint": f"tcp://0.0.0.0:{port}"},
@@ -449,6 +503,8 @@ def test_a_swapped_out_engine_is_closed_after_its_last_call(tmp_path):
     ({"control": {"endpoint": "localhost:5557"}}, "control.endpoint", "not a ZeroMQ endpoint"),
     ({"control": {"endpoint": "tcp://127.0.0.1:5557"},
       "publisher": {"curve": {"secret_key": "s", "allowed_keys": "d"}}}, "control.allowed_keys", "its own allow-list"),
+    ({"control": {"endpoint": "tcp://127.0.0.1:5557", "reader_keys": "d"}}, "control.reader_keys",
+     "reader keys need [publisher.curve]"),
     ({"metrics": {"listen": "9108"}}, "metrics.listen", "HOST:PORT"),
     ({"publisher": {"frames": "all"}}, "publisher.frames", "none, reject"),
     ({"control": {"replay_decisions": -1}}, "control.replay_decisions", ">= 0"),

@@ -474,6 +474,36 @@ def test_an_unreadable_allow_list_folder_is_named_with_the_user(shared_dir):
     assert f"{allowed}: not readable by user {whom}" in out.stderr and "no *.key files" not in out.stderr
 
 
+def test_an_unreadable_control_reader_keys_folder_is_named_with_the_user(shared_dir):
+    user = _other_user()
+    _, server_secret = _make_keys(shared_dir / "keys", "server")
+    hmi_public, _ = _make_keys(shared_dir / "keys", "hmi")
+    recorder_public, _ = _make_keys(shared_dir / "keys", "recorder")
+    allowed, readers = shared_dir / "allowed", shared_dir / "readers"
+    for folder, public in ((allowed, hmi_public), (readers, recorder_public)):
+        folder.mkdir()
+        shutil.copy(public, folder)
+    bundle = make_tiny_bundle(shared_dir / "bundle")
+    write_grey_images(shared_dir / "parts", [30])
+    for path in [shared_dir / "keys", shared_dir / "parts", *(shared_dir / "parts").iterdir(), bundle,
+                 *bundle.iterdir(), allowed]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if user is not None:  # the service user owns its secret key
+        os.chown(server_secret, pwd_uid(user), -1)
+    readers.chmod(0o700)  # the operators' folder is readable, the readers' is not
+    config = write_config(shared_dir / "c.toml", {
+        "engine": {"bundle": str(bundle)},
+        "publisher": {"endpoint": "tcp://127.0.0.1:*",
+                      "curve": {"secret_key": str(server_secret), "allowed_keys": str(allowed)}},
+        "control": {"endpoint": "tcp://127.0.0.1:5557", "allowed_keys": str(allowed), "reader_keys": str(readers)},
+        "source": [{"uri": f"folder:{shared_dir / 'parts'}"}]})
+    config.chmod(0o644)
+    whom = user or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    out = _linegate("check-config", str(config), user=user, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"key 'control.reader_keys': {readers}: not readable by user {whom}" in out.stderr, out.stderr
+
+
 def pwd_uid(user: str) -> int:
     import pwd
 

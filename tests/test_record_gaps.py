@@ -215,23 +215,24 @@ def test_a_runtime_restarted_while_the_recorder_was_away_leaves_an_open_gap_row(
     assert f"decision seqs {recorded_old[-1] + 1}..?" in out.stdout
 
 
-def test_under_curve_a_recorder_on_the_control_list_replays_and_one_off_it_writes_gap_rows(tmp_path):
+def test_under_curve_a_recorder_with_a_reader_key_replays_and_one_off_it_writes_gap_rows(tmp_path):
     control = control_endpoint()
     from edge.auth import make_keypair
     from runtime_helpers import write_config
 
     keys = tmp_path / "keys"
-    for name in ("server", "recorder", "stranger"):
+    for name in ("server", "operator", "recorder", "stranger"):
         make_keypair(keys, name)
-    bus, operators = tmp_path / "bus-keys", tmp_path / "control-keys"
-    bus.mkdir()
-    operators.mkdir()
+    bus, operators, readers = tmp_path / "bus-keys", tmp_path / "control-keys", tmp_path / "reader-keys"
+    for folder in (bus, operators, readers):
+        folder.mkdir()
     for name in ("recorder", "stranger"):  # both may watch; only the recorder may use the control endpoint
         (bus / f"{name}.key").write_text((keys / f"{name}.key").read_text())
-    (operators / "recorder.key").write_text((keys / "recorder.key").read_text())
+    (operators / "operator.key").write_text((keys / "operator.key").read_text())
+    (readers / "recorder.key").write_text((keys / "recorder.key").read_text())  # status and replay only
     config = write_config(tmp_path / "curve.toml", {
         "publisher": {"curve": {"secret_key": str(keys / "server.key_secret"), "allowed_keys": str(bus)}},
-        "control": {"endpoint": control, "allowed_keys": str(operators)}})
+        "control": {"endpoint": control, "allowed_keys": str(operators), "reader_keys": str(readers)}})
     endpoint = free_tcp_endpoint()
     collector = Collector(endpoint)  # without a key: it must get nothing
     collector.start()

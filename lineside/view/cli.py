@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control-server-key", metavar="FILE|KEY",
                         help="CURVE: the control endpoint's public key (default: --server-key)")
     parser.add_argument("--control-client-key", metavar="FILE",
-                        help="CURVE: the view's key for the control endpoint, in its operator allow-list "
-                             "(default: --client-key)")
+                        help="CURVE: the view's key for the control endpoint, in the runtime's [control] "
+                             "allowed_keys to steer, or reader_keys to only read (default: --client-key)")
     parser.add_argument("--hash-password", action="store_true",
                         help="read a password on stdin, print the hash for the --auth file, and exit")
 
