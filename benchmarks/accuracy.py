@@ -194,7 +194,8 @@ def markdown(result: dict) -> str:
                      f"{r['calibration_auroc']:.4f} | {sep} | {r['aggregate']} | {r['test_auroc']:.4f} | "
                      f"{r['test_accuracy']:.4f} | {r['test_confusion']} | {r['train_seconds'] / 60:.1f} min |")
     lines += ["", "auto's train time is both candidates'; each detector's row is that candidate's own run. "
-                  "Separation: (mean defective calibration score - mean good one) / SD of the good ones, on the Box-Cox scale of the calibration scores (training/calibrate.py separation).", ""]
+                  "Separation: (mean defective calibration score - mean good one) / SD of the good ones, on the "
+                  "Box-Cox scale of the calibration scores (training/calibrate.py separation).", ""]
     return "\n".join(lines)
 
 

@@ -245,7 +245,7 @@ def separation(scores: np.ndarray, anomalous: np.ndarray) -> float:
     plain one (PatchCore's nearest patch), or a mean and a max of the same map, compare on their
     ordering and spread and not on their units. On the raw scale a detector whose scores are
     skewed (a few good parts far out) looked narrower or wider for its units alone. Scores that
-    Box-Cox cannot take (one <= 0, or all equal within a kind) are measured as they are."""
+    Box-Cox cannot take (one <= 0, or all equal) are measured as they are."""
     scores, anomalous = _checked(scores, anomalous)
     if scores.min() > 0 and np.ptp(scores) > 0 and np.isfinite(scores).all():
         scores = boxcox_scaled(scores)[0]
