@@ -362,10 +362,11 @@ def _check_control(config: Config) -> None:
             parse_listen(config.metrics.listen)
         except ValueError as exc:
             raise config.error("key 'metrics.listen'", str(exc)) from None
-    if config.publisher.curve is None and control.reader_keys is not None:
-        raise config.error("key 'control.reader_keys'", "reader keys need [publisher.curve]: without CURVE the "
-                           "control endpoint knows no keys (anyone who reaches it may steer); turn CURVE on or "
-                           "remove reader_keys")
+    for key, what in (("allowed_keys", "operator keys"), ("reader_keys", "reader keys")):
+        if config.publisher.curve is None and getattr(control, key) is not None:  # a list that would protect nothing
+            raise config.error(f"key 'control.{key}'", f"{what} need [publisher.curve]: without CURVE the "
+                               f"control endpoint knows no keys (anyone who reaches it may steer); turn CURVE on "
+                               f"or remove {key}")
     if control.endpoint is None:
         return
     if "://" not in control.endpoint:

@@ -505,6 +505,8 @@ def test_a_swapped_out_engine_is_closed_after_its_last_call(tmp_path):
       "publisher": {"curve": {"secret_key": "s", "allowed_keys": "d"}}}, "control.allowed_keys", "its own allow-list"),
     ({"control": {"endpoint": "tcp://127.0.0.1:5557", "reader_keys": "d"}}, "control.reader_keys",
      "reader keys need [publisher.curve]"),
+    ({"control": {"endpoint": "tcp://127.0.0.1:5557", "allowed_keys": "d"}}, "control.allowed_keys",
+     "operator keys need [publisher.curve]"),
     ({"metrics": {"listen": "9108"}}, "metrics.listen", "HOST:PORT"),
     ({"publisher": {"frames": "all"}}, "publisher.frames", "none, reject"),
     ({"control": {"replay_decisions": -1}}, "control.replay_decisions", ">= 0"),
