@@ -447,34 +447,8 @@ def test_check_config_refuses_what_run_refuses_before_reading_a_frame(tiny_bundl
         assert "running:" not in out.stderr
 
 
-def test_an_unreadable_allow_list_folder_is_named_with_the_user(shared_dir):
-    user = _other_user()
-    server_public, server_secret = _make_keys(shared_dir / "keys", "server")
-    hmi_public, _ = _make_keys(shared_dir / "keys", "hmi")
-    allowed = shared_dir / "allowed"
-    allowed.mkdir()
-    shutil.copy(hmi_public, allowed)
-    bundle = make_tiny_bundle(shared_dir / "bundle")
-    write_grey_images(shared_dir / "parts", [30])
-    for path in [shared_dir / "keys", shared_dir / "parts", *(shared_dir / "parts").iterdir(), bundle,
-                 *bundle.iterdir()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    if user is not None:  # the service user owns its secret key
-        os.chown(server_secret, pwd_uid(user), -1)
-    allowed.chmod(0o700)  # but not the allow-list folder
-    config = write_config(shared_dir / "c.toml", {
-        "engine": {"bundle": str(bundle)},
-        "publisher": {"endpoint": "tcp://127.0.0.1:*",
-                      "curve": {"secret_key": str(server_secret), "allowed_keys": str(allowed)}},
-        "source": [{"uri": f"folder:{shared_dir / 'parts'}"}]})
-    config.chmod(0o644)
-    whom = user or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
-    out = _linegate("check-config", str(config), user=user, timeout=60)
-    assert out.returncode == 2, out.stderr
-    assert f"{allowed}: not readable by user {whom}" in out.stderr and "no *.key files" not in out.stderr
-
-
-def test_an_unreadable_control_reader_keys_folder_is_named_with_the_user(shared_dir):
+@pytest.mark.parametrize("locked", ["publisher.curve.allowed_keys", "control.reader_keys"])
+def test_an_unreadable_key_folder_is_named_with_the_user(shared_dir, locked):
     user = _other_user()
     _, server_secret = _make_keys(shared_dir / "keys", "server")
     hmi_public, _ = _make_keys(shared_dir / "keys", "hmi")
@@ -490,18 +464,22 @@ def test_an_unreadable_control_reader_keys_folder_is_named_with_the_user(shared_
         path.chmod(0o755 if path.is_dir() else 0o644)
     if user is not None:  # the service user owns its secret key
         os.chown(server_secret, pwd_uid(user), -1)
-    readers.chmod(0o700)  # the operators' folder is readable, the readers' is not
-    config = write_config(shared_dir / "c.toml", {
-        "engine": {"bundle": str(bundle)},
-        "publisher": {"endpoint": "tcp://127.0.0.1:*",
-                      "curve": {"secret_key": str(server_secret), "allowed_keys": str(allowed)}},
-        "control": {"endpoint": "tcp://127.0.0.1:5557", "allowed_keys": str(allowed), "reader_keys": str(readers)},
-        "source": [{"uri": f"folder:{shared_dir / 'parts'}"}]})
+    locked_folder = allowed if locked == "publisher.curve.allowed_keys" else readers
+    locked_folder.chmod(0o700)  # but not this folder (the other one is readable)
+    raw = {"engine": {"bundle": str(bundle)},
+           "publisher": {"endpoint": "tcp://127.0.0.1:*",
+                         "curve": {"secret_key": str(server_secret), "allowed_keys": str(allowed)}},
+           "source": [{"uri": f"folder:{shared_dir / 'parts'}"}]}
+    if locked == "control.reader_keys":
+        raw["control"] = {"endpoint": "tcp://127.0.0.1:5557", "allowed_keys": str(allowed),
+                          "reader_keys": str(readers)}
+    config = write_config(shared_dir / "c.toml", raw)
     config.chmod(0o644)
     whom = user or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
     out = _linegate("check-config", str(config), user=user, timeout=60)
     assert out.returncode == 2, out.stderr
-    assert f"key 'control.reader_keys': {readers}: not readable by user {whom}" in out.stderr, out.stderr
+    assert f"key '{locked}': {locked_folder}: not readable by user {whom}" in out.stderr, out.stderr
+    assert "no *.key files" not in out.stderr
 
 
 def pwd_uid(user: str) -> int:
