@@ -199,6 +199,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+DATE_JOIN, COMMAND_JOIN = ", then ", "`, then `"  # the command sits in backticks in the table
+
+
+def _then(earlier: str | None, now: str, join: str) -> str:
+    """An earlier sweep's date or command with this one's appended (unless it is the last one)."""
+    if not earlier:
+        return now
+    return earlier if earlier.split(join)[-1] == now else f"{earlier}{join}{now}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -217,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{args.name}.json"
-    runs = json.loads(json_path.read_text())["runs"] if args.resume and json_path.is_file() else []
+    earlier = json.loads(json_path.read_text()) if args.resume and json_path.is_file() else {}
+    runs = earlier.get("runs", [])
+    command = " ".join(["python -m benchmarks.accuracy", *(sys.argv[1:] if argv is None else argv)])
+    today = time.strftime("%Y-%m-%d")
     result = {"seeds": seeds, "sets": sets,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(["python -m benchmarks.accuracy", *(sys.argv[1:] if argv is None else argv)]),
+              # a resumed table says on which days and by which commands its rows were made
+              "date": _then(earlier.get("date"), today, DATE_JOIN),
+              "command": _then(earlier.get("command"), command, COMMAND_JOIN),
               "runs": runs}
     for seed in seeds:
         for name in sets:

@@ -104,6 +104,7 @@ def test_fcdd_trains_on_real_images_and_exports(small_runs):
     run = small_runs("fcdd")
     meta, metrics = read_json(run / "run.json"), read_json(run / "metrics.json")
     assert meta["detector"] == "fcdd" and meta["options"] == {"epochs": 30}
+    assert meta["outlier_exposure"] == 2  # the split's two defects, which FCDD alone learns from
     assert metrics["calibration"]["auroc"] >= 0.8 and metrics["test"]["auroc"] >= 0.8
     model, _ = load_run(run)
     split = Split.from_json(read_json(run / "split.json"))
@@ -168,3 +169,4 @@ def test_runtime_overlays_use_the_bundles_gaussian_upsampling(small_runs, tmp_pa
         drawn = {how: encode_jpeg(render_overlay(rgb, maps[0], bundle.display_range, decision, upsample=how))
                  for how in ("gaussian", "bilinear")}
         assert msg.payload == drawn["gaussian"] and msg.payload != drawn["bilinear"]
+

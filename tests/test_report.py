@@ -44,6 +44,8 @@ def test_evaluate_cli_writes_metrics_and_report(small_runs, tmp_path):
         assert f'src="{plot}"' in html
     for cls in ("normal", "chip", "dirt"):
         assert f"<th>{cls}</th>" in html  # per-class accuracy table
+    # the split set two defects aside for outlier exposure; PaDiM learns from good parts only
+    assert "2 defects for outlier exposure (this run used 0)" in html
 
     (tn, fp), (fn, tp) = test["confusion"]
     assert fp > 0  # the lowered threshold rejects good test parts: they must all be shown

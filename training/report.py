@@ -168,11 +168,12 @@ def _fallback_text(cal: dict) -> str:
             f"{html.escape(cal['method_fallback'])})")
 
 
-def _split_text(split: dict) -> str:
+def _split_text(split: dict, exposure: int | None = None) -> str:
     if not split:
         return ""
     n = {k: len(split.get(k, [])) for k in ("train", "train_anomalous", "calibration", "test")}
-    return (f"Split: {n['train']} good images fit, {n['train_anomalous']} defects for outlier exposure, "
+    used = "" if exposure is None or exposure == n["train_anomalous"] else f" (this run used {exposure})"
+    return (f"Split: {n['train']} good images fit, {n['train_anomalous']} defects for outlier exposure{used}, "
             f"{n['calibration']} calibrate, {n['test']} test ({html.escape(split.get('policy') or 'fixed counts')}).")
 
 
@@ -216,7 +217,7 @@ figcaption{{font-size:12px;text-align:center}}</style></head><body>
 <h1>linegate evaluation: {html.escape(meta['detector'])}</h1>
 <p>data {html.escape(str(meta.get('data', '')))}, seed {meta.get('seed')}, normal class
 {html.escape(meta['normal_class'])}, input {meta['image_size'][0]}x{meta['image_size'][1]}{_augment_text(meta)}.
-{_split_text(metrics.get('split', {}))}
+{_split_text(metrics.get('split', {}), meta.get('outlier_exposure'))}
 Score = <b>{html.escape(cal['aggregate'])}</b> of the anomaly map (requested: {html.escape(cal['aggregate_requested'])});
 threshold {cal['threshold']:.6g} by <b>{html.escape(cal['method'])}</b> on the calibration set
 (reject if score &ge; threshold){_fallback_text(cal)}; normalisation min/max {cal['normalisation']['min']:.4g} /
