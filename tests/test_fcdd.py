@@ -169,4 +169,3 @@ def test_runtime_overlays_use_the_bundles_gaussian_upsampling(small_runs, tmp_pa
         drawn = {how: encode_jpeg(render_overlay(rgb, maps[0], bundle.display_range, decision, upsample=how))
                  for how in ("gaussian", "bilinear")}
         assert msg.payload == drawn["gaussian"] and msg.payload != drawn["bilinear"]
-
