@@ -26,6 +26,7 @@ import numpy as np
 from .bundle import Bundle, load_bundle
 from .decision import ACCEPT, ERROR, REJECT, Decision, DecisionRule
 from .engine import Engine, open_engine
+from .memory import measure as measure_memory
 from .tiling import Geometry  # how a frame becomes input (stretch or tiles); equal geometries, equal tensors
 
 log = logging.getLogger(__name__)
@@ -160,22 +161,51 @@ class EngineSettings:
         return out
 
 
+def check_memory(engine: Engine, bundle: Bundle, max_batch: int, queue_capacity: int, what: str) -> None:
+    """ValueError unless batches of max_batch (bounded by the queue, as the line's are) fit in the
+    memory this box has left, measured on the engine as `linegate run` does before its first
+    frame (edge/memory.py). A running line checks before a warm-up would take that memory (a
+    hot swap's new engine beside the one judging, a larger max_batch by reload) instead of
+    growing until the kernel kills it."""
+    memory = measure_memory(engine, bundle.input_size, min(max_batch, queue_capacity), queue_capacity,
+                            bundle.geometry.tile_count)
+    if not memory.fits():
+        raise ValueError(f"{what} {memory.describe()}, beside the model running now: it cannot fit; use "
+                         f"batching.max_batch <= {memory.largest_fitting()} (and a smaller queue_capacity, "
+                         "which takes a restart) or free memory on this box")
+
+
 # A hot swap warms the new engine while the old one judges on the same cores: pausing as long
 # as each warm-up call took halves the contention (benchmarks/swap_cost.py measures the cost).
 SWAP_WARM_PACE = 1.0
 
 
 def open_model(bundle_path: str, settings: EngineSettings, threshold: float | None = None,
-               aggregate: str | None = None, max_batch: int = 8, pace: float = 0.0) -> ActiveModel:
+               aggregate: str | None = None, max_batch: int = 8, pace: float = 0.0,
+               queue_capacity: int | None = None) -> ActiveModel:
     """Validate a bundle, open its engine and warm it at every batch size: ValueError (or
     RuntimeError from the warm-up) with the reason when anything fails. Nothing shared is
-    touched: the caller swaps the result in. pace: see warm_up."""
+    touched: the caller swaps the result in. pace: see warm_up.
+
+    queue_capacity (a running line's): the memory max_batch will take with this bundle is
+    measured as `linegate run` does before its first frame (edge/memory.py), beside the
+    model judging meanwhile, and a bundle that cannot fit is refused before the warm-up
+    (which would take that memory) rather than growing until the kernel kills the line."""
     bundle: Bundle = load_bundle(bundle_path)  # manifest and checksums
     rule = DecisionRule.from_bundle(bundle, threshold, aggregate)
     try:
         engine = open_engine(bundle, settings.kind, **settings.kwargs())
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
         raise ValueError(f"{bundle_path}: the engine cannot load it ({type(exc).__name__}: {exc})") from exc
+    if queue_capacity is not None:
+        try:
+            check_memory(engine, bundle, max_batch, queue_capacity, f"{bundle_path}: with this bundle")
+        except ValueError:
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+            raise
+        max_batch = min(max_batch, queue_capacity)
     model = ActiveModel.build(bundle, engine, rule)
     started = time.perf_counter()
     warm_up(model, batch_sizes(max_batch), strict=True, pace=pace)

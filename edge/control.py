@@ -34,7 +34,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from .active import SWAP_WARM_PACE, ActiveModel, EngineSettings, batch_sizes, open_model, warm_up
+from .active import SWAP_WARM_PACE, ActiveModel, EngineSettings, batch_sizes, check_memory, open_model, warm_up
 from .auth import READ_COMMANDS, control_keys, load_secret_key
 from .config import Config, ConfigError, is_local_endpoint
 from .control_api import (COMMANDS, CONTROL_VERSION, REPLAY_TOPICS, ControlError, pack, reply_body,
@@ -284,7 +284,7 @@ class Controller:
         log.info("loading bundle %s (asked by %s); the current model keeps judging meanwhile", bundle, who)
         try:
             return open_model(bundle, engine, threshold, aggregate, self.pipeline.options.max_batch,
-                              pace=self.warm_pace)
+                              pace=self.warm_pace, queue_capacity=self.pipeline.options.queue_capacity)
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("load of %s (asked by %s) refused: %s; %s keeps running", bundle, who, exc,
                         self.pipeline.model.model_id)
@@ -385,7 +385,8 @@ class Controller:
                                       cfg.engine.spin_between_calls)
             try:
                 model = open_model(cfg.engine.bundle, settings, cfg.decision.threshold, cfg.decision.aggregate,
-                                   cfg.batching.max_batch, pace=self.warm_pace)
+                                   cfg.batching.max_batch, pace=self.warm_pace,
+                                   queue_capacity=self.pipeline.options.queue_capacity)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ControlError(f"bundle {cfg.engine.bundle} refused: {exc}") from None
             self.engine = settings
@@ -399,7 +400,10 @@ class Controller:
             # the file's threshold is line-wide: the cameras' own (set by ctl) give way to it
             model = dataclasses.replace(current, rule=rule, threshold_override=None, camera_thresholds={})
         if "batching.max_batch" in live and cfg.batching.max_batch > self.pipeline.options.max_batch:
-            warm_up(model or current, batch_sizes(cfg.batching.max_batch), strict=True)
+            judged = model or current
+            check_memory(judged.engine, judged.bundle, cfg.batching.max_batch, self.pipeline.options.queue_capacity,
+                         "key 'batching.max_batch':")
+            warm_up(judged, batch_sizes(cfg.batching.max_batch), strict=True)
         return model
 
 

@@ -248,6 +248,40 @@ def test_a_max_batch_the_box_cannot_hold_is_refused_before_any_frame(tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
+def test_a_bundle_the_box_cannot_hold_beside_the_running_one_is_refused_by_ctl_load(tiny_bundle, tmp_path):
+    """The start's memory check, on a hot swap: a bundle whose max_batch cannot fit (probed at
+    1 and 4 frames only) is refused before its warm-up would take the memory, and the running
+    model goes on judging."""
+    from control_helpers import start_line, wait_until
+    from edge.control_api import ControlClient, ControlError
+
+    size = 512
+    while 2 * 1024 * 3 * size * size * 4 < 2 * _mem_available():  # batch buffer + queue, twice what is free
+        size *= 2
+    huge = make_tiny_bundle(tmp_path / "huge", size=size)
+    run, col, endpoint, _ = start_line(tmp_path, tiny_bundle, [{"uri": "synthetic:fps=30,size=64", "id": "cam0"}],
+                                       extra={"batching": {"max_batch": 1024, "queue_capacity": 1024}})
+    client = ControlClient(endpoint)
+    try:
+        wait_until(lambda: len(col.decisions()) >= 5, 60, "first decisions")
+        before = client.status()
+        with pytest.raises(ControlError, match=r"with this bundle max_batch 1024 needs about \d+ MiB more .*"
+                                               r"beside the model running now: it cannot fit; use "
+                                               r"batching.max_batch <= \d+"):
+            client.load(huge)
+        assert client.status()["model_id"] == before["model_id"]
+        seen = len(col.decisions())
+        wait_until(lambda: len(col.decisions()) >= seen + 5, 30, "decisions after the refusal")
+        assert "warm-up at batch size" not in run.log() and "keeps running" in run.log()
+    finally:
+        client.close()
+        if run.proc.poll() is None:
+            run.proc.send_signal(signal.SIGTERM)
+        code = run.wait(30)
+        col.stop()
+    assert code == 0, run.log()
+
+
 # -- 6. SIGTERM during the warm-up ---------------------------------------------------------------------
 
 def make_slow_bundle(path: Path, size: int = 128, channels: int = 64, layers: int = 4) -> Path:
