@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     h, w = model.map_size
     patches = args.images * h * w
 
-    # the previous fit's coreset: every patch, 152 dims -> 128 random dims, exact greedy
+    # the previous fit's coreset: every patch, all its dims -> 128 random dims, exact greedy
     before_bank = round(DEFAULT_CORESET_RATIO * patches)
     with torch.no_grad():
         feats = torch.cat([local_patch_features(backbone, torch.from_numpy(images.tensors[i:i + 16]))

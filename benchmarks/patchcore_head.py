@@ -10,8 +10,10 @@ backbone img/s, `linegate bench`'s head efficiency.
     python -m benchmarks.patchcore_head [--configs 5488:152:1024,4096:64:1024,...] [--rounds 7]
         [--out benchmarks/results] [--name patchcore_head]
 
-A config is BANK:DIMS:CHUNK; DIMS 152 is Lite0's unprojected patch (the fit before the cap
-and the projection: 5,488 entries = 0.1 x 70 images x 28 x 28 patches).
+A config is BANK:DIMS:CHUNK; DIMS 152 was Lite0's unprojected patch (the fit before the cap
+and the projection: 5,488 entries = 0.1 x 70 images x 28 x 28 patches); a DIMS below the
+patch's own (training/patchcore.py patch_dims, 232 since the first stride-16 stage joined it)
+is reached by a projection in the graph.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.onnx_export import export_graph
     from training.backbone import load_backbone
     from training.patchcore import PatchCoreModel
+    from training.patchcore import patch_dims as patchcore_patch_dims
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="5488:152:1024,4096:64:1024,4096:64:256,8192:64:1024,4096:152:1024,2048:64:1024")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for text in args.configs.split(","):
         bank, dims, chunk = (int(v) for v in text.split(":"))
-        patch_dims = 152
+        patch_dims = patchcore_patch_dims(backbone)
         projection = None if dims >= patch_dims else torch.linalg.qr(torch.randn(patch_dims, dims, generator=gen)).Q
         model = PatchCoreModel(backbone, torch.randn(bank, dims, generator=gen), (28, 28), chunk=chunk,
                                projection=projection, offset=None if projection is None else torch.zeros(dims)).eval()

@@ -1,13 +1,13 @@
 """PatchCore's test AUROC for bank sizes x projected dims, on one fit set's features.
 
 Features of the fit and test images are extracted once (Lite0, 224 x 224, PatchCore's locally
-aware patches); each BANK:DIMS config then projects them to DIMS principal components (152:
-none), selects the coreset with the code `linegate train` runs (training/coreset.py), and
+aware patches); each BANK:DIMS config then projects them to DIMS principal components (DIMS
+at least the patch's own, 232 on Lite0: none), selects the coreset with the code `linegate train` runs (training/coreset.py), and
 scores the test images by the mean and by the max of their nearest-bank-distance maps.
 Offline: no calibration, no threshold; the AUROCs compare configs, not detectors.
 
     python -m benchmarks.patchcore_tradeoff --data DIR --normal-class good [--fit 1000]
-        [--test-good 300] [--test-defective 300] [--configs 152:4096,64:4096,...] [--seed 0]
+        [--test-good 300] [--test-defective 300] [--configs 232:4096,64:4096,...] [--seed 0]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit", type=int, default=1000)
     parser.add_argument("--test-good", type=int, default=300)
     parser.add_argument("--test-defective", type=int, default=300)
-    parser.add_argument("--configs", default="152:4096,64:4096,64:8192,32:4096,64:2048")
+    parser.add_argument("--configs", default="232:4096,64:4096,64:8192,32:4096,64:2048")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--name", default="patchcore_tradeoff")

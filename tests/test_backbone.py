@@ -17,10 +17,21 @@ def test_weights_file_keys_match_the_model_exactly():
 
 def test_taps_are_at_stride_4_8_16():
     model = load_backbone("imagenet")
-    taps = model.features(torch.rand(2, 3, 224, 224) * 255)
+    pixels = torch.rand(2, 3, 224, 224) * 255
+    taps = model.features(pixels)
     assert [tuple(t.shape) for t in taps] == [(2, TAP_CHANNELS["stride4"], 56, 56),
                                               (2, TAP_CHANNELS["stride8"], 28, 28),
                                               (2, TAP_CHANNELS["stride16"], 14, 14)]
+    # named stage outputs come in the order asked: the taps' own tensors, and the first of the
+    # two stride-16 stages (blocks 5-7, 80 channels), which PatchCore's patches add
+    s16, s8, s16a = model.stage_outputs(pixels, ("stride16", "stride8", "stride16a"))
+    torch.testing.assert_close(s16, taps[2], rtol=0, atol=0)
+    torch.testing.assert_close(s8, taps[1], rtol=0, atol=0)
+    assert tuple(s16a.shape) == (2, 80, 14, 14) and model.stage_blocks["stride16a"] == 7
+    x = model.act(model._bn0(model._conv_stem(model.normalise(pixels))))
+    for block in model._blocks[:8]:
+        x = block(x)
+    torch.testing.assert_close(s16a, x, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("size,kernel,stride,expected", [
@@ -125,7 +136,8 @@ def test_a_weights_file_of_another_backbone_is_refused_naming_the_option(tmp_pat
 
 def test_padim_and_patchcore_fit_on_a_wider_backbone():
     """Lite2's taps are wider (192 channels in all): PaDiM draws its channels from them and
-    PatchCore's patches have 48 + 120 dims; both rebuild from their run.json shape."""
+    PatchCore's patches have 48 + 88 + 120 dims (its stride-8 stage and both stride-16 ones); both
+    rebuild from their run.json shape."""
     from training.coreset import fit_patchcore
     from training.detectors import build_model, get_detector
     from training.padim import fit_padim
@@ -135,7 +147,7 @@ def test_padim_and_patchcore_fit_on_a_wider_backbone():
     padim = fit_padim(backbone, images, seed=0, dims=20)  # seed 0 draws some beyond Lite0's 176
     assert int(padim.channels.max()) >= 176
     patchcore = fit_patchcore(backbone, images, coreset_ratio=0.5, projection_dims=None)
-    assert patchcore.bank.shape[1] == 168
+    assert patchcore.bank.shape[1] == 48 + 88 + 120
     for name, model in (("padim", padim), ("patchcore", patchcore)):
         meta = {**get_detector(name).shape(model), "seed": 0, "backbone": "lite2", "image_size": [32, 32]}
         rebuilt = build_model({**meta, "detector": name})

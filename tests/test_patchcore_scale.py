@@ -93,13 +93,14 @@ def test_fit_caps_the_bank_and_projects_and_the_graph_matches_torch(tmp_path):
     images = torch.from_numpy(rng.uniform(0, 255, size=(6, 3, 64, 64)).astype(np.float32))
     backbone = load_backbone("imagenet", image_size=64)
     model = fit_patchcore(backbone, images, seed=0, coreset_ratio=0.5, max_bank=100, projection_dims=16).eval()
-    assert model.bank.shape == (100, 16) and model.projection.shape == (152, 16)
+    dims = 40 + 80 + 112  # Lite0's stride-8 stage and its two stride-16 stages
+    assert model.bank.shape == (100, 16) and model.projection.shape == (dims, 16)
     full = fit_patchcore(backbone, images, seed=0, coreset_ratio=0.5, max_bank=None, projection_dims=None)
-    assert full.bank.shape == (6 * 8 * 8 // 2, 152) and full.projection is None
+    assert full.bank.shape == (6 * 8 * 8 // 2, dims) and full.projection is None
     test = torch.from_numpy(rng.uniform(0, 255, size=(3, 3, 64, 64)).astype(np.float32))
     with torch.no_grad():
         scores, maps = model(test)
-        patches = model.embed(test).permute(0, 2, 3, 1).reshape(-1, 152)
+        patches = model.embed(test).permute(0, 2, 3, 1).reshape(-1, dims)
         brute = torch.cdist(model.project(patches).double(), model.bank.double()).min(dim=1).values
     torch.testing.assert_close(maps.reshape(-1).double(), brute, rtol=1e-3, atol=1e-3)
     path = tmp_path / "projected.onnx"
@@ -119,19 +120,28 @@ def test_bad_bank_or_projection_options_are_named(bad, match):
 
 def test_projected_model_round_trips_through_run_json_shape():
     """build_model(run.json) makes an empty module load_state_dict(model.pt) fills exactly:
-    a projected bank and an old run's raw one."""
+    a projected bank and an old run's raw one, of today's patch stages and of those of runs
+    saved before run.json named them (no "patch_stages": the stride-8 and last stride-16 stage)."""
     from training.detectors import get_detector
+    from training.patchcore import PATCH_STAGES, PATCH_STAGES_BEFORE, patch_dims
 
     detector = get_detector("patchcore")
     backbone = load_backbone(None, image_size=64)
     gen = torch.Generator().manual_seed(0)
-    for projection in (torch.randn(152, 8, generator=gen), None):
-        k = 8 if projection is not None else 152
+    for stages, projected in [(PATCH_STAGES, True), (PATCH_STAGES, False), (PATCH_STAGES_BEFORE, True),
+                              (PATCH_STAGES_BEFORE, False)]:
+        dims = patch_dims(backbone, stages)
+        assert dims == (232 if stages == PATCH_STAGES else 152)
+        projection = torch.randn(dims, 8, generator=gen) if projected else None
+        k = 8 if projected else dims
         model = PatchCoreModel(backbone, torch.randn(30, k, generator=gen), (8, 8), chunk=16, projection=projection,
-                               offset=None if projection is None else torch.randn(8, generator=gen))
+                               offset=torch.randn(8, generator=gen) if projected else None, stages=stages)
         meta = detector.shape(model)
-        assert meta["patch_dims"] == (152 if projection is not None else None)
+        assert meta["patch_dims"] == (dims if projected else None) and meta["patch_stages"] == list(stages)
+        if stages == PATCH_STAGES_BEFORE:
+            del meta["patch_stages"]  # as such a run's run.json has it
         rebuilt = detector.build(meta, load_backbone(None, image_size=64))
+        assert rebuilt.stages == stages
         rebuilt.load_state_dict(model.state_dict())
         x = torch.rand(2, 3, 64, 64) * 255
         with torch.no_grad():
@@ -153,10 +163,22 @@ def test_backbone_choice_is_recorded_in_run_json_and_manifest(pillqc_small, tmp_
           backbone="lite1", bank_size=50, projection_dims=16, report=False)
     meta = read_json(run / "run.json")
     assert meta["backbone"] == "lite1"
-    assert (meta["bank_size"], meta["feature_dims"], meta["patch_dims"]) == (50, 16, 152)
+    assert (meta["bank_size"], meta["feature_dims"], meta["patch_dims"]) == (50, 16, 232)
+    assert meta["patch_stages"] == ["stride8", "stride16a", "stride16"]
     assert meta["options"]["bank_size"] == 50 and meta["options"]["projection_dims"] == 16
     model, _ = load_run(run)
     assert model.backbone.variant == "lite1" and len(model.backbone._blocks) == 21
     manifest = load_bundle(export_onnx(run)).manifest
     assert manifest["backbone"]["name"] == "efficientnet-lite1"
     assert manifest["parity"]["decision_mismatches"] == 0
+
+
+@pytest.mark.parametrize("stages", [["stride16", "stride8"], ["stride8"], ["stride8", "stride4"], "stride8,stride16",
+                                    ["stride8", "layer3"]])
+def test_a_bad_patch_stages_in_run_json_is_named(stages):
+    from training.detectors import get_detector
+
+    meta = {"bank_size": 4, "feature_dims": 8, "map_size": [8, 8], "chunk": 16, "patch_dims": 232,
+            "patch_stages": stages}
+    with pytest.raises(ValueError, match="run.json: 'patch_stages' must be \"stride8\" then stride-16 stages"):
+        get_detector("patchcore").build(meta, load_backbone(None, image_size=64))

@@ -51,6 +51,10 @@ LITE2_STAGES = [
 ]
 # The tapped stages: the last block of the stride-4 (index 1), stride-8 (2) and stride-16 (4) ones.
 TAP_STAGES = {"stride4": 1, "stride8": 2, "stride16": 4}
+# Every stage output a detector may read (`Variant.stage_blocks`): the taps, and "stride16a", the
+# first of the two stride-16 stages (index 3), which PatchCore's patch features add
+# (training/patchcore.py).
+STAGE_NAMES = {**TAP_STAGES, "stride16a": 3}
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,17 @@ class Variant:
 
     @property
     def tap_blocks(self) -> dict[str, int]:
+        return {tap: block for tap, block in self.stage_blocks.items() if tap in TAP_STAGES}
+
+    @property
+    def stage_blocks(self) -> dict[str, int]:
+        """The last block's index of each named stage (STAGE_NAMES)."""
         ends = [sum(s[4] for s in self.stages[:i + 1]) - 1 for i in range(len(self.stages))]
-        return {tap: ends[stage] for tap, stage in TAP_STAGES.items()}
+        return {name: ends[stage] for name, stage in STAGE_NAMES.items()}
+
+    @property
+    def stage_channels(self) -> dict[str, int]:
+        return {name: self.stages[stage][3] for name, stage in STAGE_NAMES.items()}
 
     @property
     def tap_channels(self) -> dict[str, int]:
@@ -177,6 +190,8 @@ class EfficientNetLite0(nn.Module):
         self.variant = get_variant(variant).name
         self.tap_blocks = VARIANTS[variant].tap_blocks
         self.tap_channels = VARIANTS[variant].tap_channels
+        self.stage_blocks = VARIANTS[variant].stage_blocks
+        self.stage_channels = VARIANTS[variant].stage_channels
         self._conv_stem = SameConv(3, 32, 3, 2, h)
         self._bn0 = _bn(32)
         size, cin, blocks = self._conv_stem.out_size, 32, []
@@ -207,6 +222,18 @@ class EfficientNetLite0(nn.Module):
             if i in wanted:
                 taps.append(x)
         return taps
+
+    def stage_outputs(self, pixels: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """The outputs of the named stages (STAGE_NAMES), in the order asked, for 0..255 RGB
+        input (B,3,H,W); runs the blocks up to the last one needed."""
+        wanted = {self.stage_blocks[name]: name for name in names}
+        x = self.act(self._bn0(self._conv_stem(self.normalise(pixels))))
+        out = {}
+        for i, block in enumerate(self._blocks[: max(wanted) + 1]):
+            x = block(x)
+            if i in wanted:
+                out[wanted[i]] = x
+        return [out[name] for name in names]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (used only to check the weights)."""

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .backbone import EfficientNetLite0
 from .cpu import one_thread
 from .padim import extract
-from .patchcore import PatchCoreModel, local_patch_features
+from .patchcore import PatchCoreModel, local_patch_features, patch_dims
 
 log = logging.getLogger(__name__)
 DEFAULT_CORESET_RATIO = 0.1
@@ -155,9 +155,9 @@ def fit_patchcore(backbone: EfficientNetLite0, train_images: torch.Tensor, seed:
         raise ValueError(f"--coreset-ratio {coreset_ratio}: must be in (0, 1], e.g. 0.1")
     if max_bank is not None and (type(max_bank) is not int or max_bank < 1):
         raise ValueError(f"--bank-size {max_bank!r}: must be a whole number of at least 1, e.g. {DEFAULT_BANK_SIZE}")
-    patch_dims = backbone.tap_channels["stride8"] + backbone.tap_channels["stride16"]
-    if projection_dims is not None and (type(projection_dims) is not int or not 1 <= projection_dims <= patch_dims):
-        raise ValueError(f"--projection-dims {projection_dims!r}: must be a whole number in 1..{patch_dims} (the "
+    dims_in = patch_dims(backbone)
+    if projection_dims is not None and (type(projection_dims) is not int or not 1 <= projection_dims <= dims_in):
+        raise ValueError(f"--projection-dims {projection_dims!r}: must be a whole number in 1..{dims_in} (the "
                          f"backbone's patch features), e.g. {DEFAULT_PROJECTION_DIMS}; 0: no projection")
     if len(train_images) < 1:
         raise ValueError("PatchCore needs at least one normal training image")

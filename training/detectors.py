@@ -20,7 +20,7 @@ from .coreset import DEFAULT_BANK_SIZE, DEFAULT_CORESET_RATIO, DEFAULT_PROJECTIO
 from .fcdd import FCDDHead, FCDDModel
 from .fcdd_train import DEFAULT_EPOCHS, train_fcdd
 from .padim import DEFAULT_DIMS, DEFAULT_NEIGHBOURHOOD, PaDiMModel, check_neighbourhood, fit_padim, select_channels
-from .patchcore import PatchCoreModel
+from .patchcore import PATCH_STAGES_BEFORE, PatchCoreModel, patch_stages_of
 
 
 @dataclass
@@ -81,8 +81,10 @@ def _patchcore_build(meta: dict, backbone: EfficientNetLite0) -> PatchCoreModel:
     projection = offset = None
     if meta.get("patch_dims") is not None:  # a projected bank (runs from before the key: raw features)
         projection, offset = torch.zeros(meta["patch_dims"], k), torch.zeros(k)
+    stages = patch_stages_of(meta["patch_stages"], "run.json: 'patch_stages'") if "patch_stages" in meta \
+        else PATCH_STAGES_BEFORE
     return PatchCoreModel(backbone, torch.zeros(meta["bank_size"], k), tuple(meta["map_size"]), meta["chunk"],
-                          projection=projection, offset=offset)
+                          projection=projection, offset=offset, stages=stages)
 
 
 def _patchcore_fit(f: FitInput) -> PatchCoreModel:
@@ -116,7 +118,8 @@ DETECTORS: dict[str, Detector] = {
         shape=lambda m: {"map_size": list(m.map_size), "bank_size": int(m.bank.shape[0]),
                          "feature_dims": int(m.bank.shape[1]), "chunk": m.chunk,
                          # the backbone's patch dims the graph projects from (None: not projected)
-                         "patch_dims": None if m.projection is None else int(m.projection.shape[0])},
+                         "patch_dims": None if m.projection is None else int(m.projection.shape[0]),
+                         "patch_stages": list(m.stages)},
         build=_patchcore_build, options={"coreset_ratio": DEFAULT_CORESET_RATIO, "bank_size": DEFAULT_BANK_SIZE,
                                          "projection_dims": DEFAULT_PROJECTION_DIMS},
         keys=("bank_size", "feature_dims", "map_size", "chunk")),
