@@ -2,8 +2,9 @@
 
 Features of the fit and test images are extracted once (Lite0, 224 x 224, PatchCore's locally
 aware patches); each BANK:DIMS config then projects them to DIMS principal components (DIMS
-at least the patch's own, 232 on Lite0: none), selects the coreset with the code `linegate train` runs (training/coreset.py), and
-scores the test images by the mean and by the max of their nearest-bank-distance maps.
+at least the patch's own, 232 on Lite0: none), selects the coreset with the code `linegate
+train` runs (training/coreset.py), and scores the test images by the mean and by the max of
+their nearest-bank-distance maps.
 Offline: no calibration, no threshold; the AUROCs compare configs, not detectors.
 
     python -m benchmarks.patchcore_tradeoff --data DIR --normal-class good [--fit 1000]

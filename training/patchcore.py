@@ -3,14 +3,15 @@ frozen EfficientNet-Lite0.
 
 Locally aware patch features: mid-level stage outputs (the paper takes WideResNet-50's layer 2
 and 3, the last blocks at stride 8 and 16), each averaged over its 3x3 neighbourhood, the
-stride-16 ones upsampled to the stride-8 grid, concatenated. EfficientNet-Lite's stride 16 spans
-two stages (80 and 112 channels on Lite0, `PATCH_STAGES`): both go in, 232 dims a patch. The
-first one sees a smaller neighbourhood with less ImageNet-specific abstraction; on KolektorSDD's
-fine cracks, paired over split seeds 0-9 with the default command otherwise, it raised the mean
-test AUROC from 0.923 to 0.940 (better on 8 of 10 seeds), pillQC and ELPV held (README,
-"Accuracy"). It costs no backbone time (the second stage needs the first anyway), and the
-projection below keeps the search's cost. Runs saved before run.json's "patch_stages" used the
-last stride-16 stage alone (`PATCH_STAGES_BEFORE`) and load as they were. A memory bank of normal patch features, reduced by greedy coreset subsampling
+stride-16 ones upsampled to the stride-8 grid, concatenated. EfficientNet-Lite's stride 16
+spans two stages (80 and 112 channels on Lite0, `PATCH_STAGES`): both go in, 232 dims a
+patch. The first sees a smaller neighbourhood, less abstracted towards ImageNet's classes; on
+KolektorSDD's fine cracks, paired over split seeds 0-9 with the default command otherwise, it
+raised the mean test AUROC from 0.923 to 0.940 (better on 8 of 10 seeds), and pillQC and ELPV
+held (README.md, after the accuracy table). It costs no backbone time (the second stage needs
+the first anyway), and the projection below keeps the search's cost. Runs saved before
+run.json's "patch_stages" used the last stride-16 stage alone (`PATCH_STAGES_BEFORE`) and load
+as they were. A memory bank of normal patch features, reduced by greedy coreset subsampling
 (training/coreset.py), is the whole model; a patch's anomaly is the distance to its nearest
 bank entry.
 
