@@ -90,11 +90,13 @@ def test_hflip_makes_a_mirrored_good_part_normal(tmp_path, model):
         assert training == {"seed": 0, "augment": ["hflip"], "train_images": 2 * COUNTS.train_normal}
     good = cv2.imread(str(data / "normal" / "normal00.png"))
     flipped = np.ascontiguousarray(good[:, ::-1])
-    # without mirrors the bar on the wrong side is far from normal (the map's max: PaDiM 5.8x, PatchCore
-    # with its projected, capped bank 1.37x the good part's when written); with them it is normal (0.94x, 0.96x)
-    assert _score(plain, flipped) > 1.3 * _score(plain, good)
+    # without mirrors the bar on the wrong side is far from normal (the map's max: PaDiM 5.8x the good
+    # part's; PatchCore, whose patches do not know where they are, only by the bar's side of the
+    # frame's border: 1.37x with two-stage patches, 1.22x with today's three); with them it is
+    # normal (0.94x, 1.09x)
+    assert _score(plain, flipped) > 1.15 * _score(plain, good)
     assert _score(mirrored, flipped) < 1.1 * _score(mirrored, good)
-    # and a real defect is still found (3.2x, 2.6x)
+    # and a real defect is still found (3.2x, 2.25x)
     hole = cv2.imread(str(data / "hole" / "hole00.png"))
     assert _score(mirrored, hole) > 1.5 * _score(mirrored, flipped)
 
