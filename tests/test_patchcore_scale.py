@@ -174,11 +174,11 @@ def test_backbone_choice_is_recorded_in_run_json_and_manifest(pillqc_small, tmp_
 
 
 @pytest.mark.parametrize("stages", [["stride16", "stride8"], ["stride8"], ["stride8", "stride4"], "stride8,stride16",
-                                    ["stride8", "layer3"]])
+                                    ["stride8", "layer3"], ["stride8", "stride16", "stride16"]])
 def test_a_bad_patch_stages_in_run_json_is_named(stages):
     from training.detectors import get_detector
 
     meta = {"bank_size": 4, "feature_dims": 8, "map_size": [8, 8], "chunk": 16, "patch_dims": 232,
             "patch_stages": stages}
-    with pytest.raises(ValueError, match="run.json: 'patch_stages' must be \"stride8\" then stride-16 stages"):
+    with pytest.raises(ValueError, match="run.json: 'patch_stages' must be \"stride8\" then distinct stride-16 stages"):
         get_detector("patchcore").build(meta, load_backbone(None, image_size=64))

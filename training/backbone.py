@@ -209,19 +209,12 @@ class EfficientNetLite0(nn.Module):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - INPUT_MEAN) / INPUT_STD
 
-    def features(self, pixels: torch.Tensor, last_block: int | None = None) -> list[torch.Tensor]:
+    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """Taps at the end of the stride-4, -8 and -16 stages for 0..255 RGB input (B,3,H,W).
 
         Runs only the blocks the taps need: the head and later stages cost nothing.
         """
-        last_block = self.tap_blocks["stride16"] if last_block is None else last_block
-        x = self.act(self._bn0(self._conv_stem(self.normalise(pixels))))
-        taps, wanted = [], set(self.tap_blocks.values())
-        for i, block in enumerate(self._blocks[: last_block + 1]):
-            x = block(x)
-            if i in wanted:
-                taps.append(x)
-        return taps
+        return self.stage_outputs(pixels, tuple(self.tap_blocks))
 
     def stage_outputs(self, pixels: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
         """The outputs of the named stages (STAGE_NAMES), in the order asked, for 0..255 RGB
