@@ -289,6 +289,18 @@ class HandshakeMonitor:
         self.thread = threading.Thread(target=self._run, name="curve-monitor", daemon=True)
         self.thread.start()
 
+    @classmethod
+    def reason(cls, event: int, value: int) -> str:
+        """What a failed handshake means, for the log. A PROTOCOL event's value is a ZMTP
+        protocol code; a NO_DETAIL event's value is an errno (the connection broke)."""
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            return cls.REASONS.get(value, f"a subscriber's handshake failed (ZeroMQ protocol error {value:#x})")
+        # A plain subscriber sees the mismatch too and hangs up; when it hangs up before this
+        # side has read its greeting, the only trace here is a broken connection (EPIPE or
+        # ECONNRESET), and a plain libzmq client does not retry after a mismatch.
+        return (f"a subscriber hung up during the handshake ({os.strerror(value)}): one without CURVE (plain) "
+                f"or with the wrong server key does this; give it --server-key and --client-key")
+
     def _run(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
@@ -297,9 +309,8 @@ class HandshakeMonitor:
                 event = recv_monitor_message(self._pair)
                 if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                     return
-                reason = self.REASONS.get(event["value"], f"a subscriber's handshake failed "
-                                          f"(ZeroMQ protocol error {event['value']:#x})")
-                self._log(str(event["value"]), "CURVE: %s", reason)
+                self._log(f"{event['event']}:{event['value']}", "CURVE: %s",
+                          self.reason(event["event"], event["value"]))
         except zmq.ZMQError:  # the context is ending
             return
         finally:
