@@ -298,8 +298,9 @@ class HandshakeMonitor:
         # A plain subscriber sees the mismatch too and hangs up; when it hangs up before this
         # side has read its greeting, the only trace here is a broken connection (EPIPE or
         # ECONNRESET), and a plain libzmq client does not retry after a mismatch.
-        return (f"a subscriber hung up during the handshake ({os.strerror(value)}): one without CURVE (plain) "
-                f"or with the wrong server key does this; give it --server-key and --client-key")
+        return (f"a subscriber hung up during the handshake ({os.strerror(value)}): most often one without "
+                "CURVE (plain), which gives up at the mismatch, or one with the wrong server key; give it "
+                "--server-key and --client-key")
 
     def _run(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
